@@ -1,0 +1,212 @@
+"""The OLMo-2 / FlexOlmo transformer in Flax Linen (METHOD.md section 1).
+
+`Transformer(config).apply({"params": params}, tokens)` returns float32 logits [B, L, V].
+Parameters are a plain nested dict; layers are scanned, so every layer parameter carries a
+leading [n_layers] axis. Every parameter dimension has a logical axis name (see sharding.py).
+Routing statistics are sown into the "router_stats" collection when it is mutable.
+
+Shape suffixes: B batch, L length, D d_model, H query heads, K kv heads, G = H // K, Dh head
+dim, F ffn hidden, E experts, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flexolmo_jax import moe
+from flexolmo_jax.config import ModelConfig
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def rms_norm(x, weight, eps):
+  """OLMo-2 RMSNorm, computed in float32 and cast back to the input dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope(x_BxLxHxDh, positions_BxL, theta):
+  """Non-interleaved ("rotate half") rotary embedding, computed in float32."""
+  head_dim = x_BxLxHxDh.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_BxLxDh = jnp.concatenate([positions_BxL[..., None].astype(jnp.float32) * inv_freq] * 2, -1)
+  cos, sin = jnp.cos(angles_BxLxDh)[:, :, None], jnp.sin(angles_BxLxDh)[:, :, None]
+  x = x_BxLxHxDh.astype(jnp.float32)
+  first, second = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxLxHxDh.dtype)
+
+
+def attention_mask(positions_BxL, segment_ids_BxL):
+  """Causal within each packed document: key m is visible to query l iff same segment, m <= l."""
+  length = positions_BxL.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  same_doc = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return causal[None] & same_doc
+
+
+class _ParamMixin:
+  """Declares parameters with logical axis names, in the configured parameter dtype."""
+
+  def weight(self, name, shape, axes, init=None):
+    init = init or nn.initializers.normal(self.config.init_std)
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(self.config.param_dtype))
+
+  def norm_weight(self, name, width, axis):
+    return self.weight(name, (width,), (axis,), nn.initializers.ones)
+
+
+class Attention(nn.Module, _ParamMixin):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL):
+    c = self.config
+    dtype, head_dim = jnp.dtype(c.dtype), c.resolved_head_dim
+    q_width, kv_width = c.n_heads * head_dim, c.n_kv_heads * head_dim
+    q_proj = self.weight("q_proj", (c.d_model, q_width), ("embed", "q_heads"))
+    k_proj = self.weight("k_proj", (c.d_model, kv_width), ("embed", "kv_heads"))
+    v_proj = self.weight("v_proj", (c.d_model, kv_width), ("embed", "kv_heads"))
+    o_proj = self.weight("o_proj", (q_width, c.d_model), ("q_heads", "embed"))
+    q_norm = self.norm_weight("q_norm", q_width, "q_heads")
+    k_norm = self.norm_weight("k_norm", kv_width, "kv_heads")
+
+    batch, length, _ = x_BxLxD.shape
+    groups = c.n_heads // c.n_kv_heads
+    # QK-norm spans the whole projection (all heads together), before the split into heads.
+    q = rms_norm(x_BxLxD @ q_proj.astype(dtype), q_norm, c.rms_norm_eps)
+    k = rms_norm(x_BxLxD @ k_proj.astype(dtype), k_norm, c.rms_norm_eps)
+    v = x_BxLxD @ v_proj.astype(dtype)
+    q_BxLxHxDh = rope(q.reshape(batch, length, c.n_heads, head_dim), positions_BxL, c.rope_theta)
+    k_BxLxKxDh = rope(k.reshape(batch, length, c.n_kv_heads, head_dim), positions_BxL, c.rope_theta)
+    v_BxLxKxDh = v.reshape(batch, length, c.n_kv_heads, head_dim)
+    # Query head h reads kv head h // G.
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(batch, length, c.n_kv_heads, groups, head_dim)
+    scores = jnp.einsum("blkgd,bmkd->bkglm", q_BxLxKxGxDh, k_BxLxKxDh,
+                        preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask_BxLxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkglm,bmkd->blkgd", probs, v_BxLxKxDh).reshape(batch, length, q_width)
+    return out @ o_proj.astype(dtype)
+
+
+class Mlp(nn.Module, _ParamMixin):
+  """The dense SwiGLU FFN of the public model, or the FlexOlmo mixture of SwiGLU experts."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxD, allowed_BxE=None):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    if not c.is_moe:
+      gate = self.weight("gate_proj", (c.d_model, c.ffn_hidden), ("embed", "mlp"))
+      up = self.weight("up_proj", (c.d_model, c.ffn_hidden), ("embed", "mlp"))
+      down = self.weight("down_proj", (c.ffn_hidden, c.d_model), ("mlp", "embed"))
+      return moe.swiglu(h_BxLxD, gate.astype(dtype), up.astype(dtype), down.astype(dtype))
+
+    E = c.num_experts
+    router = self.weight("router", (E, c.d_model), ("expert", "embed"))
+    gate = self.weight("gate_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
+    up = self.weight("up_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
+    down = self.weight("down_proj", (E, c.ffn_hidden, c.d_model), ("expert", "mlp", "embed"))
+    bias = None
+    if c.expert_bias:
+      bias = self.weight("expert_bias", (E,), ("expert",),
+                         nn.initializers.constant(c.expert_bias_init))
+
+    batch, length, dim = h_BxLxD.shape
+    h_TxD = h_BxLxD.reshape(batch * length, dim)
+    allowed_TxE = None
+    if allowed_BxE is not None:
+      allowed_TxE = jnp.repeat(allowed_BxE, length, axis=0)
+    # The router sees the raw residual stream (no norm before it).
+    routing = moe.route(h_TxD, router, c.top_k, norm_topk_prob=c.norm_topk_prob, bias_E=bias,
+                        allowed_TxE=allowed_TxE)
+    self.sow("router_stats", "z_loss", routing.z_loss)
+    self.sow("router_stats", "load", routing.load_E)
+    self.sow("router_stats", "mean_prob", routing.mean_prob_E)
+    out_TxD = moe.dispatch(h_TxD, routing, gate.astype(dtype), up.astype(dtype), down.astype(dtype),
+                           backend=c.moe_backend, block_size=c.moe_block_size)
+    return out_TxD.reshape(batch, length, dim)
+
+
+class Block(nn.Module, _ParamMixin):
+  """Reordered-norm block: norms on sublayer OUTPUTS, `x + norm(f(x))`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, allowed_BxE):
+    c = self.config
+    post_attn_norm = self.norm_weight("post_attn_norm", c.d_model, "embed")
+    post_ffn_norm = self.norm_weight("post_ffn_norm", c.d_model, "embed")
+    attn = Attention(c, name="attn")(x_BxLxD, positions_BxL, mask_BxLxL)
+    h = x_BxLxD + rms_norm(attn, post_attn_norm, c.rms_norm_eps)
+    ffn = Mlp(c, name="mlp")(h, allowed_BxE)
+    return h + rms_norm(ffn, post_ffn_norm, c.rms_norm_eps), None
+
+
+class Transformer(nn.Module, _ParamMixin):
+  """OLMo-2 decoder; `num_experts > 0` makes every FFN a FlexOlmo mixture of experts."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions=None, segment_ids=None, expert_mask=None):
+    """Logits [B, L, V] in float32.
+
+    positions / segment_ids [B, L]: packed documents (positions restart at 0, attention never
+    crosses a segment). expert_mask [B, E] bool: experts each sequence may use (opt-out per
+    request); top-k slots beyond the allowed experts get weight zero.
+    """
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    batch, length = tokens_BxL.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, length), jnp.int32)
+    embed = self.weight("embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
+    x = embed[tokens_BxL].astype(dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    mask = attention_mask(positions, segment_ids)
+
+    block = Block
+    if c.remat != "none":
+      block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
+    layers = nn.scan(
+        block,
+        variable_axes={"params": 0, "router_stats": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.n_layers,
+        unroll=1 if c.scan_layers else c.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, name="layers")
+    x, _ = layers(x, positions, mask, expert_mask)
+
+    final_norm = self.norm_weight("final_norm", c.d_model, "embed")
+    lm_head = self.weight("lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
+    x = rms_norm(x, final_norm, c.rms_norm_eps)
+    return jnp.einsum("bld,dv->blv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int = 8):
+  """Randomly initialised parameters as a plain nested dict (logical-axis boxes removed)."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return nn.unbox(Transformer(config).init(rng, tokens)["params"])
+
+
+def logical_axes(config: ModelConfig):
+  """The logical axis names of every parameter, as a tree of PartitionSpecs (nothing allocated)."""
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
+  return nn.get_partition_spec(boxed)

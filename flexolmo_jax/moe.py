@@ -1,0 +1,213 @@
+"""FlexOlmo routing and expert dispatch.
+
+Routing follows the reference exactly: softmax over ALL experts in float32, then top-k, with the
+kept weights renormalised only when asked. Three interchangeable dispatch back ends compute
+`sum_{e in topk} p_e FFN_e(x)`:
+
+- "dense":   every expert on every token, masked combine. Simple; the reference for the others.
+- "ragged":  tokens sorted by expert, `jax.lax.ragged_dot` grouped matmuls. Dropless; the fast
+             path on TPU/GPU. (XLA:CPU computes every group for every row, so it is slow there.)
+- "blocked": tokens sorted by expert into fixed-size blocks, one matmul per block inside a scan,
+             skipping empty blocks. Dropless; the fast path on CPU. Its cost grows with k, not E.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  """Per-token routing decisions and the statistics a trainer regularises with."""
+
+  top_weights_TxK: jax.Array  # float32 router weight of each kept expert.
+  top_experts_TxK: jax.Array  # int32 expert index of each kept expert.
+  z_loss: jax.Array  # mean over tokens of logsumexp(router logits)^2.
+  load_E: jax.Array  # fraction of token-slots routed to each expert (sums to 1).
+  mean_prob_E: jax.Array  # mean router probability of each expert.
+
+  @property
+  def load_balancing_loss(self) -> jax.Array:
+    """Switch-style auxiliary loss E * sum_e load_e * mean_prob_e (1.0 when balanced)."""
+    return self.load_E.shape[0] * jnp.sum(self.load_E * self.mean_prob_E)
+
+
+def route(
+    x_TxD: jax.Array,
+    router_ExD: jax.Array,
+    top_k: int,
+    *,
+    norm_topk_prob: bool = False,
+    bias_E: jax.Array | None = None,
+    allowed_TxE: jax.Array | None = None,
+) -> Routing:
+  """Softmax over all experts, then top-k (METHOD.md section 1).
+
+  `bias_E` is the learned negative bias: `min(b_e, 0)` is added to the logit of every expert but
+  the public one (expert 0). `allowed_TxE` excludes experts per token before the softmax, exactly
+  as if their router rows were absent.
+  """
+  num_experts = router_ExD.shape[0]
+  logits_TxE = jnp.einsum("td,ed->te", x_TxD.astype(jnp.float32), router_ExD.astype(jnp.float32))
+  if bias_E is not None:
+    not_public_E = jnp.arange(num_experts) > 0
+    logits_TxE = logits_TxE + jnp.where(not_public_E, jnp.minimum(bias_E.astype(jnp.float32), 0.0), 0.0)
+  if allowed_TxE is not None:
+    logits_TxE = jnp.where(allowed_TxE, logits_TxE, -jnp.inf)
+  probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+  top_weights_TxK, top_experts_TxK = jax.lax.top_k(probs_TxE, top_k)
+  if norm_topk_prob:
+    top_weights_TxK = top_weights_TxK / jnp.sum(top_weights_TxK, axis=-1, keepdims=True)
+  if allowed_TxE is not None:
+    # A token allowed fewer than k experts keeps only those: the extra slots get weight 0.
+    top_weights_TxK = jnp.where(jnp.take_along_axis(allowed_TxE, top_experts_TxK, axis=-1),
+                                top_weights_TxK, 0.0)
+    logits_TxE = jnp.where(allowed_TxE, logits_TxE, -1e30)  # finite for the z-loss.
+  z_loss = jnp.mean(jax.nn.logsumexp(logits_TxE, axis=-1) ** 2)
+  slots_E = jnp.zeros((num_experts,), jnp.float32).at[top_experts_TxK.reshape(-1)].add(1.0)
+  return Routing(top_weights_TxK, top_experts_TxK.astype(jnp.int32), z_loss,
+                 slots_E / top_experts_TxK.size, jnp.mean(probs_TxE, axis=0))
+
+
+def swiglu(x, w_gate, w_up, w_down):
+  return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def dispatch(
+    x_TxD: jax.Array,
+    routing: Routing,
+    w_gate_ExDxF: jax.Array,
+    w_up_ExDxF: jax.Array,
+    w_down_ExFxD: jax.Array,
+    *,
+    backend: str = "dense",
+    block_size: int = 0,
+) -> jax.Array:
+  """Computes the weighted sum of the chosen experts' SwiGLU outputs for every token."""
+  weights_TxK = routing.top_weights_TxK.astype(x_TxD.dtype)
+  experts_TxK = routing.top_experts_TxK
+  weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+  if backend == "dense":
+    return _dense_oracle(x_TxD, weights_TxK, experts_TxK, *weights)
+  if backend == "ragged":
+    return _sorted_ragged(x_TxD, weights_TxK, experts_TxK, *weights)
+  if backend == "blocked":
+    return _sorted_blocked(x_TxD, weights_TxK, experts_TxK, *weights, block_size=block_size)
+  raise ValueError(f"unknown MoE backend {backend!r}; choose dense, ragged or blocked")
+
+
+def _dense_oracle(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
+  num_experts = w_gate.shape[0]
+  combine_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, num_experts, dtype=x_TxD.dtype)
+                        * weights_TxK[..., None], axis=1)
+  h_TxExF = jax.nn.silu(jnp.einsum("td,edf->tef", x_TxD, w_gate)) * jnp.einsum(
+      "td,edf->tef", x_TxD, w_up)
+  y_TxExD = jnp.einsum("tef,efd->ted", h_TxExF, w_down)
+  return jnp.einsum("ted,te->td", y_TxExD, combine_TxE)
+
+
+def _sort_by_expert(experts_TxK):
+  """Token-slot order grouped by expert, each sorted slot's token and its expert."""
+  flat_experts = experts_TxK.reshape(-1)
+  order = jnp.argsort(flat_experts, stable=True)
+  return order, order // experts_TxK.shape[1], flat_experts[order]
+
+
+def _combine_slots(y_SxD, order, weights_TxK):
+  """Un-sorts per-slot outputs and sums each token's k weighted slots."""
+  num_tokens, k = weights_TxK.shape
+  y_SxD = y_SxD[jnp.argsort(order)].reshape(num_tokens, k, -1)
+  return jnp.einsum("tkd,tk->td", y_SxD, weights_TxK)
+
+
+def _sorted_ragged(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
+  num_experts = w_gate.shape[0]
+  order, token_S, expert_S = _sort_by_expert(experts_TxK)
+  group_sizes = jnp.bincount(expert_S, length=num_experts).astype(jnp.int32)
+  x_SxD = x_TxD[token_S]
+  h_SxF = jax.nn.silu(jax.lax.ragged_dot(x_SxD, w_gate, group_sizes)) * jax.lax.ragged_dot(
+      x_SxD, w_up, group_sizes)
+  y_SxD = jax.lax.ragged_dot(h_SxF, w_down, group_sizes)
+  return _combine_slots(y_SxD, order, weights_TxK)
+
+
+def auto_block_size(num_slots: int, num_experts: int) -> int:
+  """Rows per block: big enough for an efficient matmul, small enough that the at most one
+  partly filled block per expert costs little (about a quarter of the real rows)."""
+  target = max(num_slots // (4 * num_experts), 1)
+  return int(min(max(1 << (target.bit_length() - 1), 8), 512))
+
+
+def _sorted_blocked(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, *, block_size):
+  num_experts = w_gate.shape[0]
+  num_tokens, dim = x_TxD.shape
+  num_slots = experts_TxK.size
+  block = block_size or auto_block_size(num_slots, num_experts)
+  # Every expert's group is padded to whole blocks: at most one partial block per expert.
+  num_blocks = -(-num_slots // block) + num_experts
+  order, token_S, expert_S = _sort_by_expert(experts_TxK)
+  group_sizes = jnp.bincount(expert_S, length=num_experts)
+  padded_sizes = -(-group_sizes // block) * block
+  padded_ends = jnp.cumsum(padded_sizes)
+  padded_starts = padded_ends - padded_sizes
+  group_starts = jnp.cumsum(group_sizes) - group_sizes
+  dest_S = padded_starts[expert_S] + jnp.arange(num_slots) - group_starts[expert_S]
+  # Rows of the padded buffer that hold no slot read the appended zero row (index num_tokens).
+  buffer_token = jnp.full((num_blocks * block,), num_tokens, jnp.int32).at[dest_S].set(token_S)
+  x_ext = jnp.concatenate([x_TxD, jnp.zeros((1, dim), x_TxD.dtype)])
+  x_NxBxD = x_ext[buffer_token].reshape(num_blocks, block, dim)
+  block_expert = jnp.minimum(
+      jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), num_experts - 1)
+  used_blocks = padded_ends[-1] // block
+  mm = functools.partial(block_matmul, block_expert=block_expert.astype(jnp.int32),
+                         used_blocks=used_blocks.astype(jnp.int32))
+  h = jax.nn.silu(mm(x_NxBxD, w_gate)) * mm(x_NxBxD, w_up)
+  y_NxBxD = mm(h, w_down)
+  y_SxD = y_NxBxD.reshape(-1, dim)[dest_S]
+  return _combine_slots(y_SxD, order, weights_TxK)
+
+
+@jax.custom_vjp
+def block_matmul(x_NxBxI, w_ExIxO, block_expert, used_blocks):
+  """y[n] = x[n] @ w[block_expert[n]] for the first `used_blocks` blocks, zeros after.
+
+  A custom VJP accumulates the weight gradient in place, one expert slice per block; autodiff of
+  the scan would add a full [E, I, O] array per block, so cost would grow with E.
+  """
+  return _block_matmul_fwd(x_NxBxI, w_ExIxO, block_expert, used_blocks)[0]
+
+
+def _block_matmul_fwd(x, w, block_expert, used_blocks):
+  zeros = jnp.zeros(x.shape[1:2] + w.shape[2:], x.dtype)
+
+  def one_block(_, inputs):
+    x_b, e, n = inputs
+    return None, jax.lax.cond(n < used_blocks, lambda: x_b @ w[e], lambda: zeros)
+
+  _, y = jax.lax.scan(one_block, None, (x, block_expert, jnp.arange(x.shape[0])))
+  return y, (x, w, block_expert, used_blocks)
+
+
+def _block_matmul_bwd(residuals, dy):
+  x, w, block_expert, used_blocks = residuals
+  zeros_dx = jnp.zeros(x.shape[1:], x.dtype)
+
+  def one_block(dw, inputs):
+    x_b, dy_b, e, n = inputs
+
+    def accumulate():
+      upd = jnp.einsum("bi,bo->io", x_b, dy_b, preferred_element_type=jnp.float32)
+      dw_e = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False) + upd
+      return jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0), dy_b @ w[e].T
+
+    return jax.lax.cond(n < used_blocks, accumulate, lambda: (dw, zeros_dx))
+
+  dw, dx = jax.lax.scan(one_block, jnp.zeros(w.shape, jnp.float32),
+                        (x, dy, block_expert, jnp.arange(x.shape[0])))
+  return dx, dw.astype(w.dtype), None, None
+
+
+block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
