@@ -1,0 +1,1 @@
+"""FlexMix-mini data: offline corpus, tokenizers, grain input pipelines, tfds builder."""

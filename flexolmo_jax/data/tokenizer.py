@@ -1,0 +1,173 @@
+"""Tokenizers behind one small interface: this project's sentencepiece model, or a Hugging Face
+`tokenizer.json` from disk (the released FlexOlmo checkpoints' dolma2 tokenizer).
+
+Id conventions of the trained sentencepiece model: pad 0, eos 1, unk 2, no BOS. Every document is
+encoded as its tokens followed by one EOS (see `encode_document`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+class Tokenizer(Protocol):
+  """What the data pipeline and generation need from a tokenizer."""
+
+  vocab_size: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+
+def encode_document(tok: Tokenizer, text: str) -> np.ndarray:
+  """Token ids of one document followed by EOS, as int32."""
+  return np.asarray(tok.encode(text) + [tok.eos_id], dtype=np.int32)
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model file (`*.model`)."""
+
+  def __init__(self, path: str):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_file=path)
+    self.vocab_size = self._sp.get_piece_size()
+    self.eos_id = self._sp.eos_id()
+    self.pad_id = self._sp.pad_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+    """Encodes many texts at once in sentencepiece's own threads (much faster than a loop)."""
+    return self._sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (e.g. dolma2), read from disk with the `tokenizers` library.
+
+  eos and pad are looked up by name in the vocabulary ("<|endoftext|>" and "<|pad|>" for dolma2)
+  unless given; a missing eos is an error, since every document needs one.
+  """
+
+  def __init__(self, path: str, eos_token: str | None = None, pad_token: str | None = None):
+    from tokenizers import Tokenizer as _HFTok  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self._tok = _HFTok.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    eos_candidates = [eos_token] if eos_token else ["<|endoftext|>", "</s>", "<eos>", "<|eos|>"]
+    pad_candidates = [pad_token] if pad_token else ["<|pad|>", "<pad>", "[PAD]"]
+    self.eos_id = self._first_id(eos_candidates)
+    if self.eos_id is None:
+      raise ValueError(f"{path}: none of the eos tokens {eos_candidates} is in the vocabulary; "
+                       "name it with eos_token=...")
+    pad = self._first_id(pad_candidates)
+    self.pad_id = self.eos_id if pad is None else pad
+
+  def _first_id(self, names: Iterable[str]) -> int | None:
+    for name in names:
+      i = self._tok.token_to_id(name)
+      if i is not None:
+        return i
+    return None
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+    """Encodes many texts at once (the tokenizers library parallelises internally)."""
+    del num_threads
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(path: str) -> SentencePieceTokenizer | HFTokenizer:
+  """Loads `*.model` (sentencepiece) or `tokenizer.json` (Hugging Face); a directory is searched
+  for `tokenizer.model` then `tokenizer.json`."""
+  if os.path.isdir(path):
+    for name in ("tokenizer.model", "tokenizer.json"):
+      if os.path.exists(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name))
+    raise FileNotFoundError(f"{path} holds neither tokenizer.model nor tokenizer.json.")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Tokenizer file {path} does not exist.")
+  if path.endswith(".json"):
+    return HFTokenizer(path)
+  with open(path, "rb") as f:
+    head = f.read(1)
+  if head == b"{":
+    raise ValueError(f"{path} looks like JSON: name it *.json to load it as a Hugging Face "
+                     "tokenizer.json.")
+  return SentencePieceTokenizer(path)
+
+
+def _training_lines(docs: Iterable[str], max_line_bytes: int) -> Iterator[str]:
+  # Sentencepiece trains on "sentences" and skips any longer than max_sentence_length, so documents
+  # are fed line by line (newline itself is a user symbol, so it needs no training data).
+  for doc in docs:
+    for line in doc.split("\n"):
+      if line and len(line.encode("utf-8")) <= max_line_bytes:
+        yield line
+
+
+def train_sentencepiece(docs: Iterable[str], out_path: str, vocab_size: int, seed: int = 0,
+                        max_lines: int = 2_000_000) -> SentencePieceTokenizer:
+  """Trains a BPE sentencepiece model that round-trips any text exactly, and writes it atomically.
+
+  Exactness: no normalisation, no whitespace collapsing, no dummy prefix, whitespace-only pieces
+  allowed (code indentation), newline and tab as their own symbols, unknown characters as bytes.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  # Sentencepiece's own sampling RNG is not exposed as a trainer field; seeding it globally makes
+  # `shuffle_input_sentence` (and so the trained model) reproducible.
+  spm.set_random_generator_seed(seed)
+  model = io.BytesIO()
+  max_line_bytes = 4192
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=_training_lines(docs, max_line_bytes),
+      model_writer=model,
+      model_type="bpe",
+      vocab_size=vocab_size,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      byte_fallback=True,
+      user_defined_symbols=["\n", "\t"],
+      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+      character_coverage=0.9995,
+      input_sentence_size=max_lines,
+      shuffle_input_sentence=True,
+      max_sentence_length=max_line_bytes,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+  )
+  tmp = out_path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, out_path)
+  return SentencePieceTokenizer(out_path)
+
+
+def describe(tok: Tokenizer) -> str:
+  """One line naming the tokenizer, for logs and manifests."""
+  return json.dumps({"class": type(tok).__name__, "path": getattr(tok, "path", None),
+                     "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id})
