@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+_META = "\u2581"  # sentencepiece's whitespace symbol
 
 
 class Tokenizer(Protocol):
@@ -47,12 +48,22 @@ class SentencePieceTokenizer:
     self.eos_id = self._sp.eos_id()
     self.pad_id = self._sp.pad_id()
 
+    # Sentencepiece writes spaces as U+2581, so a literal U+2581 in the text would decode as a
+    # space. It is encoded as its three UTF-8 byte pieces instead, which decode verbatim.
+    self._meta_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode("utf-8")]
+
   def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+    return self.encode_batch([text], num_threads=1)[0]
 
   def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
     """Encodes many texts at once in sentencepiece's own threads (much faster than a loop)."""
-    return self._sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
+    threads = num_threads or (os.cpu_count() or 1)
+    out = self._sp.encode(texts, num_threads=threads)
+    for i, text in enumerate(texts):
+      if _META in text:
+        parts = self._sp.encode(text.split(_META), num_threads=threads)
+        out[i] = [t for j, part in enumerate(parts) for t in (self._meta_ids if j else []) + part]
+    return out
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
