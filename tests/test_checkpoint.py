@@ -1,0 +1,67 @@
+"""Params artifacts: exact round trip, stable fingerprints, atomic writes, refusals."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexolmo_jax import checkpoint
+from flexolmo_jax import config as config_lib
+
+
+def _tree(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"embed": rng.normal(size=(8, 4)).astype(np.float32),
+          "layers": {"w": rng.normal(size=(2, 4, 3)).astype(jnp.bfloat16)}}
+
+
+def test_round_trip_is_exact(tmp_path):
+  config, params = config_lib.tiny(), _tree()
+  manifest = checkpoint.save_params_artifact(tmp_path / "a", config, params, "public",
+                                             extra_manifest={"source": "test"})
+  loaded_config, loaded, loaded_manifest = checkpoint.load_params_artifact(tmp_path / "a")
+  assert loaded_config == config and loaded_manifest == manifest
+  assert manifest["source"] == "test" and manifest["fingerprint"] == checkpoint.fingerprint(params)
+  for key, value in checkpoint.flatten(params).items():
+    got = checkpoint.flatten(loaded)[key]
+    assert got.dtype == value.dtype
+    np.testing.assert_array_equal(got, value)
+
+
+def test_fingerprint_depends_on_values_names_and_dtypes():
+  base = checkpoint.fingerprint(_tree())
+  assert checkpoint.fingerprint(_tree()) == base
+  assert checkpoint.fingerprint(_tree(seed=1)) != base
+  renamed = {"embedding": _tree()["embed"], "layers": _tree()["layers"]}
+  assert checkpoint.fingerprint(renamed) != base
+  recast = {**_tree(), "embed": _tree()["embed"].astype(np.float64)}
+  assert checkpoint.fingerprint(recast) != base
+
+
+def test_existing_artifact_is_never_overwritten(tmp_path):
+  checkpoint.save_params_artifact(tmp_path / "a", config_lib.tiny(), _tree(), "public")
+  with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    checkpoint.save_params_artifact(tmp_path / "a", config_lib.tiny(), _tree(1), "public")
+  assert [p.name for p in tmp_path.iterdir()] == ["a"]  # No temporary directory left behind.
+
+
+def test_incomplete_directory_is_refused(tmp_path):
+  checkpoint.save_params_artifact(tmp_path / "a", config_lib.tiny(), _tree(), "public")
+  (tmp_path / "a" / "manifest.json").unlink()
+  with pytest.raises(ValueError, match="incomplete"):
+    checkpoint.load_params_artifact(tmp_path / "a")
+
+
+def test_modified_artifact_is_refused(tmp_path):
+  checkpoint.save_params_artifact(tmp_path / "a", config_lib.tiny(), _tree(), "public")
+  manifest_path = tmp_path / "a" / "manifest.json"
+  manifest = json.loads(manifest_path.read_text())
+  manifest_path.write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
+  with pytest.raises(ValueError, match="does not match"):
+    checkpoint.load_params_artifact(tmp_path / "a")
+
+
+def test_unknown_kind_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="kind"):
+    checkpoint.save_params_artifact(tmp_path / "a", config_lib.tiny(), _tree(), "shared")
