@@ -21,7 +21,6 @@ item), so a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -142,7 +141,3 @@ def _from_jsonable(x: Any) -> Any:
     return [_from_jsonable(v) for v in x]
   return x
 
-
-def corpus_tokenizer_path(cfg: DataConfig) -> str:
-  """The sentencepiece model the corpus under cfg.path was tokenized with."""
-  return os.path.join(cfg.path, "tokenizer.model")

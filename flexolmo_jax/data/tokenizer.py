@@ -8,7 +8,6 @@ encoded as its tokens followed by one EOS (see `encode_document`).
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -177,8 +176,3 @@ def train_sentencepiece(docs: Iterable[str], out_path: str, vocab_size: int, see
   os.replace(tmp, out_path)
   return SentencePieceTokenizer(out_path)
 
-
-def describe(tok: Tokenizer) -> str:
-  """One line naming the tokenizer, for logs and manifests."""
-  return json.dumps({"class": type(tok).__name__, "path": getattr(tok, "path", None),
-                     "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id})
