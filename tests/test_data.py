@@ -213,6 +213,9 @@ def test_owner_directory_becomes_a_domain(corpus_dir, tmp_path):
   entry = corpus.load_manifest(corpus_dir)["domains"]["legal"]
   assert entry["dedup"]["duplicates_dropped"] == 1
   assert sum(entry[s]["documents"] for s in corpus.SPLITS) == 24
+  with redirect_stdout(io.StringIO()):
+    corpus.prepare(corpus_dir, SMALL)  # a re-run keeps the owner's domain in the manifest
+  assert corpus.load_manifest(corpus_dir)["domains"]["legal"] == entry
 
 
 def test_prepare_reuses_parts_and_rebuilds_incomplete_ones(tmp_path):

@@ -273,6 +273,7 @@ def prepare(root: str, opts: BuildOptions = BuildOptions()) -> dict:
     domains[domain]["dedup"] = dedup[domain]
     _log(f"{domain}: " + ", ".join(
         f"{s} {'reused' if domains[domain][s]['reused'] else 'built'}" for s in SPLITS))
+  _keep_owner_domains(root, domains, tok_sha)
   manifest = {
       "name": "flexmix-mini",
       "options": dataclasses.asdict(opts),
@@ -282,6 +283,21 @@ def prepare(root: str, opts: BuildOptions = BuildOptions()) -> dict:
   }
   _write_json(os.path.join(root, "manifest.json"), _strip_reused(manifest))
   return manifest
+
+
+def _keep_owner_domains(root: str, domains: dict, tok_sha: str) -> None:
+  """Carries owner domains added earlier (add_domain) into a rebuilt manifest, unless the tokenizer
+  changed under them: their shards would then hold stale ids, so they must be added again."""
+  if not os.path.exists(os.path.join(root, "manifest.json")):
+    return
+  old = load_manifest(root)
+  for name, entry in old["domains"].items():
+    if name in domains:
+      continue
+    if old["tokenizer"]["sha256"] == tok_sha:
+      domains[name] = entry
+    else:
+      _log(f"{name}: dropped (tokenized with a previous tokenizer); add it again")
 
 
 def _strip_reused(manifest: dict) -> dict:
