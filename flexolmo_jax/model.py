@@ -11,6 +11,8 @@ dim, F ffn hidden, E experts, V vocab.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -199,9 +201,10 @@ class Transformer(nn.Module, _ParamMixin):
     return jnp.einsum("bld,dv->blv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int = 8):
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: ModelConfig, rng: jax.Array):
   """Randomly initialised parameters as a plain nested dict (logical-axis boxes removed)."""
-  tokens = jnp.zeros((batch, length), jnp.int32)
+  tokens = jnp.zeros((1, 8), jnp.int32)
   return nn.unbox(Transformer(config).init(rng, tokens)["params"])
 
 
