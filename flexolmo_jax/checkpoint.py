@@ -42,6 +42,18 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """The nested dict whose `flatten` is `flat`."""
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    *parents, name = path.split("/")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[name] = value
+  return tree
+
+
 def fingerprint(params: Mapping[str, Any]) -> str:
   """A stable sha256 hex digest over every leaf's path, dtype, shape and bytes (sorted by path).
 
@@ -87,7 +99,7 @@ def library_versions() -> dict[str, str]:
 
 def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: Mapping[str, Any],
                          kind: str, extra_manifest: Mapping[str, Any] | None = None) -> dict:
-  """Writes `params` and their manifest to a new directory `path` atomically; returns the manifest."""
+  """Writes `params` and a manifest to a new directory `path`, atomically; returns the manifest."""
   if kind not in KINDS:
     raise ValueError(f"artifact kind {kind!r} not in {KINDS}")
   manifest = {"kind": kind, "config": config.to_dict(), "fingerprint": fingerprint(params),

@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import struct
+import types
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
@@ -66,7 +67,8 @@ class HFCheckpointError(ValueError):
 def _dtype_name(dtype: Any) -> str:
   name = jnp.dtype(str(dtype).removeprefix("torch.")).name
   if name not in _SAFETENSORS_DTYPES:
-    raise HFCheckpointError(f"dtype {name} is not supported; use one of {list(_SAFETENSORS_DTYPES)}")
+    raise HFCheckpointError(f"dtype {name} is not supported; use one of "
+                            f"{list(_SAFETENSORS_DTYPES)}")
   return name
 
 
@@ -191,11 +193,20 @@ class _Tensor:
   fused: tuple[str, tuple[Any, ...]] | None = None
 
 
+def _expert_tensors(prefix: str, layer: int, expert: int, ffn: int) -> list[_Tensor]:
+  """One expert's three weights, each with its place in transformers' fused layout."""
+  fused = {"gate_proj": ("gate_up_proj", (expert, slice(0, ffn))),  # Gate rows come first.
+           "up_proj": ("gate_up_proj", (expert, slice(ffn, 2 * ffn))),
+           "down_proj": ("down_proj", (expert,))}
+  return [_Tensor(f"{prefix}mlp.experts.{expert}.{name}.weight", f"layers/mlp/{name}",
+                  (layer, expert), True,
+                  fused=(f"{prefix}mlp.experts.{fused[name][0]}", fused[name][1]))
+          for name in _FFN]
+
+
 def _tensor_map(config: ModelConfig) -> list[_Tensor]:
   """Every HF tensor of `config`'s checkpoint, in the order transformers lists them."""
   tensors = [_Tensor("model.embed_tokens.weight", "embed", (), False)]
-  ffn = config.ffn_hidden
-  fused_index = {"gate_proj": slice(0, ffn), "up_proj": slice(ffn, 2 * ffn)}
   for layer in range(config.n_layers):
     prefix = f"model.layers.{layer}."
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
@@ -204,11 +215,7 @@ def _tensor_map(config: ModelConfig) -> list[_Tensor]:
     if config.is_moe:
       tensors.append(_Tensor(f"{prefix}mlp.gate.weight", "layers/mlp/router", (layer,), False))
       for expert in range(config.num_experts):
-        for name in _FFN:
-          fused_key = f"{prefix}mlp.experts.{'down_proj' if name == 'down_proj' else 'gate_up_proj'}"
-          tensors.append(_Tensor(
-              f"{prefix}mlp.experts.{expert}.{name}.weight", f"layers/mlp/{name}", (layer, expert),
-              True, fused=(fused_key, (expert, *([fused_index[name]] if name in fused_index else [])))))
+        tensors.extend(_expert_tensors(prefix, layer, expert, config.ffn_hidden))
     else:
       for name in _FFN:
         tensors.append(_Tensor(f"{prefix}mlp.{name}.weight", f"layers/mlp/{name}", (layer,), True))
@@ -221,10 +228,12 @@ def _tensor_map(config: ModelConfig) -> list[_Tensor]:
   return tensors
 
 
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+@functools.cache  # Tracing the model's init costs about a second; configs are hashable.
+def param_shapes(config: ModelConfig) -> Mapping[str, tuple[int, ...]]:
   """Our parameter shapes by '/'-joined path, from the model itself (nothing allocated)."""
   abstract = jax.eval_shape(functools.partial(model.init_params, config), jax.random.key(0))
-  return {path: tuple(leaf.shape) for path, leaf in checkpoint.flatten(abstract).items()}
+  return types.MappingProxyType(
+      {path: tuple(leaf.shape) for path, leaf in checkpoint.flatten(abstract).items()})
 
 
 def _hf_shape(tensor: _Tensor, leaf_shape: Sequence[int]) -> tuple[int, ...]:
@@ -237,17 +246,6 @@ def _check_covered(tensors: list[_Tensor], shapes: Mapping[str, Any], ignore=())
   unmapped = sorted(set(shapes) - {t.leaf for t in tensors} - set(ignore))
   if unmapped:
     raise HFCheckpointError(f"parameters with no Hugging Face counterpart: {', '.join(unmapped)}")
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    *parents, name = path.split("/")
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = value
-  return tree
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,8 +315,10 @@ def _read_tensor(reader: _SafetensorsReader, tensor: _Tensor, shape: tuple[int, 
 def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
   """Reads a Hugging Face Olmo2 / FlexOlmo checkpoint directory: (config, params).
 
-  Params are a nested dict of host numpy arrays in the config's `param_dtype` (the checkpoint's
-  declared dtype unless `dtype` is given), laid out as `Transformer(config)` expects.
+  Params are a nested dict of host numpy arrays laid out as `Transformer(config)` expects, in
+  the checkpoint's declared dtype unless `dtype` is given; the config's `param_dtype` and
+  activation `dtype` are both set to it. `moe_backend` is left at the ModelConfig default:
+  pick one with `config.replace(moe_backend=...)`.
   """
   path = pathlib.Path(path)
   config = config_from_hf(_read_hf_config(path), dtype=dtype)
@@ -338,7 +338,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
   if unused:
     logging.warning("ignored %d tensors of %s that the model has no place for: %s",
                     len(unused), path, ", ".join(unused[:8]))
-  return config, _unflatten(flat)
+  return config, checkpoint.unflatten(flat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +431,8 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathL
   for leaf, shape in shapes.items():
     found = tuple(np.shape(flat[leaf])) if leaf in flat else None
     if found != shape:
-      raise HFCheckpointError(f"parameter {leaf} has shape {found}, expected {shape} for this config")
+      raise HFCheckpointError(f"parameter {leaf} has shape {found}, expected {shape} for this "
+                              "config")
   tensors = _tensor_map(config)
   _check_covered(tensors, shapes, ignore=("layers/mlp/expert_bias",))
   hf_config = config_to_hf(config, expert_names)

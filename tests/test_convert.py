@@ -25,7 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # name -> (moe, HF config overrides).
 CASES = {
-    "olmo2_dense": (False, {}),
+    "olmo2_dense": (False, {"head_dim": 32}),  # A head_dim that is not d_model // n_heads.
     "flexolmo_gqa_top2": (True, {}),
     "flexolmo_top_k_all": (True, {"num_experts_per_tok": 4}),
     # At eps 0.5 the post-FFN norm no longer divides out the routing weights' scale, so a
@@ -83,7 +83,7 @@ def _assert_trees_equal(a, b):
 def test_dense_parity(hf_checkpoints, tokens):
   path, reference = hf_checkpoints["olmo2_dense"]
   config, params = convert.load_hf(path)
-  assert not config.is_moe and config.rope_theta == 10_000.0
+  assert not config.is_moe and (config.rope_theta, config.resolved_head_dim) == (10_000.0, 32)
   diff = _max_diff(_logits(config, params, tokens), tiny_hf.hf_logits(reference, tokens))
   assert diff < ATOL, diff
 
@@ -124,9 +124,10 @@ def _fuse_experts(tensors, config):
   """Rewrites per-expert tensors into transformers' in-memory fused layout (gate rows first)."""
   fused = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
   for layer in range(config.n_layers):
-    experts = lambda name: [tensors[f"model.layers.{layer}.mlp.experts.{e}.{name}.weight"]
-                            for e in range(config.num_experts)]
-    gate_up = [np.concatenate([g, u], axis=0) for g, u in zip(experts("gate_proj"), experts("up_proj"))]
+    experts = lambda name, layer=layer: [
+        tensors[f"model.layers.{layer}.mlp.experts.{e}.{name}.weight"]
+        for e in range(config.num_experts)]
+    gate_up = [np.concatenate(pair) for pair in zip(experts("gate_proj"), experts("up_proj"))]
     fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.stack(gate_up)
     fused[f"model.layers.{layer}.mlp.experts.down_proj"] = np.stack(experts("down_proj"))
   return fused
@@ -136,7 +137,8 @@ def test_fused_expert_layout_loads_the_same(hf_checkpoints, tmp_path):
   path, _ = hf_checkpoints["flexolmo_gqa_top2"]
   config, params = convert.load_hf(path)
   tensors = load_file(path / "model.safetensors")
-  save_file(_fuse_experts(tensors, config), tmp_path / "model.safetensors", metadata={"format": "pt"})
+  save_file(_fuse_experts(tensors, config), tmp_path / "model.safetensors",
+            metadata={"format": "pt"})
   (tmp_path / "config.json").write_text((path / "config.json").read_text())
   _assert_trees_equal(convert.load_hf(tmp_path)[1], params)
 
