@@ -150,6 +150,8 @@ def config_to_hf(config: ModelConfig, expert_names: Sequence[str] | None = None)
       "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
       "pad_token_id": config.pad_token_id, "eos_token_id": config.eos_token_id,
       "bos_token_id": config.bos_token_id, "dtype": _dtype_name(config.param_dtype),
+      # transformers 4.x reads only these older spellings; 5.x accepts them beside the new ones.
+      "rope_theta": config.rope_theta, "torch_dtype": _dtype_name(config.param_dtype),
   }
   if config.head_dim is not None:
     hf["head_dim"] = config.head_dim

@@ -188,6 +188,7 @@ def test_save_hf_reloads_in_transformers(hf_checkpoints, tokens, tmp_path, name)
   written = json.loads((tmp_path / "out" / "config.json").read_text())
   assert written["model_type"] == ("flex_olmo" if config.is_moe else "olmo2")
   assert written["rope_parameters"] == {"rope_theta": config.rope_theta, "rope_type": "default"}
+  assert written["rope_theta"] == config.rope_theta and written["dtype"] == "float32"
   reloaded = tiny_hf.load_reference(tmp_path / "out")
   assert type(reloaded) is type(reference)
   diff = _max_diff(tiny_hf.hf_logits(reloaded, tokens), tiny_hf.hf_logits(reference, tokens))
