@@ -152,6 +152,7 @@ class Block(nn.Module, _ParamMixin):
     post_ffn_norm = self.norm_weight("post_ffn_norm", c.d_model, "embed")
     attn = Attention(c, name="attn")(x_BxLxD, positions_BxL, mask_BxLxL)
     h = x_BxLxD + rms_norm(attn, post_attn_norm, c.rms_norm_eps)
+    self.sow("intermediates", "ffn_input", h)  # What the router sees; used for router init.
     ffn = Mlp(c, name="mlp")(h, allowed_BxE)
     return h + rms_norm(ffn, post_ffn_norm, c.rms_norm_eps), None
 
@@ -177,7 +178,7 @@ class Transformer(nn.Module, _ParamMixin):
     if segment_ids is None:
       segment_ids = jnp.ones((batch, length), jnp.int32)
     embed = self.weight("embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
-    x = embed[tokens_BxL].astype(dtype)
+    x = jnp.take(embed, tokens_BxL, axis=0).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     mask = attention_mask(positions, segment_ids)
 
@@ -186,7 +187,7 @@ class Transformer(nn.Module, _ParamMixin):
       block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
     layers = nn.scan(
         block,
-        variable_axes={"params": 0, "router_stats": 0},
+        variable_axes={"params": 0, "router_stats": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.n_layers,

@@ -1,0 +1,130 @@
+"""Training configuration: ConfigDicts from configs/*.py become one frozen TrainConfig.
+
+Every level refuses unknown keys, naming the nearest valid ones, so `--config.optim.lr_peak=...`
+fails loudly instead of training with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from flexolmo_jax.config import ModelConfig, check_keys
+from flexolmo_jax.data.config import DataConfig, data_config
+
+MODES = ("public", "expert")
+# Fields of ModelConfig an expert run may set: how to execute, never the architecture, which
+# comes from the public checkpoint.
+EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "scan_layers", "remat", "dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with global-norm clipping, linear warmup and cosine decay to min_lr_ratio * lr."""
+
+  lr: float = 9e-4
+  warmup_steps: int = 2000
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  decay_embeddings: bool = False  # OLMo-2 applies no weight decay to the embedding.
+  clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  z_loss: float = 1e-5  # * logsumexp(logits)^2, the output z-loss.
+  router_z_loss: float = 1e-3
+  load_balancing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+  """One data owner's expert, trained against a frozen public model (METHOD.md section 3)."""
+
+  name: str = ""  # The owner's domain; the run reads only this domain's data.
+  public: str = ""  # Public model: a public training run's workdir or a converted HF checkpoint.
+  # A .npz of router embeddings with arrays "public" and `name` ([D] or [L, D]); see
+  # flexolmo_jax.router_init. Empty: the documented fallback, the public model's own mean
+  # hidden state (FFN input) over `embed_batches` batches of public and of the owner's data.
+  router_embeddings: str = ""
+  embed_batches: int = 8
+  bias: bool = True
+  bias_init: float = -0.5
+  top_k: int = 2  # Both experts on every token while training (top-2 of 2).
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  mode: str
+  data: DataConfig
+  model: ModelConfig | None = None  # Public mode: the architecture.
+  model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Expert mode.
+  expert: ExpertConfig = ExpertConfig()
+  optim: OptimConfig = OptimConfig()
+  loss: LossConfig = LossConfig()
+  steps: int = 1000
+  grad_accum: int = 1
+  seed: int = 0
+  mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  eval_domains: tuple[str, ...] = ()  # Empty: the training domains (plus "public" for experts).
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode {self.mode!r} not in {MODES}")
+    if self.mode == "public" and self.model is None:
+      raise ValueError("mode 'public' needs config.model (the architecture to pretrain)")
+    if self.mode == "expert" and not (self.expert.name and self.expert.public):
+      raise ValueError("mode 'expert' needs config.expert.name (the owner's domain) and "
+                       "config.expert.public (the public model's directory)")
+    bad = sorted(set(self.model_overrides) - set(EXECUTION_FIELDS))
+    if bad:
+      raise KeyError(f"config.model_overrides may only set {EXECUTION_FIELDS}; got {bad} "
+                     "(an expert's architecture comes from its public model)")
+    if self.data.batch_size % self.grad_accum:
+      raise ValueError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
+                       f"grad_accum ({self.grad_accum})")
+    for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _sub(cls, values, where):
+  values = dict(values)
+  check_keys(values, cls, where)
+  return cls(**values)
+
+
+def train_config(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> TrainConfig:
+  """A TrainConfig from a ConfigDict; unknown keys at any level are refused by name."""
+  raw = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+  check_keys(raw, TrainConfig, "config")
+  raw["data"] = data_config(raw["data"])
+  if raw.get("model") is not None:
+    raw["model"] = ModelConfig.from_dict(raw["model"])
+  for key, cls in (("expert", ExpertConfig), ("optim", OptimConfig), ("loss", LossConfig)):
+    if key in raw:
+      raw[key] = _sub(cls, raw[key], f"config.{key}")
+  for key in ("eval_domains",):
+    if key in raw:
+      raw[key] = tuple(raw[key])
+  for key in ("mesh", "model_overrides"):
+    if key in raw:
+      raw[key] = dict(raw[key])
+  return TrainConfig(**raw)
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+  """JSON-ready dict of a TrainConfig (for manifests)."""
+  return dataclasses.asdict(config)
