@@ -309,9 +309,9 @@ def _read_tensor(reader: _SafetensorsReader, tensor: _Tensor, shape: tuple[int, 
   if tensor.fused is not None and tensor.fused[0] in reader:
     fused_key, index = tensor.fused
     return reader.read(fused_key, _fused_shape(tensor, config), index), fused_key
-  alternative = f" (nor fused {tensor.fused[0]})" if tensor.fused else ""
-  raise HFCheckpointError(f"missing tensor {tensor.key}{alternative}, expected shape "
-                          f"{list(shape)}, in {reader.path}")
+  alternative = f"; the fused {tensor.fused[0]} is absent too" if tensor.fused else ""
+  raise HFCheckpointError(f"missing tensor {tensor.key}, expected shape {list(shape)}, in "
+                          f"{reader.path}{alternative}")
 
 
 def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
