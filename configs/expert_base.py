@@ -30,4 +30,5 @@ def get_config(domain: str):
   c.eval_every = 100
   c.eval_batches = 4
   c.checkpoint_every = 100
+  c.progress = True  # tqdm bar with ETA on stdout.
   return c

@@ -30,4 +30,5 @@ def get_config():
   c.eval_every = 200
   c.eval_batches = 4
   c.checkpoint_every = 200
+  c.progress = True  # tqdm bar with ETA on stdout.
   return c

@@ -31,4 +31,5 @@ def get_config():
   c.log_every = 10
   c.eval_every = 1000
   c.checkpoint_every = 1000
+  c.progress = True  # tqdm bar with ETA on stdout.
   return c

@@ -99,7 +99,8 @@ def check_keys(values: Mapping[str, Any], cls, where: str) -> None:
   if unknown:
     hints = []
     for key in unknown:
-      near = difflib.get_close_matches(key, valid, n=3)
+      near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+      near += [v for v in valid if (v in key or key in v) and v not in near]
       hints.append(f"{where}.{key}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
     raise KeyError(f"unknown config key(s): {'; '.join(hints)}. Valid keys: {', '.join(valid)}")
 

@@ -49,6 +49,8 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if len(devices) % known:
       raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(shape)}")
     sizes[sizes.index(-1)] = len(devices) // known
+  if -1 not in sizes and math.prod(sizes) < len(devices):
+    devices = devices[:math.prod(sizes)]  # An explicit smaller mesh uses the first devices.
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"{len(devices)} are present; set one axis to -1 to absorb the rest")

@@ -372,7 +372,8 @@ def _evaluate(config, eval_fn, trainable, frozen, domains) -> dict[str, float]:
   for domain in domains:
     data_cfg = config.data.replace(domains=(domain,), shuffle=False)
     total, count = 0.0, 0.0
-    batches = iter(data_lib.make_pipeline(data_cfg, "validation", num_epochs=1))
+    batches = iter(data_lib.make_pipeline(data_cfg, "validation", num_epochs=1,
+                                          drop_remainder=False))
     for _, batch in zip(range(config.eval_batches), batches):
       loss_sum, n = eval_fn(trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
       total, count = total + float(loss_sum), count + float(n)

@@ -18,16 +18,8 @@ from flexolmo_jax.data import sources
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.data.config import DataConfig, data_config
 
-SMALL = corpus.BuildOptions(max_docs_per_domain=50, vocab_size=512, math_docs=200)
+from conftest import SMALL
 ALL_DOMAINS = (corpus.PUBLIC,) + corpus.CLOSED_DOMAINS
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("flexmix"))
-  with redirect_stdout(io.StringIO()):
-    corpus.prepare(root, SMALL)
-  return root
 
 
 @pytest.fixture(scope="session")

@@ -74,10 +74,12 @@ def _default_shard() -> tuple[int, int]:
 def make_pipeline(cfg: DataConfig, split: str = "train", *, seed: int | None = None,
                   batch_size: int | None = None, seq_len: int | None = None,
                   shard_index: int | None = None, shard_count: int | None = None,
-                  num_epochs: int | None | str = "config") -> grain.IterDataset:
+                  num_epochs: int | None | str = "config",
+                  drop_remainder: bool = True) -> grain.IterDataset:
   """The batched dataset of `split` for `cfg.domains`; `iter(...)` it to get batches.
 
-  Keyword arguments override the config. Each host reads only documents
+  Keyword arguments override the config. Evaluation passes drop_remainder=False so that a small
+  validation split still yields its last, smaller batch. Each host reads only documents
   shard_index, shard_index + shard_count, ... (default: jax.process_index()/process_count()).
   """
   seed = cfg.seed if seed is None else seed
@@ -102,7 +104,7 @@ def make_pipeline(cfg: DataConfig, split: str = "train", *, seed: int | None = N
   ds = ds.map(_next_token_pairs).to_iter_dataset()
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds, length_struct={"inputs": seq_len, "targets": seq_len})
-  ds = ds.batch(batch_size, drop_remainder=True).map(_to_batch)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_to_batch)
   if cfg.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   return ds

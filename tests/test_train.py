@@ -1,0 +1,187 @@
+"""Training: frozen public weights, trainable-only optimizer state, exact resume after SIGKILL,
+1 vs 8 devices, the NaN guard, and bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexolmo_jax import checkpoint, runs
+from flexolmo_jax import train as T
+from flexolmo_jax.data import DataError
+from flexolmo_jax.train_config import train_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_MODEL = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                  rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)
+
+
+def _public_config(corpus_dir, **overrides):
+  raw = dict(mode="public", model=TINY_MODEL,
+             data=dict(path=corpus_dir, domains=("public",), seq_len=32, batch_size=8),
+             optim=dict(lr=3e-3, warmup_steps=5, weight_decay=0.1), steps=40, log_every=1,
+             eval_every=20, eval_batches=2, checkpoint_every=20, progress=False,
+             async_checkpoint=False)
+  raw.update(overrides)
+  return train_config(raw)
+
+
+def _expert_config(corpus_dir, public_dir, **overrides):
+  raw = dict(mode="expert", expert=dict(name="math", public=str(public_dir), embed_batches=2),
+             model_overrides=dict(moe_backend="dense"),
+             data=dict(path=corpus_dir, seq_len=32, batch_size=8),
+             optim=dict(lr=3e-3, warmup_steps=5), steps=30, log_every=1, eval_every=30,
+             eval_batches=2, checkpoint_every=10, progress=False, async_checkpoint=False)
+  raw.update(overrides)
+  return train_config(raw)
+
+
+def _metrics(workdir):
+  """step -> metrics, the last record of each step winning (a resumed run re-logs steps)."""
+  rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+  return {row["step"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def public_dir(corpus_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("public")
+  T.train(_public_config(corpus_dir), str(workdir))
+  return workdir
+
+
+def test_public_pretraining_learns(public_dir):
+  metrics = _metrics(public_dir)
+  assert metrics[40]["loss"] < metrics[1]["loss"] - 0.5
+  assert metrics[40]["val_loss/public"] < metrics[0]["val_loss/public"]
+  config, params, manifest = runs.load_params(public_dir)
+  assert manifest["kind"] == "public" and manifest["step"] == 40
+  assert params["embed"].shape == (512, 32) and not config.is_moe
+
+
+def test_expert_step_freezes_public_and_optimizes_only_the_expert(corpus_dir, public_dir):
+  config = _expert_config(corpus_dir, public_dir)
+  model_config, trainable, frozen, _ = T.setup(config)
+  frozen_before = jax.tree.map(np.array, frozen)
+  tx, schedule = T.make_optimizer(config, trainable)
+  opt_state = tx.init(trainable)
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  # AdamW moments for the trainable expert only: 2x its parameters (+ scalar step counters).
+  assert size(trainable) < size(frozen) / 3
+  assert 2 * size(trainable) <= size(opt_state) <= 2 * size(trainable) + 8
+  step = jax.jit(T.make_train_step(config, model_config, tx, schedule))
+  state = {"params": trainable, "opt_state": opt_state, "step": jnp.int32(0)}
+  batches = iter(T.data_lib.make_pipeline(T._domain_data(config), "train"))
+  for _ in range(3):
+    state, metrics = step(state, frozen, {k: jnp.asarray(v) for k, v in next(batches).items()})
+  assert np.isfinite(float(metrics["loss"]))
+  for after, before in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+    np.testing.assert_array_equal(np.asarray(after), before)  # Bit-identical.
+  assert not np.array_equal(state["params"]["gate_proj"], trainable["gate_proj"])
+  assert not np.array_equal(state["params"]["router"], trainable["router"])
+
+
+def test_expert_training_beats_public_on_its_domain(corpus_dir, public_dir, tmp_path):
+  T.train(_expert_config(corpus_dir, public_dir), str(tmp_path / "math"))
+  metrics = _metrics(tmp_path / "math")
+  # Step 0 evaluates the upcycled model, whose output equals the public model's exactly.
+  assert metrics[30]["val_loss/math"] < metrics[0]["val_loss/math"] - 0.05
+  config, expert, manifest = runs.load_params(tmp_path / "math")
+  assert manifest["kind"] == "expert" and manifest["name"] == "math"
+  assert sorted(expert) == ["down_proj", "expert_bias", "gate_proj", "router", "up_proj"]
+  _, public_params, _ = runs.load_params(public_dir)
+  assert manifest["public_fingerprint"] == checkpoint.fingerprint(public_params)
+
+
+def test_upcycled_model_equals_public_model(corpus_dir, public_dir):
+  config = _expert_config(corpus_dir, public_dir, expert=dict(
+      name="math", public=str(public_dir), embed_batches=1, bias=False))
+  model_config, trainable, frozen, _ = T.setup(config)
+  tokens = jnp.arange(64, dtype=jnp.int32).reshape(2, 32)
+  full = T.build_full_params("expert", trainable, frozen, False)
+  got = T.Transformer(model_config).apply({"params": full}, tokens)
+  want = T.Transformer(model_config.replace(num_experts=0, expert_bias=False)).apply(
+      {"params": frozen["public"]}, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5)  # Top-2 of 2 identical experts: weights sum to 1.
+
+
+def test_eight_devices_match_one(corpus_dir, tmp_path):
+  results = {}
+  for name, mesh in (("one", {"data": 1}), ("eight", {"data": 2, "fsdp": 4})):
+    config = _public_config(corpus_dir, steps=4, eval_every=100, checkpoint_every=100, mesh=mesh)
+    T.train(config, str(tmp_path / name))
+    results[name] = _metrics(tmp_path / name)
+  for step in range(1, 5):
+    np.testing.assert_allclose(results["eight"][step]["loss"], results["one"][step]["loss"],
+                               rtol=2e-5)
+
+
+def _cli(workdir, corpus_dir, steps, extra=()):
+  model = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()]
+  return [sys.executable, "-m", "flexolmo_jax.train", "--config=configs/public.py",
+          f"--workdir={workdir}", f"--config.data.path={corpus_dir}", "--config.data.seq_len=32",
+          "--config.data.batch_size=8", f"--config.steps={steps}", "--config.log_every=1",
+          "--config.eval_every=1000", "--config.checkpoint_every=3", "--config.progress=False",
+          *model, *extra]
+
+
+def test_resume_after_sigkill_reproduces_uninterrupted_run(corpus_dir, tmp_path):
+  # One device; a shared compilation cache so the second and third processes skip compiling.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  subprocess.run(_cli(tmp_path / "straight", corpus_dir, 12), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(killed, corpus_dir, 12), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    path = killed / "metrics.jsonl"
+    if path.exists() and max((json.loads(l)["step"] for l in path.read_text().splitlines() if l),
+                             default=0) >= 7:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert _metrics(killed) and max(_metrics(killed)) < 12, "the run finished before it was killed"
+  subprocess.run(_cli(killed, corpus_dir, 12), cwd=REPO, env=env, check=True, capture_output=True)
+  want, got = _metrics(tmp_path / "straight"), _metrics(killed)
+  for step in range(1, 13):
+    assert got[step]["loss"] == want[step]["loss"], f"step {step} differs after resume"
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(corpus_dir, tmp_path):
+  config = _public_config(corpus_dir, steps=30, checkpoint_every=1, eval_every=100,
+                          optim=dict(lr=1e12, warmup_steps=0, clip_norm=1e30))
+  with pytest.raises(T.NonFiniteError, match="non-finite loss"):
+    T.train(config, str(tmp_path))
+  config_dir, params, manifest = runs.load_params(tmp_path)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  assert manifest["step"] < 30
+
+
+def test_bad_input_is_refused_and_writes_nothing(corpus_dir, public_dir, tmp_path):
+  with pytest.raises(KeyError, match=r"optim\.lr_peak.*did you mean lr"):
+    train_config({"mode": "public", "model": TINY_MODEL, "data": {"path": corpus_dir},
+                  "optim": {"lr_peak": 1.0}})
+  with pytest.raises(KeyError, match=r"stepz.*did you mean steps"):
+    train_config({"mode": "public", "model": TINY_MODEL, "data": {"path": corpus_dir},
+                  "stepz": 3})
+  workdir = tmp_path / "never"
+  with pytest.raises(FileNotFoundError, match="no model at"):
+    T.train(_expert_config(corpus_dir, tmp_path / "missing_public"), str(workdir))
+  with pytest.raises(DataError, match="astrology"):
+    T.train(_expert_config(corpus_dir, public_dir, expert=dict(name="astrology",
+                                                                public=str(public_dir))),
+            str(workdir))
+  with pytest.raises(ValueError, match="vocab_size"):
+    T.train(_public_config(corpus_dir, model={**TINY_MODEL, "vocab_size": 100}), str(workdir))
+  assert not workdir.exists()
