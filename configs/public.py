@@ -25,10 +25,10 @@ def get_config():
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1, decay_embeddings=False))
   c.loss = ml_collections.ConfigDict(dict(z_loss=1e-5, router_z_loss=0.0, load_balancing=0.0))
-  c.steps = 600
+  c.steps = 300
   c.log_every = 20
-  c.eval_every = 200
+  c.eval_every = 100
   c.eval_batches = 4
-  c.checkpoint_every = 200
+  c.checkpoint_every = 100
   c.progress = True  # tqdm bar with ETA on stdout.
   return c
