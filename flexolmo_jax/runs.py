@@ -2,9 +2,11 @@
 
 A run directory (`--workdir`) holds
   manifest.json           kind (public / expert), model config, provenance, last saved step
+  public_router.npy       expert runs: the public router row r_pub [L, D] it trained against
   checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta
-An expert run's `params` item holds ONLY its expert subtree (experts.py) plus the public router
-row it trained with, so it is restorable on its own and small. Orbax writes each step into a
+An expert run's `params` item holds ONLY its expert subtree (experts.py), so it is restorable on
+its own and small; merging takes r_pub from public_router.npy, checked against the manifest's
+public_router_fingerprint. Orbax writes each step into a
 temporary directory and renames it when complete, so a half-written step is never listed.
 """
 
@@ -23,6 +25,7 @@ from flexolmo_jax.config import ModelConfig
 
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
+PUBLIC_ROUTER = "public_router.npy"
 
 
 def write_manifest(workdir: str | os.PathLike, manifest: dict) -> None:
@@ -31,6 +34,29 @@ def write_manifest(workdir: str | os.PathLike, manifest: dict) -> None:
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
   os.replace(tmp, path)
+
+
+def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
+  """Stores the public router row an expert run trains against, atomically (temp file + rename)."""
+  path = pathlib.Path(workdir) / PUBLIC_ROUTER
+  tmp = path.with_suffix(".npy.tmp")
+  with open(tmp, "wb") as f:
+    np.save(f, np.asarray(row_LxD, np.float32))
+  os.replace(tmp, path)
+
+
+def load_public_router(workdir: str | os.PathLike, manifest: dict) -> np.ndarray:
+  """The public router row [L, D] of an expert run, checked against its manifest's fingerprint."""
+  path = pathlib.Path(workdir) / PUBLIC_ROUTER
+  if not path.exists():
+    raise FileNotFoundError(f"expert run {workdir} has no {PUBLIC_ROUTER} (trained before it was "
+                            "stored?); retrain the expert or restore the file")
+  row = np.load(path)
+  found = checkpoint.fingerprint({"r": row})
+  if found != manifest.get("public_router_fingerprint"):
+    raise ValueError(f"{path}: fingerprint {found} does not match the manifest's "
+                     f"public_router_fingerprint {manifest.get('public_router_fingerprint')}")
+  return row
 
 
 def checkpoint_manager(workdir, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -63,4 +89,18 @@ def load_params(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
   restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
   manager.close()
   params = jax.tree.map(np.asarray, restored["params"])
-  return ModelConfig.from_dict(manifest["config"]), params, {**manifest, "step": step}
+  config = ModelConfig.from_dict(manifest["config"])
+  if manifest.get("kind") != "expert":  # An expert run stores only its expert subtree.
+    check_shapes(config, params, path)
+  return config, params, {**manifest, "step": step}
+
+
+def check_shapes(config: ModelConfig, params, where) -> None:
+  """Refuses parameters that do not fit `config`, naming the first mismatching tensor."""
+  from flexolmo_jax import convert  # pylint: disable=g-import-not-at-top  (avoids a cycle)
+  want = convert.param_shapes(config)
+  got = {k: tuple(v.shape) for k, v in checkpoint.flatten(params).items()}
+  for key in sorted(set(want) | set(got)):
+    if want.get(key) != got.get(key):
+      raise ValueError(f"{where}: parameter {key} has shape {got.get(key)} but its config "
+                       f"expects {want.get(key)}; the checkpoint does not match its manifest")

@@ -185,3 +185,10 @@ def test_bad_input_is_refused_and_writes_nothing(corpus_dir, public_dir, tmp_pat
   with pytest.raises(ValueError, match="vocab_size"):
     T.train(_public_config(corpus_dir, model={**TINY_MODEL, "vocab_size": 100}), str(workdir))
   assert not workdir.exists()
+
+
+def test_public_checkpoint_that_does_not_fit_its_config_is_refused(public_dir):
+  config, params, _ = runs.load_params(public_dir)
+  params["layers"]["attn"]["q_proj"] = params["layers"]["attn"]["q_proj"][:, :, :8]
+  with pytest.raises(ValueError, match=r"layers/attn/q_proj has shape \(2, 32, 8\).*\(2, 32, 32\)"):
+    runs.check_shapes(config, params, public_dir)
