@@ -263,6 +263,8 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
       config.data.path), versions=checkpoint.library_versions())
   _check_resumable(workdir, manifest)
   workdir.mkdir(parents=True, exist_ok=True)
+  if frozen is not None:
+    runs.write_public_router(workdir, frozen["public_router"])  # Merging needs r_pub itself.
 
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = make_optimizer(config, trainable)

@@ -1,0 +1,309 @@
+r"""Merging at load time, opt-out, and the merge command (METHOD.md section 5).
+
+  python -m flexolmo_jax.merge --public=runs/public \
+      --experts=math=runs/experts/math,code=runs/experts/code [--opt_out=code] [--top_k=K] \
+      [--keep_bias=false] --out=runs/merged
+  python -m flexolmo_jax.merge --merged=runs/merged --opt_out=code --out=runs/merged_no_code
+
+Expert 0 is always the public FFN with the public router row r_pub; expert j (in the order given)
+is owner j's FFN and router row. Each expert checkpoint is restored on its own and copied once
+into preallocated stacked arrays, so assembly holds the merged model plus one expert at a time.
+An expert is refused unless it was trained on exactly this public model (same fingerprint) and
+against the same r_pub as the others. Opting an expert out drops its FFN and router row in every
+layer: the result is identical to never having merged it.
+Export with `python -m flexolmo_jax.convert --to_hf=OUT --out=HF_DIR` (expert names travel in
+the manifest into config.json; Hugging Face FlexOlmo has no expert bias: merge with
+--keep_bias=false, or pass --drop_expert_bias to convert).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from flexolmo_jax import checkpoint, experts, runs, sharding
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model import logical_axes
+
+PUBLIC = "public"
+STACKED_KEYS = experts.FFN_KEYS + ("router",)
+# Fields that define the public architecture; an expert's config must agree on all of them.
+ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+               "head_dim", "param_dtype")
+
+
+class MergeError(ValueError):
+  """An expert or model that cannot be merged; the message says which and why."""
+
+
+def parse_experts(spec: str | Mapping[str, str] | Sequence[tuple[str, str]]
+                  ) -> list[tuple[str, str]]:
+  """[(name, path)] from "a=DIR,b=DIR", a dict or pairs; refuses duplicate or reserved names."""
+  if isinstance(spec, str):
+    pairs = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+      name, sep, path = item.partition("=")
+      if not sep or not name or not path:
+        raise MergeError(f"--experts entry {item!r} is not name=DIR")
+      pairs.append((name.strip(), path.strip()))
+  else:
+    pairs = list(spec.items() if isinstance(spec, Mapping) else spec)
+  names = [name for name, _ in pairs]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise MergeError(f"expert name(s) {duplicates} given more than once; each expert needs a "
+                     "unique name")
+  if PUBLIC in names:
+    raise MergeError(f"{PUBLIC!r} is reserved for expert 0 (the public model); rename the expert")
+  return [(str(name), str(path)) for name, path in pairs]
+
+
+def _check_opt_out(names: Sequence[str], opt_out: Iterable[str]) -> set[str]:
+  opt_out = set(opt_out)
+  if PUBLIC in opt_out:
+    raise MergeError("the public expert (expert 0) cannot be opted out")
+  unknown = sorted(opt_out - set(names))
+  if unknown:
+    raise MergeError(f"cannot opt out {unknown}: not among the experts {list(names)}")
+  return opt_out
+
+
+def _load_public(path) -> tuple[ModelConfig, dict, str]:
+  config, params, manifest = runs.load_params(path)
+  if config.is_moe:
+    raise MergeError(f"{path} holds a mixture of experts; --public must be the dense public model "
+                     "(to opt experts out of a merged model, use --merged)")
+  # An artifact's fingerprint was just verified on load; a training run's is computed here.
+  return config, params, manifest.get("fingerprint") or checkpoint.fingerprint(params)
+
+
+def _expert_manifest(name: str, path: str, public_fingerprint: str) -> dict:
+  """The expert run's manifest, checked against the public model before any weight is read."""
+  if not runs.is_run_dir(path):
+    raise MergeError(f"expert {name!r}: {path} is not an expert training run (no checkpoints/); "
+                     "train it with python -m flexolmo_jax.train --config=configs/<domain>_expert.py")
+  try:
+    manifest = checkpoint.read_manifest(path)
+  except ValueError as err:
+    raise MergeError(f"expert {name!r}: {err}") from err
+  if manifest.get("kind") != "expert":
+    raise MergeError(f"expert {name!r}: {path} is a {manifest.get('kind')!r} run, not an expert")
+  if manifest.get("name") != name:
+    raise MergeError(f"expert {name!r}: {path} holds the expert {manifest.get('name')!r}; name it "
+                     f"{manifest.get('name')}={path}")
+  if manifest.get("public_fingerprint") != public_fingerprint:
+    raise MergeError(
+        f"expert {name!r} ({path}) was trained on another public model: its public fingerprint is "
+        f"{manifest.get('public_fingerprint')}, the public model's is {public_fingerprint}. "
+        "Retrain the expert on this public model, or merge it with the one it was trained on")
+  return manifest
+
+
+def _check_config(name: str, path: str, config: ModelConfig, public: ModelConfig) -> None:
+  diff = {f: (getattr(config, f), getattr(public, f)) for f in ARCH_FIELDS
+          if getattr(config, f) != getattr(public, f)}
+  if diff:
+    raise MergeError(f"expert {name!r} ({path}) does not fit the public model: "
+                     + ", ".join(f"{f}={a} vs {b}" for f, (a, b) in diff.items()))
+
+
+def _expected_shapes(public_params, with_bias: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  mlp = public_params["layers"]["mlp"]
+  shapes = {k: (mlp[k].shape, mlp[k].dtype) for k in experts.FFN_KEYS}
+  L, D = mlp["gate_proj"].shape[:2]
+  shapes["router"] = ((L, D), mlp["gate_proj"].dtype)
+  if with_bias:
+    shapes["expert_bias"] = ((L,), mlp["gate_proj"].dtype)
+  return shapes
+
+
+def _check_expert_tree(name, path, tree, shapes) -> None:
+  missing = sorted(set(shapes) - set(tree))
+  if missing:
+    hint = " (merge with keep_bias=False / --keep_bias=false)" if missing == ["expert_bias"] else ""
+    raise MergeError(f"expert {name!r} ({path}) has no {missing}{hint}")
+  for key, (shape, dtype) in shapes.items():
+    found = np.shape(tree[key]), np.asarray(tree[key]).dtype
+    if found != (shape, dtype):
+      raise MergeError(f"expert {name!r} ({path}): {key} has shape {found[0]} {found[1]}, "
+                       f"the public model needs {shape} {dtype}")
+
+
+def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, backend=None,
+              with_fingerprints=False):
+  """(config, params, names, provenance) for `assemble`; provenance feeds the manifest."""
+  pairs = parse_experts(expert_list)
+  skip = _check_opt_out([n for n, _ in pairs], opt_out)
+  pairs = [(n, p) for n, p in pairs if n not in skip]
+  public_config, public_params, public_fp = _load_public(public)
+
+  manifests = {n: _expert_manifest(n, p, public_fp) for n, p in pairs}
+  configs = {n: ModelConfig.from_dict(m["config"]) for n, m in manifests.items()}
+  for n, p in pairs:
+    _check_config(n, p, configs[n], public_config)
+  routers = {m.get("public_router_fingerprint") for m in manifests.values()}
+  if len(routers) > 1:
+    raise MergeError("the experts were trained against different public router rows: "
+                     + ", ".join(f"{n}: {m.get('public_router_fingerprint')}"
+                                 for n, m in manifests.items())
+                     + "; every owner must use the same router embeddings for 'public'")
+  with_bias = bool(keep_bias) and bool(pairs)
+
+  mlp = public_params["layers"]["mlp"]
+  L, D = mlp["gate_proj"].shape[:2]
+  E = 1 + len(pairs)
+  # One buffer per stacked tensor, filled slice by slice: no second full copy is ever made.
+  stacked = {k: np.empty((L, E) + mlp[k].shape[1:], mlp[k].dtype) for k in experts.FFN_KEYS}
+  stacked["router"] = np.empty((L, E, D), mlp["gate_proj"].dtype)
+  if with_bias:
+    stacked["expert_bias"] = np.zeros((L, E), mlp["gate_proj"].dtype)  # Never applied to 0.
+  for k in experts.FFN_KEYS:
+    stacked[k][:, 0] = mlp[k]
+  if pairs:
+    stacked["router"][:, 0] = runs.load_public_router(pairs[0][1], manifests[pairs[0][0]])
+  else:
+    stacked["router"][:, 0] = 0.0  # A lone expert gets softmax weight 1 whatever its row.
+
+  shapes = _expected_shapes(public_params, with_bias)
+  provenance = {}
+  for j, (name, path) in enumerate(pairs, 1):
+    _, tree, manifest = runs.load_params(path)
+    _check_expert_tree(name, path, tree, shapes)
+    for key in shapes:
+      stacked[key][:, j] = tree[key]
+    provenance[name] = {"path": str(pathlib.Path(path).absolute()), "step": manifest["step"],
+                        "fingerprint": checkpoint.fingerprint(tree) if with_fingerprints else None}
+    del tree
+
+  params = {**public_params, "layers": {**public_params["layers"], "mlp": stacked}}
+  train_top_k = max((c.top_k for c in configs.values()), default=1)
+  bias_init = min((c.expert_bias_init for c in configs.values()), default=0.0)
+  config = experts.moe_config(public_config, len(pairs), top_k=top_k or train_top_k,
+                              with_bias=with_bias, bias_init=bias_init, backend=backend)
+  names = [PUBLIC] + [n for n, _ in pairs]
+  info = {"public_fingerprint": public_fp, "experts": provenance,
+          "bias": "kept" if with_bias else "dropped", "top_k_requested": top_k or train_top_k}
+  return config, params, names, info
+
+
+def place(config: ModelConfig, params, mesh: jax.sharding.Mesh | None):
+  """`params` on `mesh` with the model's logical shardings (unchanged when mesh is None)."""
+  if mesh is None:
+    return params
+  shardings = sharding.tree_shardings(params, logical_axes(config), mesh)
+  return jax.tree.map(jax.device_put, params, shardings)
+
+
+def assemble(public: str | os.PathLike,
+             expert_list: Mapping[str, str] | Sequence[tuple[str, str]] | str, *,
+             opt_out: Iterable[str] = (), top_k: int | None = None, keep_bias: bool = True,
+             backend: str | None = None, mesh: jax.sharding.Mesh | None = None
+             ) -> tuple[ModelConfig, dict, list[str]]:
+  """Merged FlexOlmo parameters in memory: (config, params, expert_names).
+
+  `public`: the dense public model (training run or params artifact). `expert_list`: name ->
+  expert training run, in the order of expert rows 1..n. Opted-out experts are never read.
+  `top_k` defaults to the experts' training top-k; either way it is clamped to the experts
+  present. `keep_bias=False` drops the learned expert biases. With `mesh`, arrays are placed
+  with the model's shardings; otherwise they are host numpy arrays.
+  """
+  config, params, names, _ = _assemble(public, expert_list, opt_out=opt_out, top_k=top_k,
+                                       keep_bias=keep_bias, backend=backend)
+  return config, place(config, params, mesh), names
+
+
+def opt_out(config: ModelConfig, params, expert_names: Sequence[str], names: Iterable[str], *,
+            top_k: int | None = None) -> tuple[ModelConfig, dict, list[str]]:
+  """Drops the named experts' FFNs and router rows (and biases) from merged parameters.
+
+  top_k (default: the model's) is clamped to the experts that remain.
+  """
+  if len(expert_names) != config.num_experts:
+    raise MergeError(f"{len(expert_names)} expert names for a model with {config.num_experts} "
+                     "experts")
+  drop = _check_opt_out(expert_names, names)
+  keep = [i for i, n in enumerate(expert_names) if n not in drop]
+  mlp = params["layers"]["mlp"]
+  sliced = {k: np.asarray(v)[:, keep] for k, v in mlp.items()}
+  new = {**params, "layers": {**params["layers"], "mlp": sliced}}
+  new_config = config.replace(num_experts=len(keep), top_k=min(top_k or config.top_k, len(keep)))
+  return new_config, new, [expert_names[i] for i in keep]
+
+
+def merge_to_dir(public, expert_list, out, *, opt_out_names=(), top_k=None, keep_bias=True,
+                 backend=None) -> dict:
+  """Assembles a merged model and writes it as a params artifact at `out`; returns the manifest."""
+  config, params, names, info = _assemble(public, expert_list, opt_out=opt_out_names, top_k=top_k,
+                                          keep_bias=keep_bias, backend=backend,
+                                          with_fingerprints=True)
+  extra = {"expert_names": names, "public_path": str(pathlib.Path(public).absolute()), **info}
+  return checkpoint.save_params_artifact(out, config, params, "merged", extra_manifest=extra)
+
+
+def opt_out_dir(merged, names, out, *, top_k=None) -> dict:
+  """Opts experts out of the merged artifact at `merged` and writes the result to `out`."""
+  config, params, manifest = checkpoint.load_params_artifact(merged)
+  if manifest.get("kind") != "merged" or "expert_names" not in manifest:
+    raise MergeError(f"{merged} is a {manifest.get('kind')!r} artifact without expert names; "
+                     "--merged needs the output of python -m flexolmo_jax.merge")
+  requested = top_k or manifest.get("top_k_requested") or config.top_k
+  config, params, kept = opt_out(config, params, manifest["expert_names"], names, top_k=requested)
+  extra = {k: v for k, v in manifest.items()
+           if k not in ("kind", "config", "fingerprint", "versions")}
+  extra.update(expert_names=kept, top_k_requested=requested, opted_out_from=str(
+      pathlib.Path(merged).absolute()), experts={k: v for k, v in manifest.get(
+          "experts", {}).items() if k in kept})
+  return checkpoint.save_params_artifact(out, config, params, "merged", extra_manifest=extra)
+
+
+# ----------------------------------------------------------------------------- command line
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags, defined only when run as a program (convert.py also defines --out)."""
+  flags.DEFINE_string("public", None, "The dense public model: training run or params artifact.")
+  flags.DEFINE_string("experts", None, "Comma-separated name=DIR expert training runs.")
+  flags.DEFINE_string("merged", None, "A merged artifact to opt experts out of (instead of "
+                      "--public/--experts).")
+  flags.DEFINE_list("opt_out", [], "Expert names to leave out.")
+  flags.DEFINE_integer("top_k", None, "Experts per token (default: the training top-k), clamped "
+                       "to the experts present.")
+  flags.DEFINE_bool("keep_bias", True, "Keep the learned expert biases (false drops them, as "
+                    "Hugging Face FlexOlmo needs).")
+  flags.DEFINE_string("backend", None, "MoE back end of the merged config (dense/ragged/blocked).")
+  flags.DEFINE_string("out", None, "Output artifact directory; must be absent or empty.")
+  flags.mark_flag_as_required("out")
+  flags.mark_flags_as_mutual_exclusive(["public", "merged"], required=True)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  try:
+    if FLAGS.merged:
+      if FLAGS.experts:
+        raise app.UsageError("--experts goes with --public, not --merged")
+      manifest = opt_out_dir(FLAGS.merged, FLAGS.opt_out, FLAGS.out, top_k=FLAGS.top_k)
+    else:
+      if FLAGS.experts is None:
+        raise app.UsageError("--public needs --experts=name=DIR,...")
+      manifest = merge_to_dir(FLAGS.public, FLAGS.experts, FLAGS.out,
+                              opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
+                              keep_bias=FLAGS.keep_bias, backend=FLAGS.backend)
+  except (MergeError, FileNotFoundError, FileExistsError) as err:
+    raise SystemExit(f"error: {err}") from None
+  print(f"wrote {FLAGS.out}: experts {manifest['expert_names']}, top_k "
+        f"{manifest['config']['top_k']}, bias {manifest['bias']}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
