@@ -25,7 +25,7 @@ def get_config(domain: str):
   c.optim = ml_collections.ConfigDict(dict(lr=9e-4 * 3, warmup_steps=30, min_lr_ratio=0.1,
                                            weight_decay=0.0))
   c.loss = ml_collections.ConfigDict(dict(z_loss=1e-5, router_z_loss=1e-3, load_balancing=0.0))
-  c.steps = 150
+  c.steps = 100
   c.log_every = 20
   c.eval_every = 50
   c.eval_batches = 4
