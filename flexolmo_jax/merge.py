@@ -86,7 +86,7 @@ def _expert_manifest(name: str, path: str, public_fingerprint: str) -> dict:
   """The expert run's manifest, checked against the public model before any weight is read."""
   if not runs.is_run_dir(path):
     raise MergeError(f"expert {name!r}: {path} is not an expert training run (no checkpoints/); "
-                     "train it with python -m flexolmo_jax.train --config=configs/<domain>_expert.py")
+                     "train it: python -m flexolmo_jax.train --config=configs/<name>_expert.py")
   try:
     manifest = checkpoint.read_manifest(path)
   except ValueError as err:

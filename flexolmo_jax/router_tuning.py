@@ -1,0 +1,289 @@
+r"""Optional router tuning of a merged model (METHOD.md section 5).
+
+Each owner, on its own machine, picks proxy documents: a logistic-regression classifier on
+hashed bag-of-words features, trained on the owner's documents against public documents,
+scores every public training document; the top `num_proxies` are the owner's proxy set. Only
+their ids (index and hash into the public training split) leave the owner:
+
+  python -m flexolmo_jax.router_tuning select --data=runs/data --domain=math \
+      --num_proxies=200 --out=runs/proxies.json
+
+Then the model builder trains ONLY the router rows [L, E, D] and expert biases [L, E] of the
+merged model, on every proxy set plus a slice of public data, with top-k = all experts:
+
+  python -m flexolmo_jax.router_tuning tune --config=configs/router_tuning.py
+
+Every other parameter is a frozen, non-differentiated argument of the step, so it stays
+bit-identical; the output is a merged artifact with the same expert names, so opt-out still works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import zlib
+from typing import Mapping, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from flexolmo_jax import checkpoint
+from flexolmo_jax import data as data_lib
+from flexolmo_jax.config import check_keys
+from flexolmo_jax.data import corpus, pipeline
+from flexolmo_jax.model import Transformer
+
+TRAINABLE = ("router", "expert_bias")
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+# ----------------------------------------------------------------------------- proxy selection
+
+
+def hashed_features(texts: Sequence[str], dim: int = 1 << 14) -> np.ndarray:
+  """[N, dim] float32: log(1 + count) of crc32-hashed lower-cased words, each row L2-normalised."""
+  out = np.zeros((len(texts), dim), np.float32)
+  for i, text in enumerate(texts):
+    ids = [zlib.crc32(w.encode()) % dim for w in _WORD.findall(text.lower())]
+    np.add.at(out[i], ids, 1.0)
+  out = np.log1p(out)
+  return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+
+
+def train_classifier(positive: np.ndarray, negative: np.ndarray, *, steps: int = 300,
+                     lr: float = 0.1, l2: float = 1e-4) -> tuple[np.ndarray, float]:
+  """Class-balanced logistic regression (full-batch Adam); returns (weights [dim], bias)."""
+  x = jnp.asarray(np.concatenate([positive, negative]))
+  y = jnp.concatenate([jnp.ones(len(positive)), jnp.zeros(len(negative))])
+  weight = jnp.where(y > 0, 0.5 / len(positive), 0.5 / len(negative))
+
+  def loss(p):
+    logits = x @ p["w"] + p["b"]
+    return jnp.sum(weight * optax.sigmoid_binary_cross_entropy(logits, y)) + l2 * jnp.sum(p["w"]**2)
+
+  tx = optax.adam(lr)
+
+  @jax.jit
+  def fit(p):
+    def step(carry, _):
+      p, s = carry
+      updates, s = tx.update(jax.grad(loss)(p), s, p)
+      return (optax.apply_updates(p, updates), s), None
+    (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), length=steps)
+    return p
+
+  p = fit({"w": jnp.zeros(x.shape[1]), "b": jnp.zeros(())})
+  return np.asarray(p["w"]), float(p["b"])
+
+
+def select_proxies(data: str, domain: str, num_proxies: int, *, max_train_docs: int = 2000,
+                   seed: int = 0) -> dict:
+  """The owner's proxy set: {"indices", "hashes", "scores"} of the public training documents
+  its classifier scores as most like `domain`."""
+  data_lib.pipeline.ensure_domains(data_lib.DataConfig(path=data, domains=(domain,)))
+  public = corpus.read_text_split(data, corpus.PUBLIC, "train")
+  own = corpus.read_text_split(data, domain, "train")
+  rng = np.random.default_rng(seed)
+  sample = lambda rows: [rows[i]["text"] for i in rng.permutation(len(rows))[:max_train_docs]]
+  w, b = train_classifier(hashed_features(sample(own)), hashed_features(sample(public)))
+  scores = hashed_features([r["text"] for r in public]) @ w + b
+  top = np.argsort(-scores, kind="stable")[:num_proxies]
+  return {"indices": [int(i) for i in top], "hashes": [public[i]["hash"] for i in top],
+          "scores": [float(scores[i]) for i in top]}
+
+
+def save_proxies(path: str, domain: str, proxies: Mapping) -> None:
+  """Adds (or replaces) `domain`'s proxy set in the JSON file at `path`, atomically."""
+  path = pathlib.Path(path)
+  sets = json.loads(path.read_text()) if path.exists() else {}
+  sets[domain] = dict(proxies)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(sets, indent=1, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- router training
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterTuningConfig:
+  """What `tune` reads; configs/router_tuning.py documents each field."""
+
+  merged: str
+  data: str
+  proxies: str
+  out: str
+  public_slice: int = 500  # Public training documents added to the proxy sets.
+  steps: int = 300
+  seq_len: int = 128
+  batch_size: int = 16
+  lr: float = 2e-3
+  weight_decay: float = 0.1
+  warmup_steps: int = 100
+  clip_norm: float = 1.0
+  router_z_loss: float = 1e-3
+  seed: int = 0
+  log_every: int = 50
+
+
+def tuning_config(raw: Mapping) -> RouterTuningConfig:
+  """A RouterTuningConfig from a ConfigDict or dict; unknown keys are refused by name."""
+  raw = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
+  check_keys(raw, RouterTuningConfig, "config")
+  return RouterTuningConfig(**raw)
+
+
+def tuning_documents(data: str, proxies: Mapping[str, Mapping], public_slice: int,
+                     seed: int = 0) -> list[bytes]:
+  """Token records of the union of proxy sets plus `public_slice` other public documents."""
+  rows = corpus.read_text_split(data, corpus.PUBLIC, "train")
+  chosen = set()
+  for domain, proxy in proxies.items():
+    for i, h in zip(proxy["indices"], proxy["hashes"]):
+      if i >= len(rows) or rows[i]["hash"] != h:
+        raise ValueError(f"proxy set {domain!r} names public document {i} ({h[:12]}...) that "
+                         f"this corpus does not hold; select proxies on the same corpus ({data})")
+      chosen.add(i)
+  rest = [i for i in np.random.default_rng(seed).permutation(len(rows)) if i not in chosen]
+  indices = sorted(chosen) + sorted(int(i) for i in rest[:public_slice])
+  (path,) = corpus.token_paths(data, [corpus.PUBLIC], "train")
+  source = grain.sources.ArrayRecordDataSource([path])
+  return [source[i] for i in indices]
+
+
+def _batches(records: Sequence[bytes], seq_len: int, batch_size: int, seed: int):
+  """The training pipeline's packing and batch format over an in-memory list of documents."""
+  ds = grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat(None)
+  ds = ds.map(pipeline._next_token_pairs).to_iter_dataset()  # pylint: disable=protected-access
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"inputs": seq_len, "targets": seq_len})
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return iter(ds.map(pipeline._to_batch))  # pylint: disable=protected-access
+
+
+def split_router(params):
+  """(trainable {router, expert_bias}, frozen rest) of merged MoE parameters."""
+  mlp = params["layers"]["mlp"]
+  trainable = {k: mlp[k] for k in TRAINABLE if k in mlp}
+  frozen_mlp = {k: v for k, v in mlp.items() if k not in TRAINABLE}
+  return trainable, {**params, "layers": {**params["layers"], "mlp": frozen_mlp}}
+
+
+def join_router(trainable, frozen):
+  mlp = {**frozen["layers"]["mlp"], **trainable}
+  return {**frozen, "layers": {**frozen["layers"], "mlp": mlp}}
+
+
+def make_step(model_config, cfg: RouterTuningConfig):
+  """(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
+                                                max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+  def objective(trainable, frozen, batch):
+    # Token cross-entropy plus the router z-loss (train.py's objective without the output
+    # z-loss; train.py is not imported because it defines command-line flags at import).
+    logits, state = Transformer(model_config).apply(
+        {"params": join_router(trainable, frozen)}, batch["tokens"],
+        positions=batch["positions"], segment_ids=batch["segment_ids"], mutable=["router_stats"])
+    mask = batch["loss_mask"]
+    token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    ce = jnp.sum(token_ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    (router_z,) = state["router_stats"]["layers"]["mlp"]["z_loss"]
+    router_z = jnp.mean(router_z)
+    return ce + cfg.router_z_loss * router_z, {"ce": ce, "router_z_loss": router_z}
+
+  @jax.jit
+  def step(trainable, opt_state, frozen, batch):
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable, frozen, batch)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, {**metrics, "loss": loss}
+
+  return tx, step
+
+
+def tune(cfg: RouterTuningConfig) -> dict:
+  """Tunes the merged model's router on proxies + public slice; writes `cfg.out`; returns its
+  manifest (with the last metrics)."""
+  config, params, manifest = checkpoint.load_params_artifact(cfg.merged)
+  if not config.is_moe or manifest.get("kind") != "merged":
+    raise ValueError(f"{cfg.merged} is not a merged model; build one with python -m "
+                     "flexolmo_jax.merge")
+  proxies = json.loads(pathlib.Path(cfg.proxies).read_text())
+  missing = sorted(set(manifest.get("expert_names", [])[1:]) - set(proxies))
+  if missing:
+    logging.warning("no proxy set for experts %s: their rows learn only from the others' data",
+                    missing)
+  records = tuning_documents(cfg.data, proxies, cfg.public_slice, cfg.seed)
+  batches = _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed)
+  model_config = config.replace(top_k=config.num_experts)  # Every expert sees every token.
+  trainable, frozen = split_router(jax.tree.map(jnp.asarray, params))
+  tx, step = make_step(model_config, cfg)
+  opt_state = tx.init(trainable)
+  metrics = {}
+  for i in range(1, cfg.steps + 1):
+    trainable, opt_state, metrics = step(trainable, opt_state, frozen,
+                                         jax.tree.map(jnp.asarray, next(batches)))
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"non-finite loss at router-tuning step {i}; lower lr")
+    if i % cfg.log_every == 0 or i == cfg.steps:
+      print(f"step {i}: loss {loss:.4f} ce {float(metrics['ce']):.4f}", flush=True)
+  tuned = jax.tree.map(np.asarray, join_router(trainable, frozen))
+  extra = {k: v for k, v in manifest.items()
+           if k not in ("kind", "config", "fingerprint", "versions")}
+  extra["router_tuning"] = {"from": str(pathlib.Path(cfg.merged).absolute()),
+                            "config": dataclasses.asdict(cfg), "documents": len(records),
+                            "proxy_sets": sorted(proxies), "final_ce": float(metrics["ce"])}
+  return checkpoint.save_params_artifact(cfg.out, config, tuned, "merged", extra_manifest=extra)
+
+
+# ----------------------------------------------------------------------------- command line
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags, defined only when run as a program."""
+  config_flags.DEFINE_config_file("config", None, "tune: configs/router_tuning.py")
+  flags.DEFINE_string("data", None, "select: the prepared corpus.")
+  flags.DEFINE_string("domain", None, "select: the owner's domain.")
+  flags.DEFINE_integer("num_proxies", 200, "select: public documents to pick.")
+  flags.DEFINE_integer("seed", 0, "select: document sampling seed.")
+  flags.DEFINE_string("out", None, "select: the proxies JSON to add the set to.")
+
+
+def main(argv: Sequence[str]) -> None:
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) != 2 or argv[1] not in ("select", "tune"):
+    raise app.UsageError("usage: python -m flexolmo_jax.router_tuning select|tune [flags]")
+  try:
+    if argv[1] == "select":
+      if not (FLAGS.data and FLAGS.domain and FLAGS.out):
+        raise app.UsageError("select needs --data, --domain and --out")
+      proxies = select_proxies(FLAGS.data, FLAGS.domain, FLAGS.num_proxies, seed=FLAGS.seed)
+      save_proxies(FLAGS.out, FLAGS.domain, proxies)
+      print(f"{FLAGS.domain}: {len(proxies['indices'])} proxy documents written to {FLAGS.out}")
+    else:
+      if FLAGS.config is None:
+        raise app.UsageError("tune needs --config=configs/router_tuning.py")
+      manifest = tune(tuning_config(FLAGS.config))
+      print(f"wrote {manifest['router_tuning']['config']['out']}")
+  except (KeyError, ValueError, FileNotFoundError, FloatingPointError, data_lib.DataError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
