@@ -396,6 +396,9 @@ def domain_mc_items(docs: Sequence[str], name: str, *, num_items: int = 200, num
                       gold=choices.index(truth)))
     if len(items) == num_items:
       break
+  if not items:
+    raise DataError(f"{name}: no passage has {num_choices - 1} distinct distractors; use a larger "
+                    "held-out split")
   return items
 
 

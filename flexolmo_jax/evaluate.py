@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 
 from flexolmo_jax import codegen
 from flexolmo_jax import eval_tasks
@@ -165,6 +166,8 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
   needs_data = [t for t in tasks if t in ("perplexity", "routing") or t.startswith("mc_")]
   if needs_data and not data_root:
     raise ValueError(f"tasks {needs_data} need a prepared corpus: pass --data")
+  if "routing" in tasks and not config.is_moe:
+    raise ValueError("the routing task needs a mixture-of-experts model; this one is dense")
   os.makedirs(out_dir, exist_ok=True)
   scorer = scoring.Scorer(config, params, tokenizer, batch_size=batch_size, max_len=max_len,
                           expert_mask=expert_mask)
@@ -279,6 +282,7 @@ def _tokenizer_path(model_dir: str, data_root: str | None) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   try:
     config, params, manifest = runs.load_params(_MODEL.value)
     names = expert_names(config, manifest)
