@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from flexolmo_jax import checkpoint, convert, merge, router_init, runs
@@ -43,20 +44,36 @@ def _public_artifact(path, seed):
   return path
 
 
+def _synthetic_expert(corpus_dir, public, name, embeddings, workdir, seed):
+  """An expert run in the trainer's layout (setup, then a random step) without compiling it."""
+  config = _expert_config(corpus_dir, public, name, embeddings)
+  _, trainable, frozen, manifest = T.setup(config)
+  rng = np.random.default_rng(seed)
+  trainable = {k: np.asarray(v) + 0.05 * rng.normal(size=v.shape).astype(np.float32)
+               for k, v in trainable.items()}
+  manager = runs.checkpoint_manager(workdir, async_save=False)
+  manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(trainable)))
+  manager.wait_until_finished()
+  manager.close()
+  runs.write_public_router(workdir, frozen["public_router"])
+  runs.write_manifest(workdir, {**manifest, "step": 1})
+
+
 @pytest.fixture(scope="module")
 def setup(corpus_dir, tmp_path_factory):
-  """A public artifact, three experts trained on it for 2 steps, and one on another public."""
+  """A public artifact, three experts on it (math trained for 2 steps by the trainer, the others
+  synthetic), and one expert on another public model."""
   root = tmp_path_factory.mktemp("merge")
   public = _public_artifact(root / "public", seed=0)
   rng = np.random.default_rng(0)
   rows = {d: rng.normal(size=(TINY_MODEL["d_model"],)) for d in ("public",) + DOMAINS}
   router_init.save_embeddings(str(root / "emb.npz"), rows)
-  runs_ = {}
-  for name in DOMAINS:
-    T.train(_expert_config(corpus_dir, public, name, root / "emb.npz"), str(root / name))
-    runs_[name] = str(root / name)
+  T.train(_expert_config(corpus_dir, public, "math", root / "emb.npz"), str(root / "math"))
+  for seed, name in enumerate(DOMAINS[1:]):
+    _synthetic_expert(corpus_dir, public, name, root / "emb.npz", root / name, seed)
+  runs_ = {name: str(root / name) for name in DOMAINS}
   other = _public_artifact(root / "other_public", seed=1)
-  T.train(_expert_config(corpus_dir, other, "math", root / "emb.npz"), str(root / "alien"))
+  _synthetic_expert(corpus_dir, other, "math", root / "emb.npz", root / "alien", seed=9)
   return {"root": root, "public": public, "experts": runs_, "alien": str(root / "alien")}
 
 
