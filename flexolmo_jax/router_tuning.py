@@ -212,19 +212,9 @@ def make_step(model_config, cfg: RouterTuningConfig):
   return tx, step
 
 
-def tune(cfg: RouterTuningConfig) -> dict:
-  """Tunes the merged model's router on proxies + public slice; writes `cfg.out`; returns its
-  manifest (with the last metrics)."""
-  config, params, manifest = checkpoint.load_params_artifact(cfg.merged)
-  if not config.is_moe or manifest.get("kind") != "merged":
-    raise ValueError(f"{cfg.merged} is not a merged model; build one with python -m "
-                     "flexolmo_jax.merge")
-  proxies = json.loads(pathlib.Path(cfg.proxies).read_text())
-  missing = sorted(set(manifest.get("expert_names", [])[1:]) - set(proxies))
-  if missing:
-    logging.warning("no proxy set for experts %s: their rows learn only from the others' data",
-                    missing)
-  records = tuning_documents(cfg.data, proxies, cfg.public_slice, cfg.seed)
+def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConfig):
+  """Trains only the router rows and biases of MoE `params` on `records` (top-k = all experts);
+  returns (host params, last metrics)."""
   batches = _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed)
   model_config = config.replace(top_k=config.num_experts)  # Every expert sees every token.
   trainable, frozen = split_router(jax.tree.map(jnp.asarray, params))
@@ -239,7 +229,23 @@ def tune(cfg: RouterTuningConfig) -> dict:
       raise FloatingPointError(f"non-finite loss at router-tuning step {i}; lower lr")
     if i % cfg.log_every == 0 or i == cfg.steps:
       print(f"step {i}: loss {loss:.4f} ce {float(metrics['ce']):.4f}", flush=True)
-  tuned = jax.tree.map(np.asarray, join_router(trainable, frozen))
+  return jax.tree.map(np.asarray, join_router(trainable, frozen)), metrics
+
+
+def tune(cfg: RouterTuningConfig) -> dict:
+  """Tunes the merged model's router on proxies + public slice; writes `cfg.out`; returns its
+  manifest (with the last metrics)."""
+  config, params, manifest = checkpoint.load_params_artifact(cfg.merged)
+  if not config.is_moe or manifest.get("kind") != "merged":
+    raise ValueError(f"{cfg.merged} is not a merged model; build one with python -m "
+                     "flexolmo_jax.merge")
+  proxies = json.loads(pathlib.Path(cfg.proxies).read_text())
+  missing = sorted(set(manifest.get("expert_names", [])[1:]) - set(proxies))
+  if missing:
+    logging.warning("no proxy set for experts %s: their rows learn only from the others' data",
+                    missing)
+  records = tuning_documents(cfg.data, proxies, cfg.public_slice, cfg.seed)
+  tuned, metrics = train_router(config, params, records, cfg)
   extra = {k: v for k, v in manifest.items()
            if k not in ("kind", "config", "fingerprint", "versions")}
   extra["router_tuning"] = {"from": str(pathlib.Path(cfg.merged).absolute()),

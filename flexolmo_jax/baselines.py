@@ -1,0 +1,220 @@
+"""The paper's baselines (METHOD.md section 6), built from the same public model and experts as
+FlexOlmo, each scored by per-domain held-out perplexity:
+
+  model soup       one dense model whose FFN is the (uniform or weighted) average of the public
+                   FFN and the experts' FFNs (every other tensor is shared by all owners' models)
+  Branch-Train-Merge  an ensemble of the owners' models ({public, expert i}, and the public
+                   model): at each position, the next-token distributions are mixed with weights
+                   softmax(log-likelihood of the document prefix so far) over the top-k members
+  BTX              the merged MoE with its router rows re-initialised at random (no bias), then
+                   trained on public data only (router_tuning.train_router)
+  prompt routing   a hashed bag-of-words classifier (one-vs-rest, router_tuning's) sends each
+                   sequence, from its first tokens, to one expert; the model runs {public, chosen}
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexolmo_jax import experts, router_tuning, scoring
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data import DataConfig, corpus, make_pipeline
+from flexolmo_jax.model import Transformer
+
+# ----------------------------------------------------------------------------- evaluation data
+
+
+def domain_batches(root: str, domain: str, split: str, *, batch_size: int, seq_len: int,
+                   max_batches: int | None = None):
+  """A domain's held-out split as pipeline batches, in order, at most `max_batches` of them; a
+  short last batch is padded with empty rows so every batch reuses one compiled shape."""
+  cfg = DataConfig(path=root, domains=(domain,), shuffle=False, seq_len=seq_len,
+                   batch_size=batch_size)
+  batches = make_pipeline(cfg, split, num_epochs=1, drop_remainder=False, shard_index=0,
+                          shard_count=1)
+  return [scoring.pad_rows(b, batch_size) for b in itertools.islice(batches, max_batches)]
+
+
+def _nll_result(total: float, count: float) -> dict[str, float]:
+  mean = total / count
+  return {"nll": mean, "perplexity": float(np.exp(mean)), "tokens": int(count)}
+
+
+# ----------------------------------------------------------------------------- model soup
+
+
+def soup_params(public_params, expert_trees: Sequence[Mapping], weights: Sequence[float] | None = None):
+  """Dense parameters whose FFN is sum_j w_j FFN_j over [public] + experts (w: uniform by default,
+  else normalised to sum 1); every other tensor is the public model's."""
+  ffns = [public_params["layers"]["mlp"]] + list(expert_trees)
+  w = np.full(len(ffns), 1.0 / len(ffns)) if weights is None else np.asarray(weights, np.float64)
+  if len(w) != len(ffns) or np.any(w < 0) or w.sum() <= 0:
+    raise ValueError(f"soup weights {list(w)} must be {len(ffns)} non-negative numbers, not all 0")
+  w = w / w.sum()
+  mlp = {k: sum(float(wj) * np.asarray(f[k], np.float64) for wj, f in zip(w, ffns)).astype(
+      np.asarray(ffns[0][k]).dtype) for k in experts.FFN_KEYS}
+  return {**public_params, "layers": {**public_params["layers"], "mlp": mlp}}
+
+
+def soup_from_merged(config: ModelConfig, params, weights: Sequence[float] | None = None):
+  """(dense config, soup params) from merged MoE parameters (expert 0 is the public FFN)."""
+  dense, _ = experts.dense_public_params(params)
+  trees = [experts.extract_expert(params, j) for j in range(1, config.num_experts)]
+  dense_config = config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
+  return dense_config, soup_params(dense, trees, weights)
+
+
+# ----------------------------------------------------------------------------- Branch-Train-Merge
+
+
+def prefix_loglik(logp_MxBxL, positions_BxL, mask_BxL):
+  """Each member's log-likelihood of the document prefix BEFORE each target: the sum of its
+  scored target log-probs at earlier positions of the same document (0 at a document start)."""
+  scored = np.where(mask_BxL > 0, logp_MxBxL, 0.0).astype(np.float64)
+  inclusive = np.cumsum(scored, axis=-1)
+  exclusive = inclusive - scored
+  index = np.arange(positions_BxL.shape[-1])
+  start_BxL = np.maximum.accumulate(np.where(positions_BxL == 0, index, 0), axis=-1)
+  at_start = np.take_along_axis(exclusive, np.broadcast_to(start_BxL, exclusive.shape), axis=-1)
+  return exclusive - at_start
+
+
+def btm_log_weights(prefix_MxBxL, top_k: int):
+  """log of the ensemble weights: softmax over the top-k members by prefix log-likelihood (the
+  others get weight 0, log -inf); ties keep the lower member index."""
+  members = prefix_MxBxL.shape[0]
+  k = min(top_k, members)
+  rank = np.argsort(np.argsort(-prefix_MxBxL, axis=0, kind="stable"), axis=0, kind="stable")
+  logits = np.where(rank < k, prefix_MxBxL, -np.inf)
+  return logits - np.logaddexp.reduce(logits, axis=0, keepdims=True)
+
+
+def mixture_logprobs(log_w_Mx, logp_Mx):
+  """log sum_m w_m p_m: mixes members' log-probs (of targets [M, ...] or distributions
+  [M, ..., V] with log_w broadcast over V)."""
+  return np.logaddexp.reduce(log_w_Mx + logp_Mx, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _target_logprobs(config: ModelConfig, params, batch, expert_mask_E):
+  logp, _ = scoring.target_logprobs(config, params, batch["tokens"], batch["targets"],
+                                    expert_mask_E, batch["positions"], batch["segment_ids"])
+  return logp
+
+
+def btm_perplexity(members: Sequence[tuple[ModelConfig, Mapping, np.ndarray | None]],
+                   batches: Iterable[Mapping[str, np.ndarray]], *, top_k: int) -> dict[str, float]:
+  """Perplexity of the Branch-Train-Merge ensemble of `members` ((config, params, expert_mask))."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    logp = np.stack([np.asarray(_target_logprobs(c, p, batch, m)) for c, p, m in members])
+    mask = batch["loss_mask"].astype(np.float64)
+    log_w = btm_log_weights(prefix_loglik(logp, batch["positions"], mask), top_k)
+    mixed = mixture_logprobs(log_w, logp.astype(np.float64))
+    total, count = total - float(np.sum(mixed * mask)), count + float(mask.sum())
+  return _nll_result(total, count)
+
+
+# ----------------------------------------------------------------------------- BTX
+
+
+def random_router(config: ModelConfig, params, seed: int):
+  """MoE params with every router row drawn from N(0, init_std^2) and no expert bias."""
+  mlp = {k: v for k, v in params["layers"]["mlp"].items() if k != "expert_bias"}
+  shape = np.shape(mlp["router"])
+  mlp["router"] = (config.init_std * np.random.default_rng(seed).normal(size=shape)).astype(
+      np.asarray(mlp["router"]).dtype)
+  return (config.replace(expert_bias=False, expert_bias_init=0.0),
+          {**params, "layers": {**params["layers"], "mlp": mlp}})
+
+
+def btx(config: ModelConfig, params, data_root: str, cfg: router_tuning.RouterTuningConfig):
+  """(config, params) of BTX: random router rows trained on `cfg.public_slice` public training
+  documents only (no proxy sets), every other tensor frozen."""
+  config, params = random_router(config, params, cfg.seed)
+  records = router_tuning.tuning_documents(data_root, {}, cfg.public_slice, cfg.seed)
+  trained, _ = router_tuning.train_router(config, params, records, cfg)
+  return config, trained
+
+
+# ----------------------------------------------------------------------------- prompt routing
+
+
+class PromptRouter:
+  """One-vs-rest hashed bag-of-words logistic regressions over `classes` (expert names); a text
+  goes to the class of highest score."""
+
+  def __init__(self, weights_CxF: np.ndarray, bias_C: np.ndarray, classes: Sequence[str]):
+    self.weights_CxF, self.bias_C, self.classes = weights_CxF, bias_C, list(classes)
+
+  @classmethod
+  def fit(cls, texts_by_class: Mapping[str, Sequence[str]], **train_options) -> "PromptRouter":
+    """Trains each class's documents against every other class's."""
+    feats = {c: router_tuning.hashed_features(t) for c, t in texts_by_class.items()}
+    weights, biases = [], []
+    for c in feats:
+      rest = np.concatenate([f for o, f in feats.items() if o != c])
+      w, b = router_tuning.train_classifier(feats[c], rest, **train_options)
+      weights.append(w)
+      biases.append(b)
+    return cls(np.stack(weights), np.asarray(biases), list(feats))
+
+  def scores(self, texts: Sequence[str]) -> np.ndarray:
+    return router_tuning.hashed_features(texts, self.weights_CxF.shape[1]) @ self.weights_CxF.T \
+        + self.bias_C
+
+  def route(self, texts: Sequence[str]) -> list[str]:
+    """The chosen class of each text."""
+    return [self.classes[i] for i in np.argmax(self.scores(texts), axis=1)]
+
+
+def train_prompt_router(data_root: str, classes: Sequence[str], *, docs_per_class: int = 200,
+                        seed: int = 0) -> PromptRouter:
+  """A PromptRouter on up to `docs_per_class` training documents of each class's domain."""
+  rng = np.random.default_rng(seed)
+  texts = {}
+  for c in classes:
+    rows = corpus.read_text_split(data_root, c, "train")
+    texts[c] = [rows[i]["text"] for i in rng.permutation(len(rows))[:docs_per_class]]
+  return PromptRouter.fit(texts)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_sum_rows(config: ModelConfig, params, batch, mask_BxE):
+  logits = Transformer(config).apply(
+      {"params": params}, batch["tokens"], positions=batch["positions"],
+      segment_ids=batch["segment_ids"], expert_mask=mask_BxE)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  target = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return -jnp.sum(target * mask), jnp.sum(mask)
+
+
+def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
+                              router: PromptRouter, tokenizer,
+                              batches: Iterable[Mapping[str, np.ndarray]], *,
+                              prompt_tokens: int = 32) -> dict:
+  """Perplexity when each row runs on {public, the expert its first `prompt_tokens` tokens are
+  routed to}; also the share of rows sent to each expert."""
+  total, count, chosen = 0.0, 0.0, []
+  for batch in batches:
+    rows = batch["tokens"].shape[0]
+    texts = [tokenizer.decode([int(t) for t, s in zip(row[:prompt_tokens], seg[:prompt_tokens])
+                               if s != 0]) for row, seg in zip(batch["tokens"], batch["segment_ids"])]
+    picks = router.route(texts)
+    mask = np.zeros((rows, len(names)), bool)
+    mask[:, names.index("public")] = True
+    for r, pick in enumerate(picks):
+      mask[r, names.index(pick)] = True
+    nll, n = jax.device_get(_nll_sum_rows(config, params, batch, mask))
+    real = batch["segment_ids"][:, 0] != 0  # Padding rows of a short final batch route nowhere.
+    chosen += [p for p, ok in zip(picks, real) if ok]
+    total, count = total + float(nll), count + float(n)
+  shares = {c: chosen.count(c) / max(len(chosen), 1) for c in router.classes}
+  return {**_nll_result(total, count), "routed_to": shares}
