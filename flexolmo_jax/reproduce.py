@@ -4,7 +4,9 @@ ablation experts -> merge -> router tuning -> FlexOlmo, baselines, ablations and
 by per-domain held-out perplexity -> the routing plot -> results.json / results.md with the
 paper's findings checked against the numbers.
 
-  python -m flexolmo_jax.reproduce --runs=runs [--public_steps=300 --expert_steps=100 ...]
+  python -m flexolmo_jax.reproduce --runs=runs [--public_steps=300 --expert_steps=40 ...]
+
+The defaults fit the whole run in about 30 minutes on a 2-core CPU; every stage prints progress.
 
 Every stage reuses finished work (a trained run, a merged artifact), so re-running continues.
 """
@@ -28,8 +30,8 @@ from flexolmo_jax.data import corpus, load_manifest, load_tokenizer
 _RUNS = flags.DEFINE_string("runs", "runs", "Directory for every artifact and the results.")
 _DOMAINS = flags.DEFINE_list("domains", list(corpus.CLOSED_DOMAINS), "Closed domains (experts).")
 _PUBLIC_STEPS = flags.DEFINE_integer("public_steps", 300, "Public pretraining steps.")
-_EXPERT_STEPS = flags.DEFINE_integer("expert_steps", 100, "Steps per expert (and ablation).")
-_ABLATION_DOMAINS = flags.DEFINE_list("ablation_domains", ["math", "code"],
+_EXPERT_STEPS = flags.DEFINE_integer("expert_steps", 40, "Steps per expert (and ablation).")
+_ABLATION_DOMAINS = flags.DEFINE_list("ablation_domains", ["math"],
                                       "Domains whose experts are retrained for each ablation.")
 _TUNE_STEPS = flags.DEFINE_integer("tune_steps", 100, "Router-tuning (and BTX router) steps.")
 _TOP_K = flags.DEFINE_integer("top_k", 4, "Experts per token at inference (clamped).")

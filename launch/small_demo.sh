@@ -1,20 +1,12 @@
 #!/usr/bin/env bash
 # The small built-in workflow on one CPU machine (the README's first command):
 #   FlexMix-mini -> public model -> one expert per closed domain, each in its own process that
-#   reads only its own domain.
+#   reads only its own domain -> ablation experts -> merge -> router tuning -> FlexOlmo vs the
+#   baselines, ablations and opt-out -> routing plot -> $RUNS/results/results.{md,json}.
 # Every step resumes or reuses finished work, so re-running after an interruption continues.
-#   RUNS=runs DOMAINS="math code" bash launch/small_demo.sh
+# Extra arguments go to flexolmo_jax.reproduce, e.g.
+#   RUNS=runs bash launch/small_demo.sh --domains=math,code --expert_steps=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
-DOMAINS=${DOMAINS:-"math news code creative academic educational"}
-
-python -m flexolmo_jax.data prepare --out="$RUNS/data"
-python -m flexolmo_jax.train --config=configs/public.py --workdir="$RUNS/public" \
-  --config.data.path="$RUNS/data"
-for domain in $DOMAINS; do
-  python -m flexolmo_jax.train --config="configs/${domain}_expert.py" \
-    --workdir="$RUNS/experts/$domain" --config.data.path="$RUNS/data" \
-    --config.expert.public="$RUNS/public"
-done
-echo "done: public model in $RUNS/public, experts in $RUNS/experts/{${DOMAINS// /,}}"
+python -m flexolmo_jax.reproduce --runs="$RUNS" "$@"
