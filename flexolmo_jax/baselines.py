@@ -49,7 +49,8 @@ def _nll_result(total: float, count: float) -> dict[str, float]:
 # ----------------------------------------------------------------------------- model soup
 
 
-def soup_params(public_params, expert_trees: Sequence[Mapping], weights: Sequence[float] | None = None):
+def soup_params(public_params, expert_trees: Sequence[Mapping],
+                weights: Sequence[float] | None = None):
   """Dense parameters whose FFN is sum_j w_j FFN_j over [public] + experts (w: uniform by default,
   else normalised to sum 1); every other tensor is the public model's."""
   ffns = [public_params["layers"]["mlp"]] + list(expert_trees)
@@ -206,7 +207,8 @@ def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
   for batch in batches:
     rows = batch["tokens"].shape[0]
     texts = [tokenizer.decode([int(t) for t, s in zip(row[:prompt_tokens], seg[:prompt_tokens])
-                               if s != 0]) for row, seg in zip(batch["tokens"], batch["segment_ids"])]
+                               if s != 0])
+             for row, seg in zip(batch["tokens"], batch["segment_ids"])]
     picks = router.route(texts)
     mask = np.zeros((rows, len(names)), bool)
     mask[:, names.index("public")] = True

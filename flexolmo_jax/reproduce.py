@@ -27,17 +27,23 @@ from flexolmo_jax import baselines, merge, router_init, router_tuning, routing_a
 from flexolmo_jax import scoring
 from flexolmo_jax.data import corpus, load_manifest, load_tokenizer
 
-_RUNS = flags.DEFINE_string("runs", "runs", "Directory for every artifact and the results.")
-_DOMAINS = flags.DEFINE_list("domains", list(corpus.CLOSED_DOMAINS), "Closed domains (experts).")
-_PUBLIC_STEPS = flags.DEFINE_integer("public_steps", 300, "Public pretraining steps.")
-_EXPERT_STEPS = flags.DEFINE_integer("expert_steps", 40, "Steps per expert (and ablation).")
-_ABLATION_DOMAINS = flags.DEFINE_list("ablation_domains", ["math"],
-                                      "Domains whose experts are retrained for each ablation.")
-_TUNE_STEPS = flags.DEFINE_integer("tune_steps", 100, "Router-tuning (and BTX router) steps.")
-_TOP_K = flags.DEFINE_integer("top_k", 4, "Experts per token at inference (clamped).")
-_BTM_TOP_K = flags.DEFINE_integer("btm_top_k", 2, "Ensemble members mixed per token by BTM.")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "Test batches (8 x 128 tokens) per domain.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of router tuning, BTX and the random-init rows.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags, defined only when run as a program."""
+  flags.DEFINE_string("runs", "runs", "Directory for every artifact and the results.")
+  flags.DEFINE_list("domains", list(corpus.CLOSED_DOMAINS), "Closed domains (experts).")
+  flags.DEFINE_integer("public_steps", 300, "Public pretraining steps.")
+  flags.DEFINE_integer("expert_steps", 40, "Steps per expert (and ablation).")
+  flags.DEFINE_list("ablation_domains", ["math"],
+                    "Domains whose experts are retrained for each ablation.")
+  flags.DEFINE_integer("tune_steps", 100, "Router-tuning (and BTX router) steps.")
+  flags.DEFINE_integer("top_k", 4, "Experts per token at inference (clamped).")
+  flags.DEFINE_integer("btm_top_k", 2, "Ensemble members mixed per token by BTM.")
+  flags.DEFINE_integer("eval_batches", 4, "Test batches (8 x 128 tokens) per domain.")
+  flags.DEFINE_integer("seed", 0, "Seed of router tuning, BTX and the random-init rows.")
+
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
 _START = time.perf_counter()
@@ -59,34 +65,34 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
 
 
 def _train_expert(root, domain, workdir, *overrides, module="flexolmo_jax.train"):
-  if _finished(workdir, _EXPERT_STEPS.value):
+  if _finished(workdir, FLAGS.expert_steps):
     log(f"reusing {workdir}")
     return
   _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}",
        f"--config.data.path={root / 'data'}", f"--config.expert.public={root / 'public'}",
-       f"--config.steps={_EXPERT_STEPS.value}", f"--config.eval_every={_EXPERT_STEPS.value}",
-       f"--config.checkpoint_every={_EXPERT_STEPS.value}", *overrides)
+       f"--config.steps={FLAGS.expert_steps}", f"--config.eval_every={FLAGS.expert_steps}",
+       f"--config.checkpoint_every={FLAGS.expert_steps}", *overrides)
 
 
 def train_everything(root: pathlib.Path) -> None:
   """Data, public model, experts and ablation experts, each in its own process."""
   _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}")
-  if _finished(root / "public", _PUBLIC_STEPS.value):
+  if _finished(root / "public", FLAGS.public_steps):
     log("reusing the public model")
   else:
     _run("flexolmo_jax.train", "--config=configs/public.py", f"--workdir={root / 'public'}",
-         f"--config.data.path={root / 'data'}", f"--config.steps={_PUBLIC_STEPS.value}")
-  for domain in _DOMAINS.value:
+         f"--config.data.path={root / 'data'}", f"--config.steps={FLAGS.public_steps}")
+  for domain in FLAGS.domains:
     _train_expert(root, domain, root / "experts" / domain)
   emb = root / "ablations" / "random_rows.npz"
   if not emb.exists():
     config, _, _ = runs.load_params(root / "public")
-    rng = np.random.default_rng(_SEED.value)
+    rng = np.random.default_rng(FLAGS.seed)
     rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
-            for d in ["public"] + _ABLATION_DOMAINS.value}
+            for d in ["public"] + FLAGS.ablation_domains}
     emb.parent.mkdir(parents=True, exist_ok=True)
     router_init.save_embeddings(str(emb), rows)
-  for domain in _ABLATION_DOMAINS.value:
+  for domain in FLAGS.ablation_domains:
     _train_expert(root, domain, root / "ablations" / "solo" / domain,
                   module="flexolmo_jax.solo_expert")
     _train_expert(root, domain, root / "ablations" / "random_init" / domain,
@@ -101,7 +107,7 @@ class Evaluator:
   def __init__(self, data: str, domains):
     self.domains = list(domains)
     self.batches = {d: baselines.domain_batches(data, d, "test", batch_size=EVAL_BATCH,
-                                                seq_len=EVAL_SEQ, max_batches=_EVAL_BATCHES.value)
+                                                seq_len=EVAL_SEQ, max_batches=FLAGS.eval_batches)
                     for d in self.domains}
 
   def __call__(self, name, score) -> dict[str, float]:
@@ -124,21 +130,21 @@ def _mask(names, allowed):
 def evaluate_everything(root: pathlib.Path) -> dict:
   """Every model's per-domain perplexity, the routing report, and the run settings."""
   data = str(root / "data")
-  domains = ["public"] + _DOMAINS.value
+  domains = ["public"] + FLAGS.domains
   ev = Evaluator(data, domains)
-  experts = {d: str(root / "experts" / d) for d in _DOMAINS.value}
-  config, params, names = merge.assemble(root / "public", experts, top_k=_TOP_K.value)
+  experts = {d: str(root / "experts" / d) for d in FLAGS.domains}
+  config, params, names = merge.assemble(root / "public", experts, top_k=FLAGS.top_k)
   ppl = {}
   pub_config, pub_params, _ = runs.load_params(root / "public")
   ppl["public"] = ev("public", _plain(pub_config, pub_params))
   ppl["flexolmo"] = ev("flexolmo", _plain(config, params))
 
   tune_cfg = router_tuning.RouterTuningConfig(
-      merged="", data=data, proxies="", out="", steps=_TUNE_STEPS.value,
-      warmup_steps=min(100, _TUNE_STEPS.value // 3), seed=_SEED.value, log_every=_TUNE_STEPS.value)
-  proxies = {d: router_tuning.select_proxies(data, d, 200, seed=_SEED.value) for d in _DOMAINS.value}
+      merged="", data=data, proxies="", out="", steps=FLAGS.tune_steps,
+      warmup_steps=min(100, FLAGS.tune_steps // 3), seed=FLAGS.seed, log_every=FLAGS.tune_steps)
+  proxies = {d: router_tuning.select_proxies(data, d, 200, seed=FLAGS.seed) for d in FLAGS.domains}
   log("router tuning on proxy sets + a public slice")
-  records = router_tuning.tuning_documents(data, proxies, tune_cfg.public_slice, _SEED.value)
+  records = router_tuning.tuning_documents(data, proxies, tune_cfg.public_slice, FLAGS.seed)
   tuned, _ = router_tuning.train_router(config, params, records, tune_cfg)
   ppl["flexolmo_router_tuned"] = ev("flexolmo + router tuning", _plain(config, tuned))
 
@@ -147,42 +153,41 @@ def evaluate_everything(root: pathlib.Path) -> dict:
   for label, weights in (("soup_uniform", None), ("soup_weighted", token_weights)):
     ppl[label] = ev(label, _plain(*baselines.soup_from_merged(config, params, weights)))
   members = [(pub_config, pub_params, None)] + [
-      (config.replace(top_k=2), params, _mask(names, {"public", d})) for d in _DOMAINS.value]
-  ppl["btm"] = ev(f"btm (top-{_BTM_TOP_K.value})",
-                  lambda b: baselines.btm_perplexity(members, b, top_k=_BTM_TOP_K.value))
+      (config.replace(top_k=2), params, _mask(names, {"public", d})) for d in FLAGS.domains]
+  ppl["btm"] = ev(f"btm (top-{FLAGS.btm_top_k})",
+                  lambda b: baselines.btm_perplexity(members, b, top_k=FLAGS.btm_top_k))
   log("BTX: random router rows trained on public data")
   ppl["btx"] = ev("btx", _plain(*baselines.btx(config, params, data, tune_cfg)))
-  router = baselines.train_prompt_router(data, names, seed=_SEED.value)
+  router = baselines.train_prompt_router(data, names, seed=FLAGS.seed)
   tokenizer = load_tokenizer(data)
   two = config.replace(top_k=2)
   ppl["prompt_routing"] = ev("prompt routing", lambda b: baselines.prompt_routing_perplexity(
       two, params, names, router, tokenizer, b))
 
-  ablated = {d: experts[d] for d in _ABLATION_DOMAINS.value}
+  ablated = {d: experts[d] for d in FLAGS.ablation_domains}
   ppl["flexolmo_ablation_subset"] = ev(
       "flexolmo on the ablation domains",
-      _plain(*merge.assemble(root / "public", ablated, top_k=_TOP_K.value)[:2]))
+      _plain(*merge.assemble(root / "public", ablated, top_k=FLAGS.top_k)[:2]))
   for label in ("solo", "random_init", "no_bias"):
-    paths = {d: str(root / "ablations" / label / d) for d in _ABLATION_DOMAINS.value}
-    c, p, _ = merge.assemble(root / "public", paths, top_k=_TOP_K.value,
+    paths = {d: str(root / "ablations" / label / d) for d in FLAGS.ablation_domains}
+    c, p, _ = merge.assemble(root / "public", paths, top_k=FLAGS.top_k,
                              keep_bias=label != "no_bias")
     ppl[f"ablation_{label}"] = ev(f"ablation {label}", _plain(c, p))
 
   opt_out = {}
-  for d in _DOMAINS.value:
+  for d in FLAGS.domains:
     c, p, _ = merge.opt_out(config, params, names, [d])
     opt_out[d] = ev(f"opt out {d}", _plain(c, p))
 
   log("routing analysis")
   shares = routing_analysis.domain_shares(config, params, data, domains, batch_size=EVAL_BATCH,
-                                          seq_len=EVAL_SEQ, max_batches=_EVAL_BATCHES.value)
+                                          seq_len=EVAL_SEQ, max_batches=FLAGS.eval_batches)
   plot = routing_analysis.write_report(shares, names, str(root / "results"))
-  settings = {k: v.value for k, v in (
-      ("public_steps", _PUBLIC_STEPS), ("expert_steps", _EXPERT_STEPS), ("top_k", _TOP_K),
-      ("btm_top_k", _BTM_TOP_K), ("tune_steps", _TUNE_STEPS), ("eval_batches", _EVAL_BATCHES),
-      ("ablation_domains", _ABLATION_DOMAINS), ("seed", _SEED))}
+  settings = {k: getattr(FLAGS, k) for k in (
+      "public_steps", "expert_steps", "btm_top_k", "tune_steps", "eval_batches",
+      "ablation_domains", "seed")}
   settings["top_k"] = config.top_k  # As clamped to the experts present.
-  settings["eval_tokens_per_domain"] = EVAL_BATCH * EVAL_SEQ * _EVAL_BATCHES.value
+  settings["eval_tokens_per_domain"] = EVAL_BATCH * EVAL_SEQ * FLAGS.eval_batches
   return {"settings": settings, "domains": domains, "experts": names, "perplexity": ppl,
           "opt_out": opt_out, "routing": plot}
 
@@ -251,7 +256,7 @@ def markdown(report: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  root = pathlib.Path(_RUNS.value)
+  root = pathlib.Path(FLAGS.runs)
   train_everything(root)
   report = evaluate_everything(root)
   report["wall_seconds"] = time.perf_counter() - _START
@@ -265,4 +270,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

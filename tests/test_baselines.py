@@ -35,7 +35,8 @@ def test_soup_is_the_weighted_average_of_ffns_and_keeps_the_rest(moe):
   for key in ("gate_proj", "up_proj", "down_proj"):
     want = 0.25 * mlp[key][:, 0] + 0.5 * mlp[key][:, 1] + 0.25 * mlp[key][:, 2]
     np.testing.assert_allclose(soup["layers"]["mlp"][key], want, rtol=1e-6, atol=1e-7)
-  np.testing.assert_array_equal(soup["layers"]["attn"]["q_proj"], params["layers"]["attn"]["q_proj"])
+  np.testing.assert_array_equal(soup["layers"]["attn"]["q_proj"],
+                                params["layers"]["attn"]["q_proj"])
   np.testing.assert_array_equal(soup["embed"], params["embed"])
   assert not dense_config.is_moe
   _, uniform = B.soup_from_merged(config, params)

@@ -28,7 +28,9 @@ def test_solo_expert_trains_only_its_ffn_and_merges(corpus_dir, tmp_path):
   assert manifest["ablation"] == "solo" and manifest["step"] == 3
   assert not np.allclose(expert["up_proj"], public["layers"]["mlp"]["up_proj"])
   np.testing.assert_array_equal(expert["expert_bias"], np.full((2,), -0.5, np.float32))
-  merged_config, params, names = merge.assemble(tmp_path / "public", {"math": str(tmp_path / "solo")})
+  merged_config, params, names = merge.assemble(tmp_path / "public",
+                                                {"math": str(tmp_path / "solo")})
   assert names == ["public", "math"] and merged_config.num_experts == 2
   np.testing.assert_array_equal(params["layers"]["mlp"]["up_proj"][:, 1], expert["up_proj"])
-  np.testing.assert_array_equal(params["layers"]["attn"]["q_proj"], public["layers"]["attn"]["q_proj"])
+  np.testing.assert_array_equal(params["layers"]["attn"]["q_proj"],
+                                public["layers"]["attn"]["q_proj"])

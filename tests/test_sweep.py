@@ -62,7 +62,8 @@ def test_sweep_is_resumable_and_summarised(models, corpus_dir, tmp_path):
   records = [json.loads(line) for line in open(f"{out}/results.jsonl")]
   assert [r["id"] for r in records] == [c.id for c in cells]
   by_subset = {(r["model"], r["subset"]): r["metrics"] for r in records}
-  assert by_subset[("flex", "all")]["math/perplexity"] != by_subset[("flex", "-code")]["math/perplexity"]
+  assert (by_subset[("flex", "all")]["math/perplexity"]
+          != by_subset[("flex", "-code")]["math/perplexity"])
   rows = open(f"{out}/results.csv").read().splitlines()
   assert rows[0] == "id,model,subset,task,metric,value" and len(rows) > 3
   text = sweep.summary(out)

@@ -1,0 +1,50 @@
+"""The reproduction's findings and tables from hand-made numbers (no training)."""
+
+from flexolmo_jax import reproduce
+
+DOMAINS = ["public", "math", "code"]
+
+
+def _report():
+  flex = {"public": 10.0, "math": 4.0, "code": 6.0}
+  ppl = {"public": {"public": 9.0, "math": 20.0, "code": 30.0}, "flexolmo": flex,
+         "soup_uniform": {"public": 12.0, "math": 8.0, "code": 9.0},
+         "soup_weighted": {"public": 12.0, "math": 8.0, "code": 9.0},
+         "btm": {"public": 9.0, "math": 4.0, "code": 5.0},  # Average 6.0 < FlexOlmo's 6.67.
+         "btx": {"public": 11.0, "math": 7.0, "code": 8.0},
+         "prompt_routing": {"public": 10.0, "math": 5.0, "code": 7.0},
+         "flexolmo_ablation_subset": {"public": 10.0, "math": 4.0},
+         "ablation_solo": {"public": 10.0, "math": 6.0},
+         "ablation_random_init": {"public": 10.0, "math": 5.0},
+         "ablation_no_bias": {"public": 9.0, "math": 4.0}}
+  opt_out = {"math": {"public": 10.0, "math": 20.0, "code": 6.6},  # own +400%, code +10%.
+             "code": {"public": 10.0, "math": 8.0, "code": 6.6}}  # own +10%, math +100%.
+  return {"settings": {"public_steps": 3, "expert_steps": 2, "top_k": 3, "btm_top_k": 2,
+                       "tune_steps": 1, "eval_batches": 1, "ablation_domains": ["math"], "seed": 0,
+                       "eval_tokens_per_domain": 1024},
+          "domains": DOMAINS, "experts": DOMAINS, "perplexity": ppl, "opt_out": opt_out,
+          "routing": {"png": "routing.png"}, "wall_seconds": 60.0}
+
+
+def test_findings_decide_each_claim_from_the_numbers():
+  got = {f["finding"]: (f["holds"], f["numbers"]) for f in reproduce.findings(_report())}
+  assert got["FlexOlmo beats the public model on every closed domain"] == (
+      True, "math 4.00 vs 20.00, code 6.00 vs 30.00")
+  assert got["FlexOlmo beats soup_uniform on average (all domains)"] == (True, "6.67 vs 9.67")
+  assert got["FlexOlmo beats btm on average (all domains)"] == (False, "6.67 vs 6.00")
+  holds, numbers = got["removing an expert hurts mainly its own domain"]
+  assert not holds and "-math: own +400.0%, others at most 10.0%" in numbers
+  assert "-code: own +10.0%, others at most 100.0%" in numbers
+  assert got["ablation 'solo' hurts (average over public, math)"] == (True, "8.00 vs FlexOlmo 7.00")
+  assert got["ablation 'no_bias' hurts (average over public, math)"] == (
+      False, "6.50 vs FlexOlmo 7.00")
+
+
+def test_markdown_has_every_model_opt_out_row_and_finding():
+  report = _report()
+  report["findings"] = reproduce.findings(report)
+  text = reproduce.markdown(report)
+  assert "| flexolmo | 10.00 | 4.00 | 6.00 | 5.00 | 6.67 |" in text
+  assert "| flexolmo_ablation_subset | 10.00 | 4.00 |  | 4.00 | 7.00 |" in text
+  assert "| without math | 10.00 | 20.00 | 6.60 | 13.30 | 12.20 |" in text
+  assert text.count("| yes |") + text.count("| NO |") == len(report["findings"])
