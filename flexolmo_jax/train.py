@@ -31,7 +31,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, experts, router_init, runs, sharding
+from flexolmo_jax import checkpoint, dp, experts, router_init, runs, sharding
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, logical_axes
@@ -93,9 +93,15 @@ def make_optimizer(config: TrainConfig, trainable):
   return tx, schedule
 
 
-def make_train_step(config: TrainConfig, model_config: ModelConfig, tx, schedule):
-  """(state, frozen, batch) -> (state, metrics), one optimizer step over grad_accum microbatches."""
+def make_train_step(config: TrainConfig, model_config: ModelConfig, tx, schedule, dp_key=None):
+  """(state, frozen, batch) -> (state, metrics), one optimizer step over grad_accum microbatches.
+
+  With config.dp.enabled the gradient is DP-SGD's (dp.py), its noise drawn from `dp_key` folded
+  with the step number.
+  """
   with_bias = config.expert.bias
+  if config.dp.enabled and dp_key is None:
+    raise ValueError("config.dp.enabled needs a secret dp_key (dp.noise_key(workdir))")
 
   def objective(trainable, frozen, batch, num_tokens):
     params = build_full_params(config.mode, trainable, frozen, with_bias)
@@ -110,11 +116,21 @@ def make_train_step(config: TrainConfig, model_config: ModelConfig, tx, schedule
       (obj, metrics), g = grad_fn(state["params"], frozen, microbatch, num_tokens)
       return jax.tree.map(jnp.add, grads, g), (obj, metrics)
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    grads, (objs, metrics) = jax.lax.scan(accumulate, zeros, micro)
-    # Token terms were divided by the whole batch's count: sum them; router terms: average.
-    metrics = {k: (jnp.sum(v, 0) if k in ("ce", "z_loss") else jnp.mean(v, 0))
-               for k, v in metrics.items()}
+    if config.dp.enabled:
+      # Each example's loss is its own token mean, so clipping bounds one example's influence.
+      example_objective = lambda p, ex: objective(p, frozen, ex,
+                                                  jnp.maximum(jnp.sum(ex["loss_mask"]), 1.0))
+      grads, (objs, metrics) = dp.private_grads(
+          example_objective, state["params"], micro, jax.random.fold_in(dp_key, state["step"]),
+          clip_norm=config.dp.clip_norm, noise_multiplier=config.dp.noise_multiplier)
+      objs = jnp.mean(objs, keepdims=True)
+      metrics = {k: jnp.mean(v, 0) for k, v in metrics.items()}
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      grads, (objs, metrics) = jax.lax.scan(accumulate, zeros, micro)
+      # Token terms were divided by the whole batch's count: sum them; router terms: average.
+      metrics = {k: (jnp.sum(v, 0) if k in ("ce", "z_loss") else jnp.mean(v, 0))
+                 for k, v in metrics.items()}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics.update(loss=jnp.sum(objs), grad_norm=optax.global_norm(grads),
@@ -280,7 +296,8 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  step_fn = jax.jit(make_train_step(config, model_config, tx, schedule),
+  dp_key = dp.noise_key(workdir) if config.dp.enabled else None
+  step_fn = jax.jit(make_train_step(config, model_config, tx, schedule, dp_key),
                     in_shardings=(state_shardings, None, batch_sharding),
                     out_shardings=(state_shardings, None), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(config, model_config))
@@ -335,8 +352,18 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
     manager.wait_until_finished()
     manager.close()
     metrics_out.close()
+  if config.dp.enabled:
+    manifest["dp"] = dp.report(config.dp, batch_size=data_cfg.batch_size, steps=config.steps,
+                               num_examples=_num_examples(data_cfg))
   runs.write_manifest(workdir, {**manifest, "step": config.steps})
   return {k: float(np.mean(v)) for k, v in last.items()}
+
+
+def _num_examples(data_cfg) -> int:
+  """Training sequences per epoch of the run's domains (for DP accounting): tokens / seq_len."""
+  domains = data_lib.load_manifest(data_cfg.path)["domains"]
+  tokens = sum(domains[d]["train"]["tokens"] for d in data_cfg.domains)
+  return max(tokens // data_cfg.seq_len, 1)
 
 
 def _trainable_axes(mode: str, model_config: ModelConfig):

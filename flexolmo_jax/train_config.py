@@ -59,6 +59,21 @@ class ExpertConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPConfig:
+  """DP-SGD for expert training (flexolmo_jax/dp.py): per-example clipping plus Gaussian noise."""
+
+  enabled: bool = False
+  clip_norm: float = 1.0  # C: each example's gradient is clipped to this global L2 norm.
+  noise_multiplier: float = 1.0  # sigma: noise std is sigma * C on the summed gradient.
+  delta: float = 1e-5  # The manifest reports epsilon at this delta.
+
+  def __post_init__(self):
+    if self.clip_norm <= 0 or self.noise_multiplier < 0 or not 0 < self.delta < 1:
+      raise ValueError(f"dp needs clip_norm > 0, noise_multiplier >= 0 and 0 < delta < 1; got "
+                       f"{self.clip_norm}, {self.noise_multiplier}, {self.delta}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   mode: str
   data: DataConfig
@@ -67,6 +82,7 @@ class TrainConfig:
   expert: ExpertConfig = ExpertConfig()
   optim: OptimConfig = OptimConfig()
   loss: LossConfig = LossConfig()
+  dp: DPConfig = DPConfig()  # Expert mode only.
   steps: int = 1000
   grad_accum: int = 1
   seed: int = 0
@@ -88,6 +104,9 @@ class TrainConfig:
     if self.mode == "expert" and not (self.expert.name and self.expert.public):
       raise ValueError("mode 'expert' needs config.expert.name (the owner's domain) and "
                        "config.expert.public (the public model's directory)")
+    if self.dp.enabled and self.mode != "expert":
+      raise ValueError("config.dp.enabled needs mode 'expert': DP-SGD protects one owner's data "
+                       "in its expert; the public model is trained on public data without it")
     bad = sorted(set(self.model_overrides) - set(EXECUTION_FIELDS))
     if bad:
       raise KeyError(f"config.model_overrides may only set {EXECUTION_FIELDS}; got {bad} "
@@ -113,7 +132,8 @@ def train_config(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> TrainConf
   raw["data"] = data_config(raw["data"])
   if raw.get("model") is not None:
     raw["model"] = ModelConfig.from_dict(raw["model"])
-  for key, cls in (("expert", ExpertConfig), ("optim", OptimConfig), ("loss", LossConfig)):
+  for key, cls in (("expert", ExpertConfig), ("optim", OptimConfig), ("loss", LossConfig),
+                   ("dp", DPConfig)):
     if key in raw:
       raw[key] = _sub(cls, raw[key], f"config.{key}")
   for key in ("eval_domains",):

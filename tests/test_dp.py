@@ -1,0 +1,131 @@
+"""DP-SGD: per-example clipping bounds each example's contribution, the noise has std
+sigma*C/B, the accountant reproduces a published epsilon, and an expert run records epsilon."""
+
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexolmo_jax import dp
+from flexolmo_jax import train as T
+from flexolmo_jax.train_config import train_config
+
+
+def _linear_loss(w, example):
+  """Per-example squared error of a linear model: gradient = 2 (w.x - y) x."""
+  pred = jnp.sum(example["x"] * w["w"], axis=-1)
+  loss = jnp.mean((pred - example["y"]) ** 2)
+  return loss, {"loss": loss}
+
+
+def test_clipping_bounds_each_example():
+  w = {"w": jnp.zeros((4,))}
+  x = jnp.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1e6, 0]])  # Example 2: a huge gradient.
+  batch = {"x": x, "y": jnp.array([0.1, 0.2, 1e6])}
+  _, grads = dp.per_example_grads(_linear_loss, w, batch)
+  np.testing.assert_allclose(grads["w"][0], [-0.2, 0, 0, 0], rtol=1e-6)  # 2 (0 - 0.1) x.
+  clip = 1.0
+  summed, norms = dp.clip_and_sum(grads, clip)
+  assert norms[2] > 1e11
+  # The small examples pass unchanged; the huge one contributes exactly C along its direction.
+  np.testing.assert_allclose(summed["w"], [-0.2, -0.4, -clip, 0.0], rtol=1e-6)
+  # Removing any one example moves the sum by at most C (the sensitivity DP-SGD relies on).
+  for i in range(3):
+    keep = [j for j in range(3) if j != i]
+    rest, _ = dp.clip_and_sum(jax.tree.map(lambda g: g[jnp.array(keep)], grads), clip)
+    assert float(jnp.linalg.norm(summed["w"] - rest["w"])) <= clip * (1 + 1e-6)
+
+
+def test_noise_std_is_sigma_c_over_b():
+  zeros = {"a": jnp.zeros((200_000,)), "b": jnp.zeros((50, 100))}
+  clip, sigma, batch = 0.5, 1.3, 8
+  noisy = dp.noisy_mean(zeros, jax.random.key(0), clip_norm=clip, noise_multiplier=sigma,
+                        batch_size=batch)
+  sample = np.concatenate([np.ravel(v) for v in jax.tree.leaves(noisy)])
+  expected = sigma * clip / batch
+  # Sample std of n = 205,000 normals: relative standard error 1/sqrt(2n) ~ 0.16%.
+  assert abs(sample.std() / expected - 1) < 0.01
+  assert abs(sample.mean()) < 5 * expected / math.sqrt(sample.size)
+
+
+def test_private_grads_zero_noise_is_mean_of_clipped():
+  w = {"w": jnp.ones((3,))}
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.normal(size=(6, 3)) * 3, jnp.float32),
+           "y": jnp.asarray(rng.normal(size=(6,)), jnp.float32)}
+  micro = jax.tree.map(lambda v: v.reshape(2, 3, *v.shape[1:]), batch)
+  grads, (losses, _) = dp.private_grads(_linear_loss, w, micro, jax.random.key(0), clip_norm=0.7,
+                                        noise_multiplier=0.0)
+  _, per = dp.per_example_grads(_linear_loss, w, batch)
+  summed, _ = dp.clip_and_sum(per, 0.7)
+  np.testing.assert_allclose(grads["w"], summed["w"] / 6, rtol=1e-5)
+  assert losses.shape == (6,)
+
+
+def test_epsilon_matches_abadi_et_al():
+  """Abadi et al. 2016, "Deep Learning with Differential Privacy", section 3.1: q = 0.01,
+  sigma = 4, delta = 1e-5, T = 10000 steps give epsilon ~ 1.26 with the moments accountant.
+
+  The moments accountant is RDP at integer orders with the classic conversion
+  eps = min_a RDP(a) + log(1/delta) / (a - 1): that reproduces 1.26 from dp-accounting's RDP
+  curve. `dp.epsilon` uses dp-accounting's tighter conversion and finer orders, so it must be
+  lower: 1.035.
+  """
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  orders = np.arange(2, 65)
+  accountant = dp_accounting.rdp.RdpAccountant(list(orders))
+  accountant.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(4.0)),
+                     10_000)
+  classic = np.min(np.asarray(accountant._rdp) + math.log(1e5) / (orders - 1))  # pylint: disable=protected-access
+  assert round(float(classic), 2) == 1.26
+  eps = dp.epsilon(sampling_prob=0.01, noise_multiplier=4.0, steps=10_000, delta=1e-5)
+  assert eps == pytest.approx(1.0355, abs=1e-3)
+  assert eps < classic
+
+
+def test_epsilon_bad_input():
+  with pytest.raises(ValueError, match="sampling probability"):
+    dp.epsilon(sampling_prob=0.0, noise_multiplier=1.0, steps=10, delta=1e-5)
+  with pytest.raises(ValueError, match="delta"):
+    dp.epsilon(sampling_prob=0.1, noise_multiplier=1.0, steps=10, delta=0.0)
+
+
+def test_public_mode_refuses_dp(corpus_dir):
+  with pytest.raises(ValueError, match="dp.enabled needs mode 'expert'"):
+    train_config(dict(mode="public", model=dict(vocab_size=512, d_model=32, n_layers=1, n_heads=2,
+                                                n_kv_heads=1, ffn_hidden=64),
+                      data=dict(path=corpus_dir), dp=dict(enabled=True)))
+  with pytest.raises(KeyError, match="noise_multiplier"):
+    train_config(dict(mode="expert", expert=dict(name="math", public="x"),
+                      data=dict(path=corpus_dir), dp=dict(noise_multipler=1.0)))
+
+
+def test_dp_expert_run_records_epsilon(corpus_dir, tmp_path):
+  tiny = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+              rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)
+  common = dict(log_every=1, eval_every=100, eval_batches=1, checkpoint_every=100,
+                progress=False, async_checkpoint=False)
+  public = tmp_path / "public"
+  T.train(train_config(dict(mode="public", model=tiny, steps=2, data=dict(
+      path=corpus_dir, seq_len=32, batch_size=8), **common)), str(public))
+  expert = tmp_path / "expert"
+  cfg = train_config(dict(
+      mode="expert", expert=dict(name="math", public=str(public), embed_batches=1),
+      model_overrides=dict(moe_backend="dense"), data=dict(path=corpus_dir, seq_len=32,
+                                                           batch_size=8),
+      optim=dict(lr=1e-3, warmup_steps=1), grad_accum=2, steps=3,
+      dp=dict(enabled=True, clip_norm=1.0, noise_multiplier=1.1, delta=1e-5), **common))
+  last = T.train(cfg, str(expert))
+  assert math.isfinite(last["loss"])
+  manifest = json.loads((expert / "manifest.json").read_text())
+  record = manifest["dp"]
+  expected = dp.epsilon(sampling_prob=record["sampling_prob"], noise_multiplier=1.1, steps=3,
+                        delta=1e-5)
+  assert record["epsilon"] == pytest.approx(expected) and record["epsilon"] > 0
+  assert record["num_examples"] > 8 and record["steps"] == 3
+  key_file = pathlib.Path(expert) / dp.NOISE_KEY_FILE
+  assert key_file.exists() and (key_file.stat().st_mode & 0o077) == 0
