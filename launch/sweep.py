@@ -10,7 +10,7 @@ get the `all` cell. Each cell (model, subset, task) has a stable id: a hash of t
 manifest, the subset, the task and the evaluation options, so a finished cell is never
 recomputed, and a changed model or option makes new cells. Results are appended, one record per
 finished cell, to results.jsonl and (one row per metric) results.csv; summary.md tabulates every
-finished cell. On a pod each host takes the cells whose id hashes to its index
+finished cell. On a pod (run on every host with --distributed) each host takes the cells whose id hashes to its index
 (--host_index/--host_count, default jax.process_index()/process_count()) and appends to
 results.host<i>.jsonl / .csv, so hosts never write the same file; the summary reads them all.
 """
@@ -197,8 +197,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--mc_items", type=int, default=200)
   p.add_argument("--host_index", type=int, default=None)
   p.add_argument("--host_count", type=int, default=None)
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() first (a multi-host pod), so the host "
+                      "index and count come from JAX")
   args = p.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
+  if args.distributed:
+    jax.distributed.initialize()
   host_index = jax.process_index() if args.host_index is None else args.host_index
   host_count = jax.process_count() if args.host_count is None else args.host_count
   domains = args.domains.split(",") if args.domains else sorted(load_manifest(args.data)["domains"])
