@@ -9,27 +9,25 @@ Most users convert the released OLMo-2 7B instead (python -m flexolmo_jax.conver
 import ml_collections
 
 from flexolmo_jax.config import olmo2_7b
-from flexolmo_jax.data import default_config as data_defaults
+from flexolmo_jax.train_config import default_config
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
+  c = default_config()
   c.mode = "public"
   c.workdir = ""
   c.model = ml_collections.ConfigDict(olmo2_7b(remat="full").to_dict())
-  c.data = data_defaults()
   c.data.path = "runs/data"
   c.data.domains = ("public",)
   c.data.seq_len = 4096
   c.data.batch_size = 1024
-  c.optim = ml_collections.ConfigDict(dict(
+  c.optim.update(dict(
       lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, decay_embeddings=False))
-  c.loss = ml_collections.ConfigDict(dict(z_loss=1e-5, router_z_loss=0.0, load_balancing=0.0))
+  c.loss.update(dict(z_loss=1e-5, router_z_loss=0.0, load_balancing=0.0))
   c.steps = 1_000_000
   c.grad_accum = 1
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1})
+  c.mesh.update({"data": 1, "fsdp": -1})
   c.log_every = 10
   c.eval_every = 1000
   c.checkpoint_every = 1000
-  c.progress = True  # tqdm bar with ETA on stdout.
   return c

@@ -35,7 +35,7 @@ from flexolmo_jax import checkpoint, dp, experts, router_init, runs, sharding
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, logical_axes
-from flexolmo_jax.train_config import TrainConfig, to_dict, train_config
+from flexolmo_jax.train_config import TrainConfig, check_override_keys, to_dict, train_config
 
 
 class NonFiniteError(RuntimeError):
@@ -413,15 +413,20 @@ def _evaluate(config, eval_fn, trainable, frozen, domains) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: the config's workdir).")
+def define_flags():
+  """Defines --config and --workdir; only when run as a program, so importing this module
+  next to another command's flags never clashes."""
+  config = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
+  workdir = flags.DEFINE_string("workdir", None, "Run directory (default: the config's workdir).")
+  flags.mark_flags_as_required(["config"])
+  return config, workdir
 
 
-def main(argv):
+def main(argv, config_flag, workdir_flag):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  raw = _CONFIG.value
-  workdir = _WORKDIR.value or raw.get("workdir")
+  raw = config_flag.value
+  workdir = workdir_flag.value or raw.get("workdir")
   if not workdir:
     raise app.UsageError("--workdir is required (the config names no default workdir)")
   raw = raw.to_dict()
@@ -437,5 +442,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  try:
+    check_override_keys(sys.argv[1:])
+  except KeyError as err:
+    sys.exit(f"error: {err.args[0]}")
+  _FLAGS = define_flags()
+  app.run(lambda argv: main(argv, *_FLAGS))

@@ -148,3 +148,44 @@ def train_config(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> TrainConf
 def to_dict(config: TrainConfig) -> dict[str, Any]:
   """JSON-ready dict of a TrainConfig (for manifests)."""
   return dataclasses.asdict(config)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "expert": ExpertConfig,
+             "optim": OptimConfig, "loss": LossConfig, "dp": DPConfig}
+_FREE_FORM = ("mesh", "model_overrides")  # Dicts whose keys are not fixed.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A ConfigDict holding every TrainConfig key at its default; config files start from it, so
+  any key can be overridden on the command line."""
+  c = ml_collections.ConfigDict()
+  for field in dataclasses.fields(TrainConfig):
+    if field.name in ("mode", "model"):
+      continue
+    if field.name == "data":
+      c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
+    elif field.default is not dataclasses.MISSING and dataclasses.is_dataclass(field.default):
+      c[field.name] = ml_collections.ConfigDict(dataclasses.asdict(field.default))
+    elif field.default_factory is not dataclasses.MISSING:
+      c[field.name] = ml_collections.ConfigDict(field.default_factory())
+    else:
+      c[field.name] = field.default
+  c.mode = ""
+  c.model = None
+  c.workdir = ""
+  return c
+
+
+def check_override_keys(argv) -> None:
+  """Refuses `--config.KEY=...` overrides naming unknown keys, before ml_collections sees them
+  (whose own error names neither the path nor the valid keys)."""
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    if path[0] == "workdir":
+      continue
+    if path[0] not in _SECTIONS and path[0] not in _FREE_FORM:
+      check_keys({path[0]: None}, TrainConfig, "config")
+    elif path[0] in _SECTIONS and len(path) > 1:
+      check_keys({path[1]: None}, _SECTIONS[path[0]], f"config.{path[0]}")

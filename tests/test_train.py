@@ -192,3 +192,12 @@ def test_public_checkpoint_that_does_not_fit_its_config_is_refused(public_dir):
   params["layers"]["attn"]["q_proj"] = params["layers"]["attn"]["q_proj"][:, :, :8]
   with pytest.raises(ValueError, match=r"layers/attn/q_proj has shape \(2, 32, 8\).*\(2, 32, 32\)"):
     runs.check_shapes(config, params, public_dir)
+
+
+def test_unknown_command_line_override_names_the_nearest_keys():
+  from flexolmo_jax.train_config import check_override_keys  # pylint: disable=g-import-not-at-top
+  check_override_keys(["--config.optim.lr=1", "--config.mesh.fsdp=2", "--workdir=x"])
+  with pytest.raises(KeyError, match=r"config\.optim\.lr_peak \(did you mean lr"):
+    check_override_keys(["--config.optim.lr_peak=1"])
+  with pytest.raises(KeyError, match=r"config\.stepz \(did you mean steps"):
+    check_override_keys(["--config.stepz=1"])
