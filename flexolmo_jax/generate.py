@@ -63,6 +63,14 @@ def filter_logits(logits_BxV, sampling: Sampling):
 def _next_token(logits_BxV, rng, sampling: Sampling):
   if sampling.temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  if sampling.top_k:
+    # Same distribution as filter_logits, but top-p runs on the k candidates only: a full-vocabulary
+    # sort per step dominates decoding time on CPU.
+    k = min(sampling.top_k, logits_BxV.shape[-1])
+    values_BxK, ids_BxK = jax.lax.top_k(logits_BxV.astype(jnp.float32), k)
+    values_BxK = filter_logits(values_BxK, Sampling(sampling.temperature, 0, sampling.top_p))
+    choice_B = jax.random.categorical(rng, values_BxK)
+    return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   return jax.random.categorical(rng, filter_logits(logits_BxV, sampling)).astype(jnp.int32)
 
 
