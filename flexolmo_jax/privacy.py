@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from flexolmo_jax import checkpoint, experts, runs
 from flexolmo_jax.config import ModelConfig
@@ -197,6 +197,7 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   f = flags.FLAGS
   try:
     results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,
