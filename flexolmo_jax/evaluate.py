@@ -250,28 +250,32 @@ def write_results(report: dict, out_dir: str) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- command line
 
-_MODEL = flags.DEFINE_string("model", None, "Model: a training run or a params artifact directory.")
-_DATA = flags.DEFINE_string("data", None, "Prepared corpus (python -m flexolmo_jax.data prepare).")
-_TASKS = flags.DEFINE_string("tasks", "perplexity,mc", "Comma-separated tasks (see module doc).")
-_OUT = flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "tokenizer.model / tokenizer.json or a directory holding one "
-                                 "(default: the model directory if it has one, else --data).")
-_DOMAINS = flags.DEFINE_list("domains", None, "Domains for perplexity/routing (default: all).")
-_SPLIT = flags.DEFINE_enum("split", "test", ["validation", "test"], "Held-out split.")
-_EXPERT_MASK = flags.DEFINE_string("expert_mask", "", "Experts allowed (names or indices).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per forward pass.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 1024, "Longest scored/generated sequence (tokens).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Row length for perplexity and routing.")
-_MC_ITEMS = flags.DEFINE_integer("mc_items", 200, "Items per domain multiple-choice task.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Generation length limit.")
-_HE_LIMIT = flags.DEFINE_integer("humaneval_limit", None, "Only the first N HumanEval problems.")
-_TIMEOUT = flags.DEFINE_float("timeout", 10.0, "Seconds per sandboxed HumanEval program.")
+def define_flags():
+  """Defines the command-line flags; only when run as a program, so importing this module
+  next to other commands' flags never clashes."""
+  flags.DEFINE_string("model", None, "Model: a training run or a params artifact directory.")
+  flags.DEFINE_string("data", None, "Prepared corpus (python -m flexolmo_jax.data prepare).")
+  flags.DEFINE_string("tasks", "perplexity,mc", "Comma-separated tasks (see module doc).")
+  flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
+  flags.DEFINE_string("tokenizer", None,
+                      "tokenizer.model / tokenizer.json or a directory holding one "
+                      "(default: the model directory if it has one, else --data).")
+  flags.DEFINE_list("domains", None, "Domains for perplexity/routing (default: all).")
+  flags.DEFINE_enum("split", "test", ["validation", "test"], "Held-out split.")
+  flags.DEFINE_string("expert_mask", "", "Experts allowed (names or indices).")
+  flags.DEFINE_integer("batch_size", 8, "Rows per forward pass.")
+  flags.DEFINE_integer("max_len", 1024, "Longest scored/generated sequence (tokens).")
+  flags.DEFINE_integer("seq_len", 512, "Row length for perplexity and routing.")
+  flags.DEFINE_integer("mc_items", 200, "Items per domain multiple-choice task.")
+  flags.DEFINE_integer("max_new_tokens", 256, "Generation length limit.")
+  flags.DEFINE_integer("humaneval_limit", None, "Only the first N HumanEval problems.")
+  flags.DEFINE_float("timeout", 10.0, "Seconds per sandboxed HumanEval program.")
+  flags.mark_flags_as_required(["model", "out"])
 
 
 def _tokenizer_path(model_dir: str, data_root: str | None) -> str:
-  if _TOKENIZER.value:
-    return _TOKENIZER.value
+  if flags.FLAGS.tokenizer:
+    return flags.FLAGS.tokenizer
   for name in ("tokenizer.model", "tokenizer.json"):
     if os.path.exists(os.path.join(model_dir, name)):
       return model_dir
@@ -284,32 +288,32 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   try:
-    config, params, manifest = runs.load_params(_MODEL.value)
+    config, params, manifest = runs.load_params(flags.FLAGS.model)
     names = expert_names(config, manifest)
-    mask = parse_expert_mask(_EXPERT_MASK.value, names)
-    domains = _DOMAINS.value or (sorted(load_manifest(_DATA.value)["domains"]) if _DATA.value else [])
-    tasks = parse_tasks(_TASKS.value, domains)
-    tokenizer = load_tokenizer(_tokenizer_path(_MODEL.value, _DATA.value))
+    mask = parse_expert_mask(flags.FLAGS.expert_mask, names)
+    domains = flags.FLAGS.domains or (sorted(load_manifest(flags.FLAGS.data)["domains"]) if flags.FLAGS.data else [])
+    tasks = parse_tasks(flags.FLAGS.tasks, domains)
+    tokenizer = load_tokenizer(_tokenizer_path(flags.FLAGS.model, flags.FLAGS.data))
     if tokenizer.vocab_size > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
-    results = evaluate(config, params, tokenizer, tasks, out_dir=_OUT.value, data_root=_DATA.value,
-                       domains=domains, split=_SPLIT.value, expert_mask=mask, names=names,
-                       batch_size=_BATCH.value, max_len=_MAX_LEN.value, seq_len=_SEQ_LEN.value,
-                       mc_items=_MC_ITEMS.value, max_new_tokens=_MAX_NEW.value,
-                       humaneval_limit=_HE_LIMIT.value, timeout=_TIMEOUT.value)
+    results = evaluate(config, params, tokenizer, tasks, out_dir=flags.FLAGS.out, data_root=flags.FLAGS.data,
+                       domains=domains, split=flags.FLAGS.split, expert_mask=mask, names=names,
+                       batch_size=flags.FLAGS.batch_size, max_len=flags.FLAGS.max_len, seq_len=flags.FLAGS.seq_len,
+                       mc_items=flags.FLAGS.mc_items, max_new_tokens=flags.FLAGS.max_new_tokens,
+                       humaneval_limit=flags.FLAGS.humaneval_limit, timeout=flags.FLAGS.timeout)
   except (ValueError, FileNotFoundError, DataError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(1)
-  report = {"model": _MODEL.value, "data": _DATA.value, "split": _SPLIT.value,
+  report = {"model": flags.FLAGS.model, "data": flags.FLAGS.data, "split": flags.FLAGS.split,
             "experts": names,
             "allowed_experts": [] if mask is None else [n for n, m in zip(names, mask) if m],
             "config": config.to_dict(), "tasks": results}
-  paths = write_results(report, _OUT.value)
+  paths = write_results(report, flags.FLAGS.out)
   print(markdown(report))
   print(f"wrote {paths['json']} and {paths['md']}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["model", "out"])
+  define_flags()
   app.run(main)
