@@ -177,22 +177,26 @@ def format_table(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-flags.DEFINE_string("data", None, "Prepared corpus (python -m flexolmo_jax.data prepare).")
-flags.DEFINE_string("domain", "math", "The closed domain whose training documents are probed.")
-flags.DEFINE_string("public", None, "The dense public model (run directory or artifact).")
-flags.DEFINE_string("expert", None, "The domain's expert run directory.")
-flags.DEFINE_string("dense", "", "Optional: a dense model fine-tuned on the domain.")
-flags.DEFINE_string("dp_expert", "", "Optional: the domain's expert trained with DP-SGD.")
-flags.DEFINE_string("out", None, "Output directory for results.json and results.md.")
-flags.DEFINE_integer("num_docs", 10_000, "Documents to probe (fewer if fewer are long enough).")
-flags.DEFINE_integer("prefix", 32, "Prompt tokens taken from each document.")
-flags.DEFINE_integer("generate", 256, "Tokens generated and compared with the true continuation.")
-flags.DEFINE_integer("samples", 10, "Sampled continuations per document.")
-flags.DEFINE_integer("top_k", 50, "Top-k sampling (0 = off).")
-flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-flags.DEFINE_float("threshold", 0.9, "Similarity at which a document counts as extracted.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+def define_flags():
+  """Defines the command-line flags; only when run as a program, so importing this module
+  next to other commands' flags never clashes."""
+  flags.DEFINE_string("data", None, "Prepared corpus (python -m flexolmo_jax.data prepare).")
+  flags.DEFINE_string("domain", "math", "The closed domain whose training documents are probed.")
+  flags.DEFINE_string("public", None, "The dense public model (run directory or artifact).")
+  flags.DEFINE_string("expert", None, "The domain's expert run directory.")
+  flags.DEFINE_string("dense", "", "Optional: a dense model fine-tuned on the domain.")
+  flags.DEFINE_string("dp_expert", "", "Optional: the domain's expert trained with DP-SGD.")
+  flags.DEFINE_string("out", None, "Output directory for results.json and results.md.")
+  flags.DEFINE_integer("num_docs", 10_000, "Documents to probe (fewer if fewer are long enough).")
+  flags.DEFINE_integer("prefix", 32, "Prompt tokens taken from each document.")
+  flags.DEFINE_integer("generate", 256, "Tokens generated and compared with the true continuation.")
+  flags.DEFINE_integer("samples", 10, "Sampled continuations per document.")
+  flags.DEFINE_integer("top_k", 50, "Top-k sampling (0 = off).")
+  flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+  flags.DEFINE_float("threshold", 0.9, "Similarity at which a document counts as extracted.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.mark_flags_as_required(["data", "public", "expert", "out"])
 
 
 def main(argv):
@@ -212,5 +216,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["data", "public", "expert", "out"])
+  define_flags()
   app.run(main)
