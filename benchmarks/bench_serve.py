@@ -4,8 +4,8 @@
 
 Starts `python -m flexolmo_jax.serve` on a tiny random merged model (tests/test_serve.py's, three
 experts), warms every shape bucket up, then `--clients` threads send `--requests` requests in
-all, round-robin over the policies, to /score and then to /generate (greedy, `--new` tokens);
-prints a markdown table. Bounded: each request times out after 60 s and the server is killed at
+all, round-robin over the policies, to /score, to /generate (greedy, `--new` tokens), and to
+/generate with "stream": true (latency to the last line); prints a markdown table. Bounded: each request times out after 60 s and the server is killed at
 the end.
 """
 
@@ -33,14 +33,16 @@ def _body(endpoint, i, new):
   policy = list(test_serve.POLICIES)[i % len(test_serve.POLICIES)]
   if endpoint == "score":
     return {"policy": policy, "context": "Q: ", "continuation": TEXTS[i % len(TEXTS)]}
-  return {"policy": policy, "prompt": TEXTS[i % len(TEXTS)], "max_new_tokens": new}
+  return {"policy": policy, "prompt": TEXTS[i % len(TEXTS)], "max_new_tokens": new,
+          "stream": endpoint == "stream"}
 
 
 def _load(port, endpoint, clients, requests, new):
   """(requests/s, p50 ms, p99 ms) of `requests` requests from `clients` concurrent clients."""
   def one(i):
     start = time.perf_counter()
-    status, reply = test_serve.request(port, "POST", f"/{endpoint}", _body(endpoint, i, new))
+    path = "/score" if endpoint == "score" else "/generate"
+    status, reply = test_serve.request(port, "POST", path, _body(endpoint, i, new))
     if status != 200:
       raise RuntimeError(f"{endpoint} request {i}: {status} {reply}")
     return time.perf_counter() - start
@@ -80,10 +82,10 @@ def main():
           raise SystemExit("the server did not start") from None
         time.sleep(0.2)
     rows = []
-    for endpoint in ("score", "generate"):
+    for endpoint in ("score", "generate", "stream"):
       _load(port, endpoint, args.clients, 3 * args.clients, args.new)  # Warm-up: compiles.
       rps, p50, p99 = _load(port, endpoint, args.clients, args.requests, args.new)
-      rows.append(f"| /{endpoint} | {args.clients} | {args.requests} | {rps:.1f} | {p50:.1f} | "
+      rows.append(f"| {endpoint} | {args.clients} | {args.requests} | {rps:.1f} | {p50:.1f} | "
                   f"{p99:.1f} |")
   finally:
     proc.kill()

@@ -7,7 +7,8 @@ Endpoints (JSON bodies; each request names a "policy" from the policies file OR 
                   -> {"logprob", "num_tokens", "greedy", "tokens", "token_logprobs", "policy"}
   POST /generate  {"prompt": str, "max_new_tokens": int, "temperature", "top_k", "top_p", "seed",
                    "stream": bool} -> {"text", "tokens", "policy"}; with "stream": true, newline-
-                  delimited JSON: one {"token", "text"} line per token, then {"done": true, ...}.
+                  delimited JSON: one {"token", "text"} line per token, sent as each chunk of
+                  `stream_chunk` tokens is decoded, then {"done": true, "tokens", "text", ...}.
   GET  /health    -> {"status": "ok", "experts": [...], "policies": {...}}
 
 Requests that arrive within `batch_wait_ms` of each other are run as one batch whatever their
@@ -19,7 +20,8 @@ random stream, so they are reproducible for a given batch, not across batch comp
 
 Every /score and /generate request, refused or served, appends one JSON line to the audit log
 (time, endpoint, status, policy, experts allowed, experts routed to with token-slot counts),
-written with one os.write on an O_APPEND descriptor and fsynced before the response is sent.
+written with one os.write on an O_APPEND descriptor and fsynced before the response (for a
+stream, its final line) is sent.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Limits:
   max_new_tokens: int = 128
   max_batch: int = 8
   batch_wait_ms: float = 5.0
+  stream_chunk: int = 4  # tokens a streamed generation advances per batch
 
 
 class Refused(Exception):
@@ -123,13 +126,16 @@ class Job:
   max_new_tokens: int = 0
   sampling: Sampling = Sampling()
   seed: int = 0
+  stream: bool = False
+  generated: list[int] = dataclasses.field(default_factory=list)  # streamed: tokens so far
 
   @property
   def key(self):
     """Jobs with equal keys can share a batch."""
     if self.endpoint == "score":
       return ("score",)
-    return ("generate", self.sampling, self.seed if self.sampling.temperature else 0)
+    return ("generate", self.stream, self.sampling,
+            self.seed if self.sampling.temperature else 0)
 
 
 class Engine:
@@ -163,7 +169,8 @@ class Engine:
     return {n: int(round(c)) for n, c in zip(self.expert_names, counts_E) if c > 0}
 
   def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Results of one batch of jobs sharing a key, in order; each carries "routed" counts."""
+    """Results of one batch of jobs sharing a key, in order; each finished one carries "routed"
+    counts (a streamed generation is finished once its last chunk is decoded)."""
     masks = self._masks(jobs)
     if jobs[0].endpoint == "score":
       logp, is_max, counts = self._route_rows([j.context + j.continuation for j in jobs], masks)
@@ -176,6 +183,8 @@ class Engine:
                     "token_logprobs": [float(x) for x in logp[r, span]],
                     "routed": self._routed(counts[r])})
       return out
+    if jobs[0].stream:
+      return self._generate_chunk(jobs, masks)
     return self._generate(jobs, masks)
 
   def _generate(self, jobs: Sequence[Job], masks) -> list[dict[str, Any]]:
@@ -194,6 +203,33 @@ class Engine:
     _, _, counts = self._route_rows([j.context + n for j, n in zip(jobs, new)], masks)
     return [{"tokens": n, "text": self.tokenizer.decode(n), "routed": self._routed(counts[r])}
             for r, n in enumerate(new)]
+
+  def _generate_chunk(self, jobs: Sequence[Job], masks) -> list[dict[str, Any]]:
+    """The next `stream_chunk` tokens ("new") of each streamed generation. The prompt and the
+    tokens so far are prefilled again each chunk: between chunks a job waits in the queue, so it
+    shares its batches with newer requests instead of holding a cache slot."""
+    eos, chunk = self.tokenizer.eos_id, self.limits.stream_chunk
+    prompts = [j.context + j.generated for j in jobs] + [[eos]] * (self.limits.max_batch -
+                                                                    len(jobs))
+    # A fresh random stream per chunk; equal seeds would reuse the same noise every chunk.
+    seed = (jobs[0].seed * 1_000_003 + len(jobs[0].generated)) % 2**31
+    out = generate(self.config, self.params, prompts, max_new_tokens=chunk,
+                   sampling=jobs[0].sampling, seed=seed, eos_id=eos,
+                   pad_id=self.tokenizer.pad_id, expert_mask=masks, prompt_bucket=PROMPT_BUCKET)
+    results = []
+    for r, job in enumerate(jobs):
+      row = [int(t) for t in out[r, :min(chunk, job.max_new_tokens - len(job.generated))]]
+      row = row[:row.index(eos) + 1] if eos in row else row
+      job.generated = job.generated + row
+      results.append({"new": row, "done": eos in row or
+                      len(job.generated) >= job.max_new_tokens})
+    if any(res["done"] for res in results):
+      _, _, counts = self._route_rows([j.context + j.generated for j in jobs], masks)
+      for r, (job, res) in enumerate(zip(jobs, results)):
+        if res["done"]:
+          res.update(tokens=job.generated, text=self.tokenizer.decode(job.generated),
+                     routed=self._routed(counts[r]))
+    return results
 
 
 # ----------------------------------------------------------------------------- audit log
@@ -273,7 +309,7 @@ class Batcher:
     results = self.engine.run(jobs)
     self.batches += 1
     self.audit.write([audit_record(j.endpoint, 200, j, res["routed"], batch=self.batches)
-                      for j, res in zip(jobs, results)])
+                      for j, res in zip(jobs, results) if "routed" in res])
     return results
 
   async def run(self) -> None:
@@ -289,7 +325,12 @@ class Batcher:
           results = await loop.run_in_executor(self.executor, self._run_and_audit, jobs)
         except Exception as err:  # pylint: disable=broad-except  (answered per request)
           results = [err] * len(items)
-        for (_, future), result in zip(items, results):
+        for (job, future), result in zip(items, results):
+          if job.stream:  # `future` is the queue of the stream's chunks.
+            future.put_nowait(result)
+            if not isinstance(result, Exception) and not result["done"]:
+              self.queue.put_nowait((job, future))
+            continue
           if future.done():  # The client went away.
             continue
           if isinstance(result, Exception):
@@ -373,6 +414,7 @@ class Server:
     job.max_new_tokens = _field(body, "max_new_tokens", int, min(32, self.limits.max_new_tokens))
     if not 1 <= job.max_new_tokens <= self.limits.max_new_tokens:
       raise Refused(400, f"max_new_tokens must lie in [1, {self.limits.max_new_tokens}]")
+    job.stream = _field(body, "stream", bool, False)
     job.seed = _field(body, "seed", int, 0)
     if not 0 <= job.seed < 2**31:
       raise Refused(400, "seed must lie in [0, 2**31)")
@@ -394,7 +436,10 @@ class Server:
     try:
       body = await self._body(request)
       job = self._job(endpoint, body)
-      stream = _field(body, "stream", bool, False) if endpoint == "generate" else False
+      if job.stream:
+        chunks = asyncio.Queue()
+        await self.batcher.queue.put((job, chunks))
+        return StreamingResponse(self._stream(job, chunks), media_type="application/x-ndjson")
       result = await self.batcher.submit(job)
     except Refused as err:
       return await self._refuse(endpoint, err.status, err.message, job)
@@ -404,20 +449,31 @@ class Server:
       logging.exception("request failed")
       return await self._refuse(endpoint, 500, f"internal error: {err}", job)
     result = {k: v for k, v in result.items() if k != "routed"} | {"policy": job.policy}
-    if stream:
-      return StreamingResponse(self._stream(result), media_type="application/x-ndjson")
     return JSONResponse(result)
 
-  def _stream(self, result):
-    # Decoding runs as one jitted loop per batch, so the lines follow each other once it returns.
+  async def _stream(self, job: Job, chunks: asyncio.Queue):
+    """NDJSON lines: one per token as its chunk is decoded, then the whole result."""
     # A token that ends inside a multi-byte character sends no text until the character is whole.
-    tokens, decode, sent = result["tokens"], self.engine.tokenizer.decode, ""
-    for i, token in enumerate(tokens):
-      text = decode(tokens[:i + 1])
-      piece = "" if text.endswith("\ufffd") and i + 1 < len(tokens) else text[len(sent):]
-      sent += piece
-      yield json.dumps({"token": token, "text": piece}) + "\n"
-    yield json.dumps({"done": True, **result}) + "\n"
+    decode, tokens, sent = self.engine.tokenizer.decode, [], ""
+    while True:
+      result = await chunks.get()
+      if isinstance(result, Exception):
+        message = f"generation failed: {result}"
+        await asyncio.to_thread(self.audit.write,
+                                [audit_record("generate", 500, job, error=message)])
+        yield json.dumps({"error": message}) + "\n"
+        return
+      for i, token in enumerate(result["new"]):
+        tokens.append(token)
+        text = decode(tokens)
+        final = result["done"] and i + 1 == len(result["new"])
+        piece = "" if text.endswith("\ufffd") and not final else text[len(sent):]
+        sent += piece
+        yield json.dumps({"token": token, "text": piece}) + "\n"
+      if result["done"]:
+        yield json.dumps({"done": True, "tokens": result["tokens"], "text": result["text"],
+                          "policy": job.policy}) + "\n"
+        return
 
   async def health(self, request: Request):
     del request
@@ -468,6 +524,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_body_bytes", Limits.max_body_bytes, "Largest request body.")
   flags.DEFINE_integer("max_tokens", Limits.max_tokens, "Most prompt / scored tokens a request.")
   flags.DEFINE_integer("max_new_tokens", Limits.max_new_tokens, "Most generated tokens a request.")
+  flags.DEFINE_integer("stream_chunk", Limits.stream_chunk, "Tokens a streamed generation "
+                       "advances per batch.")
   flags.mark_flags_as_required(["model", "policies"])
 
 
@@ -485,7 +543,7 @@ def main(argv: Sequence[str]) -> None:
   except (ValueError, FileNotFoundError) as err:
     raise SystemExit(f"error: {err}") from None
   limits = Limits(FLAGS.max_body_bytes, FLAGS.max_tokens, FLAGS.max_new_tokens, FLAGS.max_batch,
-                  FLAGS.batch_wait_ms)
+                  FLAGS.batch_wait_ms, FLAGS.stream_chunk)
   application = make_app(config, params, manifest["expert_names"], tokenizer, policies,
                          FLAGS.audit_log, limits)
   uvicorn.run(application, host=FLAGS.host, port=FLAGS.port, log_level="warning")

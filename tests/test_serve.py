@@ -185,13 +185,26 @@ def test_mixed_policies_in_one_batch_equal_opted_out_models(server):
 
 
 def test_stream_yields_the_same_tokens(server):
-  body = {"experts": ["public", "news"], "prompt": "Hello", "max_new_tokens": 5}
+  # 7 tokens arrive in two chunks (stream_chunk 4), each batched again with whatever is queued.
+  body = {"experts": ["public", "news"], "prompt": "Hello", "max_new_tokens": 7}
   plain = audited(server, 200, body, "/generate")
   streamed = audited(server, 200, {**body, "stream": True}, "/generate")
   lines = [json.loads(l) for l in streamed.splitlines()]
   assert lines[-1]["done"] and lines[-1]["tokens"] == plain["tokens"]
   assert [l["token"] for l in lines[:-1]] == plain["tokens"]
-  assert "".join(l["text"] for l in lines[:-1]) == plain["text"]
+  assert "".join(l["text"] for l in lines[:-1]) == plain["text"] == lines[-1]["text"]
+  line = audit_lines(server)[-1]
+  assert line["status"] == 200 and line["experts_allowed"] == ["public", "news"]
+  assert sum(line["experts_routed"].values()) == sum(audit_lines(server)[-2][
+      "experts_routed"].values())
+
+
+def test_sampled_generation_reproducible_for_a_seed(server):
+  body = {"policy": "no-news", "prompt": "Once", "max_new_tokens": 8, "temperature": 0.8,
+          "top_k": 20, "seed": 3}
+  first = audited(server, 200, body, "/generate")
+  assert 1 <= len(first["tokens"]) <= 8
+  assert audited(server, 200, body, "/generate")["tokens"] == first["tokens"]
 
 
 BAD = [
