@@ -276,8 +276,8 @@ def audit_record(endpoint: str, status: int, job: Job | None, routed=None, error
 
 
 class Batcher:
-  """Collects jobs for up to `batch_wait_ms` (or `max_batch` of one kind), runs each batch in a
-  worker thread (so the event loop keeps accepting requests), audits it, then answers."""
+  """Collects jobs for up to `batch_wait_ms` (at most `max_batch`), runs those of one kind as a
+  batch in a worker thread (so the event loop keeps accepting requests), audits it, answers."""
 
   def __init__(self, engine: Engine, audit: AuditLog, limits: Limits):
     self.engine, self.audit, self.limits = engine, audit, limits
