@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from absl import app, flags, logging
+from absl import app, logging
 
 from flexolmo_jax import experts, runs
 from flexolmo_jax import data as data_lib
@@ -95,12 +95,11 @@ def train_solo(config, workdir: str) -> dict[str, float]:
   return last
 
 
-def main(argv):
+def main(argv, config_flag, workdir_flag):
   del argv
   logging.set_verbosity(logging.WARNING)
-  # --config and --workdir are flexolmo_jax.train's flags (defined when it is imported).
-  raw = flags.FLAGS.config.to_dict()
-  workdir = flags.FLAGS.workdir or raw.get("workdir")
+  raw = config_flag.value.to_dict()
+  workdir = workdir_flag.value or raw.get("workdir")
   raw.pop("workdir", None)
   try:
     last = train_solo(train_config(raw), workdir)
@@ -112,5 +111,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  _FLAGS = train_lib.define_flags()  # The trainer's --config and --workdir.
+  app.run(lambda argv: main(argv, *_FLAGS))
