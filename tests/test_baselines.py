@@ -131,6 +131,7 @@ class _Decoder:
     return " ".join(map(str, ids))
 
 
+@pytest.mark.slow
 def test_btx_starts_from_random_rows_and_trains_only_the_router(moe, corpus_dir):
   config, params = moe
   rconfig, rparams = B.random_router(config, params, seed=3)

@@ -104,6 +104,7 @@ def test_public_mode_refuses_dp(corpus_dir):
                       data=dict(path=corpus_dir), dp=dict(noise_multipler=1.0)))
 
 
+@pytest.mark.slow
 def test_dp_expert_run_records_epsilon(corpus_dir, tmp_path):
   tiny = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
               rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)

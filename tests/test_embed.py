@@ -54,6 +54,7 @@ def test_projection_is_shared_and_scaled():
   assert abs(np.std(a) * np.sqrt(384) - 1.0) < 0.05
 
 
+@pytest.mark.slow
 def test_minilm_rows_separate_domains_and_feed_expert_training(corpus_dir, public, tmp_path):
   out = str(tmp_path / "emb.npz")
   rows = {d: embed.embed_domain(corpus_dir, d, "minilm", public, out, num_docs=12)
@@ -71,6 +72,7 @@ def test_minilm_rows_separate_domains_and_feed_expert_training(corpus_dir, publi
     embed.embed_domain(corpus_dir, "news", "minilm", public, out, num_docs=4, projection_seed=1)
 
 
+@pytest.mark.slow
 def test_public_hidden_command_line(corpus_dir, public, tmp_path):
   out = tmp_path / "hidden.npz"
   for domain in ("public", "math"):

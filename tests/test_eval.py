@@ -221,6 +221,7 @@ def test_sandbox_has_no_network_and_limited_memory():
   assert not mem["passed"] and "MemoryError" in mem["result"]
 
 
+@pytest.mark.slow
 def test_humaneval_reports_pass_rate_and_training_overlap(dense, tok, corpus_dir):
   problems = codegen.load_humaneval()[:2]
   result = codegen.evaluate_humaneval(*dense, tok, problems=problems, max_new_tokens=4,
@@ -371,6 +372,7 @@ def test_evaluate_writes_results(moe, tok, corpus_dir, tmp_path):
   assert "| perplexity/math | perplexity |" in pathlib.Path(paths["md"]).read_text()
 
 
+@pytest.mark.slow
 def test_cli_runs_on_a_saved_model_and_rejects_bad_tasks(dense, corpus_dir, tmp_path):
   model_dir = tmp_path / "model"
   checkpoint.save_params_artifact(model_dir, *dense, kind="public")

@@ -36,6 +36,7 @@ def _full_recompute_greedy(cfg, params, prompt, steps, expert_mask=None):
   return tokens[len(prompt):]
 
 
+@pytest.mark.slow
 def test_cached_greedy_equals_full_recompute(tiny_model):
   cfg, params = tiny_model
   out = generate(cfg, params, PROMPTS, max_new_tokens=10, stop_at_eos=False)
@@ -47,6 +48,7 @@ def test_cached_greedy_equals_full_recompute(tiny_model):
       out, generate(cfg, params, PROMPTS, max_new_tokens=10, stop_at_eos=False, use_cache=False))
 
 
+@pytest.mark.slow
 def test_expert_mask_per_sequence(tiny_model):
   cfg, params = tiny_model
   if not cfg.is_moe:
@@ -57,6 +59,7 @@ def test_expert_mask_per_sequence(tiny_model):
     assert row.tolist() == _full_recompute_greedy(cfg, params, prompt, 8, m[None])
 
 
+@pytest.mark.slow
 def test_sampling_seeded_and_top_k_one_is_greedy(tiny_model):
   cfg, params = tiny_model
   hot = Sampling(temperature=1.0, top_k=50, top_p=0.95)

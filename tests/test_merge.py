@@ -176,6 +176,7 @@ def test_refusals(setup, tmp_path):
     merge.assemble(fake, [("math", str(mismatched))])
 
 
+@pytest.mark.slow
 def test_sharded_assembly_matches_host(setup):
   mesh = make_mesh({"expert": 2, "fsdp": 2, "data": -1})
   config, host, _ = merge.assemble(setup["public"], _pairs(setup, ("math", "news", "code")))
@@ -187,6 +188,7 @@ def test_sharded_assembly_matches_host(setup):
     np.testing.assert_array_equal(np.asarray(b), a)
 
 
+@pytest.mark.slow
 def test_command_line_merge_opt_out_and_hf_export(setup, tmp_path):
   tiny_hf = pytest.importorskip("tiny_hf")
   experts = ",".join(f"{n}={setup['experts'][n]}" for n in DOMAINS)
@@ -216,6 +218,7 @@ def test_command_line_merge_opt_out_and_hf_export(setup, tmp_path):
   assert float(np.max(np.abs(hf - ours))) < 1e-4
 
 
+@pytest.mark.slow
 def test_command_line_refusal_names_the_expert(setup, tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "flexolmo_jax.merge", f"--public={setup['public']}",

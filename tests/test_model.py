@@ -21,9 +21,14 @@ def _loss_and_grad(config, params, tokens):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat="full"),
-                                    dict(remat="dots"), dict(moe_backend="blocked"),
-                                    dict(dtype="float32", param_dtype="float32")])
+                                    pytest.param(dict(remat="dots"), marks=SLOW),
+                                    pytest.param(dict(moe_backend="blocked"), marks=SLOW),
+                                    pytest.param(dict(dtype="float32", param_dtype="float32"),
+                                                 marks=SLOW)])
 def test_execution_options_leave_float32_results_unchanged(change):
   params = M.init_params(MOE, jax.random.key(0))
   want_loss, want_grad = _loss_and_grad(MOE, params, _tokens())

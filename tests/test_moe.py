@@ -32,7 +32,8 @@ def _moe_loss(backend, top_k, block_size=0, starve=()):
 
 @pytest.mark.parametrize("backend,block_size", [("ragged", 0), ("blocked", 0), ("blocked", 8),
                                                 ("blocked", 64)])
-@pytest.mark.parametrize("top_k,starve", [(1, ()), (2, (2, 4)), (6, ())])
+@pytest.mark.parametrize("top_k,starve", [pytest.param(1, (), marks=pytest.mark.slow), (2, (2, 4)),
+                                          pytest.param(6, (), marks=pytest.mark.slow)])
 def test_backend_matches_dense_oracle(backend, block_size, top_k, starve):
   x, router, weights = _problem()
   grad = lambda fn: jax.jit(jax.grad(fn, argnums=(0, 1, 2), has_aux=True))

@@ -42,6 +42,7 @@ def test_wilson_interval_known_values():
     privacy.wilson_interval(0, 0)
 
 
+@pytest.mark.slow
 def test_memorised_document_is_extracted():
   """A tiny model trained until it memorises one document reproduces it; a fresh one does not."""
   cfg = config_lib.tiny(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64)
@@ -72,6 +73,7 @@ def test_memorised_document_is_extracted():
   assert privacy.extraction(cfg, fresh, [doc], **kwargs)["extracted"] == 0
 
 
+@pytest.mark.slow
 def test_tiny_study_writes_table(corpus_dir, tmp_path):
   tiny = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
               rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)

@@ -102,6 +102,7 @@ def test_proxies_from_another_corpus_are_refused(merged, corpus_dir, tmp_path):
   assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_select_command_line(corpus_dir, tmp_path):
   out = tmp_path / "p.json"
   subprocess.run([sys.executable, "-m", "flexolmo_jax.router_tuning", "select",

@@ -131,6 +131,7 @@ def _opted_out(server, policy):
   return merge.opt_out(server["config"], server["params"], NAMES, drop)
 
 
+@pytest.mark.slow
 def test_mixed_policies_in_one_batch_equal_opted_out_models(server):
   results = {}
 
@@ -184,6 +185,7 @@ def test_mixed_policies_in_one_batch_equal_opted_out_models(server):
     assert got["tokens"] == want and got["text"] == tok.decode(want)
 
 
+@pytest.mark.slow
 def test_stream_yields_the_same_tokens(server):
   # 7 tokens arrive in two chunks (stream_chunk 4), each batched again with whatever is queued.
   body = {"experts": ["public", "news"], "prompt": "Hello", "max_new_tokens": 7}
@@ -199,6 +201,7 @@ def test_stream_yields_the_same_tokens(server):
       "experts_routed"].values())
 
 
+@pytest.mark.slow
 def test_sampled_generation_reproducible_for_a_seed(server):
   body = {"policy": "no-news", "prompt": "Once", "max_new_tokens": 8, "temperature": 0.8,
           "top_k": 20, "seed": 3}
@@ -227,6 +230,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("status,path,body", BAD)
+@pytest.mark.slow
 def test_bad_request_refused_then_served(server, status, path, body):
   raw = body if isinstance(body, bytes) else None
   got = audited(server, status, None if raw else body, path, raw)
@@ -237,6 +241,7 @@ def test_bad_request_refused_then_served(server, status, path, body):
   assert ok["num_tokens"] == 3
 
 
+@pytest.mark.slow
 def test_unknown_policy_message_lists_known(server):
   got = audited(server, 400, {"policy": "secret", "continuation": "x"})
   assert "public-only" in got["error"] and "no-news" in got["error"]
@@ -244,6 +249,7 @@ def test_unknown_policy_message_lists_known(server):
   assert "medical" in got["error"] and "news" in got["error"]
 
 
+@pytest.mark.slow
 def test_audit_log_complete_after_sigkill(server):
   threads = [threading.Thread(target=request, args=(server["port"], "POST", "/score",
                                                     {"policy": "no-news", "continuation": "k"}))

@@ -1,6 +1,7 @@
 """The no-coordinated-training ablation: only the FFN trains (dense, alone), the run merges like
 any expert, and its router row and bias keep their initial values."""
 
+import pytest
 import jax
 import numpy as np
 
@@ -13,6 +14,7 @@ TINY = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn
             rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)
 
 
+@pytest.mark.slow
 def test_solo_expert_trains_only_its_ffn_and_merges(corpus_dir, tmp_path):
   config = ModelConfig(**TINY)
   public = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))

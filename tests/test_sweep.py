@@ -51,6 +51,7 @@ def test_cells_ids_subsets_and_hosts(models):
     sweep.subset_mask("-public", names)
 
 
+@pytest.mark.slow
 def test_sweep_is_resumable_and_summarised(models, corpus_dir, tmp_path):
   cells = sweep.make_cells(models, ["all", "-code"], ["perplexity"], OPTIONS)
   out = str(tmp_path / "out")

@@ -112,6 +112,7 @@ def test_upcycled_model_equals_public_model(corpus_dir, public_dir):
   np.testing.assert_allclose(got, want, atol=1e-5)  # Top-2 of 2 identical experts: weights sum to 1.
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(corpus_dir, tmp_path):
   results = {}
   for name, mesh in (("one", {"data": 1}), ("eight", {"data": 2, "fsdp": 4})):
@@ -132,6 +133,7 @@ def _cli(workdir, corpus_dir, steps, extra=()):
           *model, *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_uninterrupted_run(corpus_dir, tmp_path):
   # One device; a shared compilation cache so the second and third processes skip compiling.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
@@ -158,6 +160,7 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run(corpus_dir, tmp_path)
     assert got[step]["loss"] == want[step]["loss"], f"step {step} differs after resume"
 
 
+@pytest.mark.slow
 def test_nan_stops_run_and_keeps_last_good_checkpoint(corpus_dir, tmp_path):
   config = _public_config(corpus_dir, steps=30, checkpoint_every=1, eval_every=100,
                           optim=dict(lr=1e12, warmup_steps=0, clip_norm=1e30))
