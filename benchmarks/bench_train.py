@@ -49,6 +49,7 @@ def _batch():
 
 def _measure(config, model_config, trainable, frozen):
   tx, schedule = T.make_optimizer(config, trainable)
+  trainable = jax.tree.map(jnp.copy, trainable)  # The step donates its state; keep the caller's.
   state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
   step = jax.jit(T.make_train_step(config, model_config, tx, schedule), donate_argnums=0)
   batch = _batch()
