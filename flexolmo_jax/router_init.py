@@ -8,6 +8,7 @@ over documents, of the L2-normalised mean FFN input of each layer (the paper's w
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable
 
@@ -45,25 +46,25 @@ def save_embeddings(path: str, rows: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _unit_mean_ffn_inputs(config: ModelConfig, params, batch):
+  """Per layer, the sum over sequences of each L2-normalised mean FFN input, and the count."""
+  _, state = Transformer(config).apply(
+      {"params": params}, batch["tokens"], positions=batch["positions"],
+      segment_ids=batch["segment_ids"], mutable=["intermediates"])
+  (h_LxBxTxD,) = state["intermediates"]["layers"]["ffn_input"]
+  mask = batch["loss_mask"][None, :, :, None]
+  mean_LxBxD = jnp.sum(h_LxBxTxD * mask, 2) / jnp.maximum(jnp.sum(mask, 2), 1.0)
+  unit = mean_LxBxD / jnp.maximum(jnp.linalg.norm(mean_LxBxD, axis=-1, keepdims=True), 1e-6)
+  return jnp.sum(unit, axis=1), mean_LxBxD.shape[1]
+
+
 def mean_hidden_embedding(config: ModelConfig, params, batches: Iterable[dict]) -> np.ndarray:
   """[L, D]: per layer, the mean over sequences of each sequence's L2-normalised mean FFN input."""
-
-  @jax.jit
-  def per_sequence(params, batch):
-    _, state = Transformer(config).apply(
-        {"params": params}, batch["tokens"], positions=batch["positions"],
-        segment_ids=batch["segment_ids"], mutable=["intermediates"])
-    (h_LxBxTxD,) = state["intermediates"]["layers"]["ffn_input"]
-    mask = batch["loss_mask"][None, :, :, None]
-    mean_LxBxD = jnp.sum(h_LxBxTxD * mask, 2) / jnp.maximum(jnp.sum(mask, 2), 1.0)
-    unit = mean_LxBxD / jnp.maximum(jnp.linalg.norm(mean_LxBxD, axis=-1, keepdims=True), 1e-6)
-    return jnp.sum(unit, axis=1), mean_LxBxD.shape[1]
-
   params = jax.device_put(params)
-
   total, count = 0.0, 0
   for batch in batches:
-    summed, n = per_sequence(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    summed, n = _unit_mean_ffn_inputs(config, params, {k: jnp.asarray(v) for k, v in batch.items()})
     total, count = total + np.asarray(summed), count + n
   if not count:
     raise ValueError("no batches to embed: the data source is empty")

@@ -41,7 +41,8 @@ from flexolmo_jax import checkpoint
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import check_keys
 from flexolmo_jax.data import corpus, pipeline
-from flexolmo_jax.model import Transformer
+from flexolmo_jax.train import loss_terms
+from flexolmo_jax.train_config import LossConfig
 
 TRAINABLE = ("router", "expert_bias")
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -190,18 +191,12 @@ def make_step(model_config, cfg: RouterTuningConfig):
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                    optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
+  # Token cross-entropy plus the router z-loss: the trainer's objective, no output z-loss.
+  loss_cfg = LossConfig(z_loss=0.0, router_z_loss=cfg.router_z_loss, load_balancing=0.0)
+
   def objective(trainable, frozen, batch):
-    # Token cross-entropy plus the router z-loss (train.py's objective without the output
-    # z-loss; train.py is not imported because it defines command-line flags at import).
-    logits, state = Transformer(model_config).apply(
-        {"params": join_router(trainable, frozen)}, batch["tokens"],
-        positions=batch["positions"], segment_ids=batch["segment_ids"], mutable=["router_stats"])
-    mask = batch["loss_mask"]
-    token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    ce = jnp.sum(token_ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    (router_z,) = state["router_stats"]["layers"]["mlp"]["z_loss"]
-    router_z = jnp.mean(router_z)
-    return ce + cfg.router_z_loss * router_z, {"ce": ce, "router_z_loss": router_z}
+    num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    return loss_terms(model_config, join_router(trainable, frozen), batch, loss_cfg, num_tokens)
 
   @jax.jit
   def step(trainable, opt_state, frozen, batch):

@@ -12,7 +12,6 @@ included, and reproduces the uninterrupted run exactly.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -34,8 +33,9 @@ from ml_collections import config_flags
 from flexolmo_jax import checkpoint, dp, experts, router_init, runs, sharding
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.model import Transformer, logical_axes
-from flexolmo_jax.train_config import TrainConfig, check_override_keys, to_dict, train_config
+from flexolmo_jax.model import Transformer, init_params, logical_axes
+from flexolmo_jax.train_config import (LossConfig, TrainConfig, check_override_keys, to_dict,
+                                       train_config)
 
 
 class NonFiniteError(RuntimeError):
@@ -143,7 +143,7 @@ def make_train_step(config: TrainConfig, model_config: ModelConfig, tx, schedule
 def make_eval_step(config: TrainConfig, model_config: ModelConfig):
   def eval_step(trainable, frozen, batch):
     params = build_full_params(config.mode, trainable, frozen, config.expert.bias)
-    terms, _ = loss_terms(model_config, params, batch, config.loss.__class__(0.0, 0.0, 0.0), 1.0)
+    terms, _ = loss_terms(model_config, params, batch, LossConfig(0.0, 0.0, 0.0), 1.0)
     return terms, jnp.sum(batch["loss_mask"])
   return eval_step
 
@@ -181,7 +181,7 @@ def setup(config: TrainConfig):
   data_lib.pipeline.ensure_domains(data_cfg)  # Unknown domains fail here, listing the known ones.
   if config.mode == "public":
     _vocab_check(config.model, config.data.path)
-    params = jax.jit(functools.partial(_init, config.model))(jax.random.key(config.seed))
+    params = init_params(config.model, jax.random.key(config.seed))
     manifest = {"kind": "public", "config": config.model.to_dict()}
     return config.model, params, None, manifest
 
@@ -203,11 +203,6 @@ def setup(config: TrainConfig):
       "public_router_fingerprint": checkpoint.fingerprint({"r": rows["public"]}),
   }
   return model_config, trainable, frozen, manifest
-
-
-def _init(model_config, rng):
-  from flexolmo_jax.model import init_params  # pylint: disable=g-import-not-at-top
-  return init_params(model_config, rng)
 
 
 def _router_rows(config: TrainConfig, public_config: ModelConfig, public_params):
@@ -326,15 +321,16 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   tokens_since, time_since = 0.0, time.perf_counter()
   try:
     for step in range(start + 1, config.steps + 1):
-      batch = jax.device_put(next(batches), batch_sharding)
-      state, metrics = step_fn(state, frozen, batch)
-      loss = float(metrics["loss"])  # One scalar to host per step: the NaN guard needs it.
-      if not (math.isfinite(loss) and math.isfinite(float(metrics["grad_norm"]))):
+      host_batch = next(batches)
+      tokens_since += float(np.sum(host_batch["loss_mask"]))  # Counted on the host: no sync.
+      state, metrics = step_fn(state, frozen, jax.device_put(host_batch, batch_sharding))
+      # One transfer per step: the NaN guard needs the loss and gradient norm.
+      loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise NonFiniteError(
             f"non-finite loss ({loss}) or gradient norm at step {step}; the last good checkpoint "
             f"(step {manager.latest_step()}) in {workdir} is kept. Lower optim.lr, check the "
             "data, or resume from it after changing the config")
-      tokens_since += float(metrics["tokens"])
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.3f}")
       if step % config.log_every == 0 or step == config.steps:
