@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 
@@ -42,7 +43,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("top_k", 4, "Experts per token at inference (clamped).")
   flags.DEFINE_integer("btm_top_k", 2, "Ensemble members mixed per token by BTM.")
   flags.DEFINE_integer("eval_batches", 4, "Test batches (8 x 128 tokens) per domain.")
-  flags.DEFINE_integer("seed", 0, "Seed of router tuning, BTX and the random-init rows.")
+  flags.DEFINE_list("seeds", ["0"], "Seeds of the seed-dependent stages (router tuning with its "
+                    "proxy sets, BTX, prompt routing): each is run per seed and the tables show "
+                    "the mean. The first also seeds the random-init ablation rows.")
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
@@ -87,7 +90,7 @@ def train_everything(root: pathlib.Path) -> None:
   emb = root / "ablations" / "random_rows.npz"
   if not emb.exists():
     config, _, _ = runs.load_params(root / "public")
-    rng = np.random.default_rng(FLAGS.seed)
+    rng = np.random.default_rng(_seeds()[0])
     rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
             for d in ["public"] + FLAGS.ablation_domains}
     emb.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +122,36 @@ class Evaluator:
     return out
 
 
+# The models whose training or routing depends on the seed; each is evaluated once per seed.
+SEEDED = ("flexolmo_router_tuned", "btx", "prompt_routing")
+
+
+def _seeds() -> list[int]:
+  return [int(s) for s in FLAGS.seeds]
+
+
+def seeded_models(ev, data, config, params, names, seed) -> dict[str, dict[str, float]]:
+  """Router tuning (fresh proxy sets), BTX and prompt routing with one seed."""
+  tune_cfg = router_tuning.RouterTuningConfig(
+      merged="", data=data, proxies="", out="", steps=FLAGS.tune_steps,
+      warmup_steps=min(100, FLAGS.tune_steps // 3), seed=seed, log_every=FLAGS.tune_steps)
+  log(f"seed {seed}: proxy sets, then router tuning on them + a public slice")
+  proxies = {d: router_tuning.select_proxies(data, d, 200, seed=seed) for d in FLAGS.domains}
+  records = router_tuning.tuning_documents(data, proxies, tune_cfg.public_slice, seed)
+  tuned, _ = router_tuning.train_router(config, params, records, tune_cfg)
+  out = {"flexolmo_router_tuned": ev(f"flexolmo + router tuning (seed {seed})",
+                                     _plain(config, tuned))}
+  log(f"seed {seed}: BTX, random router rows trained on public data")
+  out["btx"] = ev(f"btx (seed {seed})", _plain(*baselines.btx(config, params, data, tune_cfg)))
+  router = baselines.train_prompt_router(data, names, seed=seed)
+  tokenizer = load_tokenizer(data)
+  two = config.replace(top_k=2)
+  out["prompt_routing"] = ev(f"prompt routing (seed {seed})",
+                             lambda b: baselines.prompt_routing_perplexity(
+                                 two, params, names, router, tokenizer, b))
+  return out
+
+
 def _plain(config, params, mask=None):
   return lambda b: scoring.perplexity(config, params, b, expert_mask=mask)
 
@@ -139,15 +172,6 @@ def evaluate_everything(root: pathlib.Path) -> dict:
   ppl["public"] = ev("public", _plain(pub_config, pub_params))
   ppl["flexolmo"] = ev("flexolmo", _plain(config, params))
 
-  tune_cfg = router_tuning.RouterTuningConfig(
-      merged="", data=data, proxies="", out="", steps=FLAGS.tune_steps,
-      warmup_steps=min(100, FLAGS.tune_steps // 3), seed=FLAGS.seed, log_every=FLAGS.tune_steps)
-  proxies = {d: router_tuning.select_proxies(data, d, 200, seed=FLAGS.seed) for d in FLAGS.domains}
-  log("router tuning on proxy sets + a public slice")
-  records = router_tuning.tuning_documents(data, proxies, tune_cfg.public_slice, FLAGS.seed)
-  tuned, _ = router_tuning.train_router(config, params, records, tune_cfg)
-  ppl["flexolmo_router_tuned"] = ev("flexolmo + router tuning", _plain(config, tuned))
-
   tokens = load_manifest(data)["domains"]
   token_weights = [tokens[n]["train"]["tokens"] for n in names]
   for label, weights in (("soup_uniform", None), ("soup_weighted", token_weights)):
@@ -156,13 +180,13 @@ def evaluate_everything(root: pathlib.Path) -> dict:
       (config.replace(top_k=2), params, _mask(names, {"public", d})) for d in FLAGS.domains]
   ppl["btm"] = ev(f"btm (top-{FLAGS.btm_top_k})",
                   lambda b: baselines.btm_perplexity(members, b, top_k=FLAGS.btm_top_k))
-  log("BTX: random router rows trained on public data")
-  ppl["btx"] = ev("btx", _plain(*baselines.btx(config, params, data, tune_cfg)))
-  router = baselines.train_prompt_router(data, names, seed=FLAGS.seed)
-  tokenizer = load_tokenizer(data)
-  two = config.replace(top_k=2)
-  ppl["prompt_routing"] = ev("prompt routing", lambda b: baselines.prompt_routing_perplexity(
-      two, params, names, router, tokenizer, b))
+
+  per_seed = {label: {} for label in SEEDED}
+  for seed in _seeds():
+    for label, values in seeded_models(ev, data, config, params, names, seed).items():
+      per_seed[label][str(seed)] = values
+  for label, by_seed in per_seed.items():
+    ppl[label] = {d: float(np.mean([v[d] for v in by_seed.values()])) for d in domains}
 
   ablated = {d: experts[d] for d in FLAGS.ablation_domains}
   ppl["flexolmo_ablation_subset"] = ev(
@@ -185,11 +209,12 @@ def evaluate_everything(root: pathlib.Path) -> dict:
   plot = routing_analysis.write_report(shares, names, str(root / "results"))
   settings = {k: getattr(FLAGS, k) for k in (
       "public_steps", "expert_steps", "btm_top_k", "tune_steps", "eval_batches",
-      "ablation_domains", "seed")}
+      "ablation_domains")}
+  settings["seeds"] = _seeds()
   settings["top_k"] = config.top_k  # As clamped to the experts present.
   settings["eval_tokens_per_domain"] = EVAL_BATCH * EVAL_SEQ * FLAGS.eval_batches
   return {"settings": settings, "domains": domains, "experts": names, "perplexity": ppl,
-          "opt_out": opt_out, "routing": plot}
+          "per_seed": per_seed, "opt_out": opt_out, "routing": plot}
 
 
 def _avg(values: dict, domains) -> float:
@@ -200,14 +225,20 @@ def findings(report: dict) -> list[dict]:
   """Each of the paper's findings, whether it holds here, and the numbers that decide it."""
   ppl, closed = report["perplexity"], report["domains"][1:]
   everything = report["domains"]
-  flex, pub = ppl["flexolmo"], ppl["public"]
-  out = [{"finding": "FlexOlmo beats the public model on every closed domain",
-          "holds": all(flex[d] < pub[d] for d in closed),
-          "numbers": ", ".join(f"{d} {flex[d]:.2f} vs {pub[d]:.2f}" for d in closed)}]
-  for base in ("soup_uniform", "soup_weighted", "btm", "btx", "prompt_routing"):
-    out.append({"finding": f"FlexOlmo beats {base} on average (all domains)",
-                "holds": _avg(flex, everything) < _avg(ppl[base], everything),
-                "numbers": f"{_avg(flex, everything):.2f} vs {_avg(ppl[base], everything):.2f}"})
+  pub = ppl["public"]
+  out = []
+  for label, name in (("flexolmo", "FlexOlmo"), ("flexolmo_router_tuned", "FlexOlmo + router tuning")):
+    if label not in ppl:
+      continue
+    flex = ppl[label]
+    out.append({"finding": f"{name} beats the public model on every closed domain",
+                "holds": all(flex[d] < pub[d] for d in closed),
+                "numbers": ", ".join(f"{d} {flex[d]:.2f} vs {pub[d]:.2f}" for d in closed)})
+    for base in ("soup_uniform", "soup_weighted", "btm", "btx", "prompt_routing"):
+      out.append({"finding": f"{name} beats {base} on average (all domains)",
+                  "holds": _avg(flex, everything) < _avg(ppl[base], everything),
+                  "numbers": f"{_avg(flex, everything):.2f} vs {_avg(ppl[base], everything):.2f}"})
+  flex = ppl["flexolmo"]
   own = []
   for d, values in report["opt_out"].items():
     rise = {e: values[e] / flex[e] - 1 for e in everything}
@@ -241,9 +272,17 @@ def markdown(report: dict) -> str:
   lines = ["# FlexOlmo small reproduction", "",
            f"Test perplexity per domain ({s['eval_tokens_per_domain']} tokens each); public model "
            f"{s['public_steps']} steps, experts {s['expert_steps']} steps, top-{s['top_k']} of "
-           f"{len(report['experts'])} experts, seed {s['seed']}; wall time "
+           f"{len(report['experts'])} experts, seeds {s['seeds']} (seeded rows: mean); wall time "
            f"{report['wall_seconds'] / 60:.1f} min.", "", head, rule]
   lines += [row(name, values) for name, values in ppl.items()]
+  if len(s["seeds"]) > 1:
+    lines += ["", "Seed spread of the seeded models (average over all domains):", "",
+              "| model | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean | std |",
+              "|---" * (len(s["seeds"]) + 3) + "|"]
+    for label, by_seed in report["per_seed"].items():
+      avgs = [_avg(v, domains) for v in by_seed.values()]
+      lines.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in avgs)
+                   + f" | {np.mean(avgs):.2f} | {np.std(avgs):.2f} |")
   lines += ["", "Opt-out (FlexOlmo with one expert removed):", "", head, rule]
   lines += [row(f"without {d}", v) for d, v in report["opt_out"].items()]
   lines += ["", "## Findings", "", "| finding | holds here | numbers |", "|---|---|---|"]
@@ -253,10 +292,21 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
+def use_compilation_cache(root: pathlib.Path) -> None:
+  """Every expert (and ablation) run compiles the same step for the same shapes: a persistent
+  XLA cache shared by all stage processes (through the environment) compiles it once."""
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   root = pathlib.Path(FLAGS.runs)
+  use_compilation_cache(root)
   train_everything(root)
   report = evaluate_everything(root)
   report["wall_seconds"] = time.perf_counter() - _START

@@ -20,9 +20,11 @@ def _report():
   opt_out = {"math": {"public": 10.0, "math": 20.0, "code": 6.6},  # own +400%, code +10%.
              "code": {"public": 10.0, "math": 8.0, "code": 6.6}}  # own +10%, math +100%.
   return {"settings": {"public_steps": 3, "expert_steps": 2, "top_k": 3, "btm_top_k": 2,
-                       "tune_steps": 1, "eval_batches": 1, "ablation_domains": ["math"], "seed": 0,
+                       "tune_steps": 1, "eval_batches": 1, "ablation_domains": ["math"], "seeds": [0, 1],
                        "eval_tokens_per_domain": 1024},
           "domains": DOMAINS, "experts": DOMAINS, "perplexity": ppl, "opt_out": opt_out,
+          "per_seed": {"btx": {"0": {"public": 10.0, "math": 6.0, "code": 8.0},
+                               "1": {"public": 12.0, "math": 8.0, "code": 8.0}}},
           "routing": {"png": "routing.png"}, "wall_seconds": 60.0}
 
 
@@ -38,6 +40,15 @@ def test_findings_decide_each_claim_from_the_numbers():
   assert got["ablation 'solo' hurts (average over public, math)"] == (True, "8.00 vs FlexOlmo 7.00")
   assert got["ablation 'no_bias' hurts (average over public, math)"] == (
       False, "6.50 vs FlexOlmo 7.00")
+  assert not any("router tuning" in f for f in got)  # No tuned row, no tuned findings.
+
+
+def test_router_tuned_flexolmo_gets_its_own_findings():
+  report = _report()
+  report["perplexity"]["flexolmo_router_tuned"] = {"public": 9.5, "math": 4.0, "code": 5.0}
+  got = {f["finding"]: (f["holds"], f["numbers"]) for f in reproduce.findings(report)}
+  assert got["FlexOlmo + router tuning beats btm on average (all domains)"] == (False, "6.17 vs 6.00")
+  assert got["FlexOlmo + router tuning beats the public model on every closed domain"][0]
 
 
 def test_markdown_has_every_model_opt_out_row_and_finding():
@@ -48,3 +59,4 @@ def test_markdown_has_every_model_opt_out_row_and_finding():
   assert "| flexolmo_ablation_subset | 10.00 | 4.00 |  | 4.00 | 7.00 |" in text
   assert "| without math | 10.00 | 20.00 | 6.60 | 13.30 | 12.20 |" in text
   assert text.count("| yes |") + text.count("| NO |") == len(report["findings"])
+  assert "| btx | 8.00 | 9.33 | 8.67 | 0.67 |" in text  # Per-seed averages, mean, std.
