@@ -43,6 +43,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("btm_top_k", 2, "Ensemble members mixed per token by BTM.")
   flags.DEFINE_integer("eval_batches", 4, "Test batches (8 x 128 tokens) per domain.")
   flags.DEFINE_integer("seed", 0, "Seed of router tuning, BTX and the random-init rows.")
+  # A smaller corpus for quick checks (the notebook's CI run); None keeps data prepare's defaults.
+  flags.DEFINE_integer("max_docs_per_domain", None, "Corpus: cap on documents per domain.")
+  flags.DEFINE_integer("vocab_size", None, "Corpus: tokenizer vocabulary size.")
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
@@ -76,7 +79,9 @@ def _train_expert(root, domain, workdir, *overrides, module="flexolmo_jax.train"
 
 def train_everything(root: pathlib.Path) -> None:
   """Data, public model, experts and ablation experts, each in its own process."""
-  _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}")
+  corpus_flags = [f"--{k}={getattr(FLAGS, k)}" for k in ("max_docs_per_domain", "vocab_size")
+                  if getattr(FLAGS, k) is not None]
+  _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}", *corpus_flags)
   if _finished(root / "public", FLAGS.public_steps):
     log("reusing the public model")
   else:

@@ -1,7 +1,7 @@
 r"""Train and evaluate on a Cloud TPU VM or pod slice, restarting after preemption.
 
   python -m launch.tpu all --name=flex --zone=us-east5-a --accelerator_type=v5p-64 --spot \
-      --bucket=my-bucket --config=configs/math_expert.py \
+      --repo=https://github.com/YOU/flexolmo_jax.git --bucket=my-bucket --config=configs/math_expert.py \
       --train_args="--config.expert.public=/mnt/my-bucket/public --config.data.path=/mnt/my-bucket/data" \
       --eval_args="--models=flex=/mnt/my-bucket/runs/math --data=/mnt/my-bucket/data --out=/mnt/my-bucket/eval"
   python -m launch.tpu all ... --dry_run      # print every command, run none
@@ -46,7 +46,7 @@ def define_flags() -> None:
   flags.DEFINE_string("accelerator_type", "v5p-8", "TPU type, e.g. v4-32, v5p-64, v5litepod-256.")
   flags.DEFINE_string("runtime_version", "v2-alpha-tpuv5", "TPU VM software version.")
   flags.DEFINE_bool("spot", False, "Spot (preemptible) capacity; the watch loop recreates it.")
-  flags.DEFINE_string("repo", "https://github.com/flexolmo/flexolmo_jax.git", "Git URL to clone.")
+  flags.DEFINE_string("repo", None, "Git URL of the flexolmo_jax repository to clone.")
   flags.DEFINE_string("branch", "main", "Branch or tag to check out.")
   flags.DEFINE_string("bucket", None, "GCS bucket mounted at /mnt/<bucket> on every worker.")
   flags.DEFINE_string("config", None, "Training config file (configs/*.py).")
@@ -150,6 +150,8 @@ def main(argv: Sequence[str]) -> int:
   for required in ("name", "zone"):
     if not getattr(FLAGS, required):
       raise app.UsageError(f"--{required} is required")
+  if action in ("install", "all") and not FLAGS.repo:
+    raise app.UsageError("--repo (the git URL to clone on the workers) is required to install")
   if action in ("train", "all") and not FLAGS.config:
     raise app.UsageError("--config is required to train")
   workdir = FLAGS.workdir or (f"/mnt/{FLAGS.bucket}/runs/{FLAGS.name}" if FLAGS.bucket else None)
