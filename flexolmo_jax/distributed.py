@@ -82,6 +82,19 @@ def put(tree, shardings):
       np.shape(x), s, lambda index, x=x: np.asarray(x[index])), tree, shardings)
 
 
+def gather_strings(text: str) -> list[str]:
+  """Every host's `text`, in process order, on every host (e.g. each host's data-iterator
+  state, which the primary saves in the checkpoint)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).ravel()
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]
+
+
 def from_primary(x: np.ndarray) -> np.ndarray:
   """`x` as the primary host has it, on every host (e.g. a secret created by the primary)."""
   if jax.process_count() == 1:

@@ -200,12 +200,19 @@ def activation_bytes(config: ModelConfig, *, tokens_per_device: int, seq_len: in
   return int(per_token * tokens_per_device)
 
 
+def _batch_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over (sharding.batch_sharding's)."""
+  axes = sharding.batch_sharding(mesh).spec[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def batch_shards(mesh: AbstractMesh | jax.sharding.Mesh, batch: int) -> int:
-  """How many ways the global batch is split (sharding.batch_sharding's axes that divide it)."""
-  spec = sharding.batch_sharding(mesh).spec
-  fitted = sharding._fit(spec, (batch, 1), mesh)[0]  # pylint: disable=protected-access
-  names = (fitted,) if isinstance(fitted, str) else tuple(fitted or ())
-  return math.prod(mesh.shape[a] for a in names)
+  """How many ways a global batch of `batch` rows is split: the batch axes that divide it."""
+  shards = 1
+  for axis in _batch_axes(mesh):
+    if batch % (shards * mesh.shape[axis]) == 0:
+      shards *= mesh.shape[axis]
+  return shards
 
 
 def plan(model: str | ModelConfig, mesh: str, mode: str, *, batch: int | None = None,
@@ -227,7 +234,8 @@ def plan(model: str | ModelConfig, mesh: str, mode: str, *, batch: int | None = 
     raise ValueError(f"mesh shape {shape} has {math.prod(shape.values())} devices; {mesh} has "
                      f"{spec.devices}")
   amesh = abstract_mesh(shape)
-  batch = batch or batch_shards(amesh, 1 << 30)  # Default: one sequence per batch shard.
+  # Default: one sequence per batch shard.
+  batch = batch or math.prod(amesh.shape[a] for a in _batch_axes(amesh))
   return {"model": name, "mode": mode, "mesh": mesh, "devices": spec.devices,
           "hbm_gb": spec.hbm_gb, "mesh_shape": shape, "batch": batch, "seq_len": seq_len,
           "remat": remat, **estimate(config, mode, amesh, batch=batch, seq_len=seq_len)}

@@ -389,11 +389,15 @@ def _trainable_axes(mode: str, model_config: ModelConfig):
 
 
 def _save(manager, step, state, batches):
+  # Each host reads its own documents, so each has its own iterator position; JSON items are
+  # written by the primary alone, so it saves every host's (gathered) state.
+  states = distributed.gather_strings(data_lib.iterator_state_to_json(batches))
+  data_iter = {"state": states[0], **({"per_host": states} if len(states) > 1 else {})}
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(state["params"]),
       opt_state=ocp.args.StandardSave(state["opt_state"]),
       meta=ocp.args.JsonSave({"step": step}),
-      data_iter=ocp.args.JsonSave({"state": data_lib.iterator_state_to_json(batches)})))
+      data_iter=ocp.args.JsonSave(data_iter)))
 
 
 def _restore(manager, step, state_template):
@@ -404,7 +408,13 @@ def _restore(manager, step, state_template):
       data_iter=ocp.args.JsonRestore()))
   state = {"params": restored["params"], "opt_state": restored["opt_state"],
            "step": jnp.int32(step)}
-  return state, restored["data_iter"]["state"]
+  saved = restored["data_iter"]
+  hosts = len(saved.get("per_host", [None]))
+  if hosts != jax.process_count():
+    raise ValueError(f"step {step} was saved by {hosts} host(s) and this run has "
+                     f"{jax.process_count()}; each host's data position cannot be carried over: "
+                     "resume with the same number of hosts")
+  return state, saved["per_host"][jax.process_index()] if hosts > 1 else saved["state"]
 
 
 def _evaluate(config, eval_fn, trainable, frozen, domains, batch_sharding) -> dict[str, float]:

@@ -61,7 +61,8 @@ def _run_two_hosts(corpus_dir, workdir, steps):
 
 
 @pytest.mark.slow
-def test_two_process_training_resumes_and_writes_once(corpus_dir, tmp_path):
+def test_two_process_training_resumes_exactly_and_writes_once(corpus_dir, tmp_path):
+  _run_two_hosts(corpus_dir, tmp_path / "straight", 4)
   workdir = tmp_path / "run"
   _run_two_hosts(corpus_dir, workdir, 2)
   outs = _run_two_hosts(corpus_dir, workdir, 4)
@@ -73,6 +74,10 @@ def test_two_process_training_resumes_and_writes_once(corpus_dir, tmp_path):
     finals.append(final)
   assert finals[0] == finals[1]  # Every host computed the same global step.
   assert finals[0]["tokens"] == 8 * 32  # The global batch: 4 rows from each host.
-  steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
-  assert steps == [0, 1, 2, 3, 4]  # Written by the primary host only.
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # Written by the primary host only.
   assert json.loads((workdir / "manifest.json").read_text())["step"] == 4
+  # Each host resumed its own data position: steps 3-4 equal the uninterrupted run's.
+  ref = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+  for got, want in zip(rows[3:], ref[3:]):
+    assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]
