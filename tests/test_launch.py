@@ -112,6 +112,8 @@ def test_command_lines_dry_run():
        "--dry_run"], cwd=REPO, capture_output=True, text=True, check=True).stdout
   assert gpu_out == ("$ bash -c 'cd . && python -m flexolmo_jax.train "
                      "--config=configs/public.py --workdir=/w'\n")
-  bad = subprocess.run([sys.executable, "-m", "launch.tpu", "all", "--name=n", "--zone=z",
-                        "--config=c.py", "--dry_run"], cwd=REPO, capture_output=True, text=True)
-  assert bad.returncode != 0 and "must outlive" in bad.stderr
+  for missing, message in (("--repo=r", "must outlive"), ("--bucket=b", "--repo")):
+    bad = subprocess.run([sys.executable, "-m", "launch.tpu", "all", "--name=n", "--zone=z",
+                          "--config=c.py", missing, "--dry_run"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and message in bad.stderr
