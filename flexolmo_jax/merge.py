@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from flexolmo_jax import checkpoint, experts, runs, sharding
+from flexolmo_jax import checkpoint, distributed, experts, runs, sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import logical_axes
 
@@ -134,9 +134,11 @@ def _check_expert_tree(name, path, tree, shapes) -> None:
                        f"the public model needs {shape} {dtype}")
 
 
-def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, backend=None,
-              with_fingerprints=False):
-  """(config, params, names, provenance) for `assemble`; provenance feeds the manifest."""
+def _checked_inputs(public, expert_list, opt_out):
+  """The public model and the experts to merge, every manifest checked; no expert weight read.
+
+  Returns (public_config, public_params, public_fingerprint, pairs, manifests, configs).
+  """
   pairs = parse_experts(expert_list)
   skip = _check_opt_out([n for n, _ in pairs], opt_out)
   pairs = [(n, p) for n, p in pairs if n not in skip]
@@ -152,6 +154,22 @@ def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, ba
                      + ", ".join(f"{n}: {m.get('public_router_fingerprint')}"
                                  for n, m in manifests.items())
                      + "; every owner must use the same router embeddings for 'public'")
+  return public_config, public_params, public_fp, pairs, manifests, configs
+
+
+def _merged_config(public_config, configs, n_experts, top_k, with_bias, backend):
+  train_top_k = max((c.top_k for c in configs.values()), default=1)
+  bias_init = min((c.expert_bias_init for c in configs.values()), default=0.0)
+  config = experts.moe_config(public_config, n_experts, top_k=top_k or train_top_k,
+                              with_bias=with_bias, bias_init=bias_init, backend=backend)
+  return config, top_k or train_top_k
+
+
+def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, backend=None,
+              with_fingerprints=False):
+  """(config, params, names, provenance) for `assemble`; provenance feeds the manifest."""
+  public_config, public_params, public_fp, pairs, manifests, configs = _checked_inputs(
+      public, expert_list, opt_out)
   with_bias = bool(keep_bias) and bool(pairs)
 
   mlp = public_params["layers"]["mlp"]
@@ -181,13 +199,10 @@ def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, ba
     del tree
 
   params = {**public_params, "layers": {**public_params["layers"], "mlp": stacked}}
-  train_top_k = max((c.top_k for c in configs.values()), default=1)
-  bias_init = min((c.expert_bias_init for c in configs.values()), default=0.0)
-  config = experts.moe_config(public_config, len(pairs), top_k=top_k or train_top_k,
-                              with_bias=with_bias, bias_init=bias_init, backend=backend)
+  config, requested = _merged_config(public_config, configs, len(pairs), top_k, with_bias, backend)
   names = [PUBLIC] + [n for n, _ in pairs]
   info = {"public_fingerprint": public_fp, "experts": provenance,
-          "bias": "kept" if with_bias else "dropped", "top_k_requested": top_k or train_top_k}
+          "bias": "kept" if with_bias else "dropped", "top_k_requested": requested}
   return config, params, names, info
 
 
@@ -215,6 +230,96 @@ def assemble(public: str | os.PathLike,
   config, params, names, _ = _assemble(public, expert_list, opt_out=opt_out, top_k=top_k,
                                        keep_bias=keep_bias, backend=backend)
   return config, place(config, params, mesh), names
+
+
+def assemble_on_mesh(public: str | os.PathLike,
+                     expert_list: Mapping[str, str] | Sequence[tuple[str, str]] | str,
+                     mesh: jax.sharding.Mesh, *, opt_out: Iterable[str] = (),
+                     top_k: int | None = None, keep_bias: bool = True,
+                     backend: str | None = None) -> tuple[ModelConfig, dict, list[str]]:
+  """`assemble(..., mesh=mesh)` without a host copy of the experts: each expert's checkpoint is
+  restored by Orbax directly onto the devices that own its slot of the mesh's "expert" axis.
+
+  With the model's rules, a stacked expert tensor [L, E, ...] splits E over "expert"; slot j
+  lives on the devices whose "expert" coordinate is j // (E / expert_size). Expert j is
+  restored with the sharding of its own [L, ...] tensor on that sub-mesh (the remaining axes
+  split exactly as in the merged tensor), and each device's shard of the merged tensor is the
+  stack of the shards of the experts in its slot. Values equal `assemble`'s bit for bit.
+  """
+  public_config, public_params, _, pairs, manifests, configs = _checked_inputs(
+      public, expert_list, opt_out)
+  with_bias = bool(keep_bias) and bool(pairs)
+  config, _ = _merged_config(public_config, configs, len(pairs), top_k, with_bias, backend)
+  mlp = public_params["layers"]["mlp"]
+  num_layers, width = mlp["gate_proj"].shape[:2]
+  dtype = mlp["gate_proj"].dtype
+  public_router = (runs.load_public_router(pairs[0][1], manifests[pairs[0][0]]) if pairs
+                   else np.zeros((num_layers, width), dtype))
+  public_expert = {k: mlp[k] for k in experts.FFN_KEYS}
+  public_expert["router"] = np.asarray(public_router, dtype)
+  if with_bias:
+    public_expert["expert_bias"] = np.zeros((num_layers,), dtype)  # Never applied to expert 0.
+
+  merged_axes = logical_axes(config)
+  stacked_shapes = {k: (num_layers, config.num_experts) + v.shape[1:]
+                    for k, v in public_expert.items()}
+  stacked_shardings = {k: sharding.logical_sharding(stacked_shapes[k],
+                                                    tuple(merged_axes["layers"]["mlp"][k]), mesh)
+                       for k in public_expert}
+  slot_shardings = {k: _slot_shardings(s, config.num_experts) for k, s in stacked_shardings.items()}
+
+  expert_trees = [distributed.put(public_expert, {k: v[0] for k, v in slot_shardings.items()})]
+  shapes = _expected_shapes(public_params, with_bias)
+  for j, (name, path) in enumerate(pairs, 1):
+    abstract = {k: jax.ShapeDtypeStruct(shape, dtype_, sharding=slot_shardings[k][j])
+                for k, (shape, dtype_) in shapes.items()}
+    try:
+      tree, _ = runs.restore_params_sharded(path, abstract)
+    except ValueError as err:
+      raise MergeError(f"expert {name!r}: {err}") from err
+    expert_trees.append(tree)
+
+  stacked = {k: _stack_shards([t[k] for t in expert_trees], stacked_shapes[k],
+                              stacked_shardings[k]) for k in public_expert}
+  rest = {**public_params, "layers": {k: v for k, v in public_params["layers"].items()
+                                      if k != "mlp"}}
+  rest_axes = {**merged_axes, "layers": {k: v for k, v in merged_axes["layers"].items()
+                                         if k != "mlp"}}
+  placed = distributed.put(rest, sharding.tree_shardings(rest, rest_axes, mesh))
+  params = {**placed, "layers": {**placed["layers"], "mlp": stacked}}
+  return config, params, [PUBLIC] + [n for n, _ in pairs]
+
+
+def _slot_shardings(stacked: jax.sharding.NamedSharding, num_experts: int):
+  """For each expert j, the sharding of its unstacked tensor (the expert dim 1 removed) on the
+  sub-mesh of devices that hold slot j of `stacked`."""
+  mesh, spec = stacked.mesh, tuple(stacked.spec) + (None,) * 2
+  inner = jax.sharding.PartitionSpec(*(spec[:1] + spec[2:len(stacked.spec)]))
+  if spec[1] is None:  # Experts unsplit: every device holds every slot.
+    return [jax.sharding.NamedSharding(mesh, inner)] * num_experts
+  if spec[1] != "expert":
+    raise MergeError(f"stacked expert tensors split over {spec[1]!r}; only 'expert' is supported")
+  axis = mesh.axis_names.index("expert")
+  per_slot = num_experts // mesh.shape["expert"]
+  names = tuple(n for n in mesh.axis_names if n != "expert")
+  out = []
+  for j in range(num_experts):
+    devices = np.take(mesh.devices, j // per_slot, axis=axis)
+    sub = jax.sharding.Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    out.append(jax.sharding.NamedSharding(sub, inner))
+  return out
+
+
+def _stack_shards(arrays: Sequence[jax.Array], shape, target: jax.sharding.NamedSharding):
+  """The [L, E, ...] array with `target` sharding whose slot j is arrays[j] ([L, ...]), built
+  from the device-local shards (every expert's piece on a device is already on that device)."""
+  pieces = []
+  for device, index in target.addressable_devices_indices_map(shape).items():
+    slots = range(*index[1].indices(shape[1]))
+    rows = [next(s.data for s in arrays[j].addressable_shards if s.device == device)
+            for j in slots]
+    pieces.append(jax.device_put(jax.numpy.stack(rows, axis=1), device))
+  return jax.make_array_from_single_device_arrays(shape, target, pieces)
 
 
 def opt_out(config: ModelConfig, params, expert_names: Sequence[str], names: Iterable[str], *,

@@ -46,6 +46,9 @@ def define_flags() -> None:
   flags.DEFINE_list("seeds", ["0"], "Seeds of the seed-dependent stages (router tuning with its "
                     "proxy sets, BTX, prompt routing): each is run per seed and the tables show "
                     "the mean. The first also seeds the random-init ablation rows.")
+  # A smaller corpus for quick checks (the notebook's CI run); None keeps data prepare's defaults.
+  flags.DEFINE_integer("max_docs_per_domain", None, "Corpus: cap on documents per domain.")
+  flags.DEFINE_integer("vocab_size", None, "Corpus: tokenizer vocabulary size.")
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
@@ -79,7 +82,9 @@ def _train_expert(root, domain, workdir, *overrides, module="flexolmo_jax.train"
 
 def train_everything(root: pathlib.Path) -> None:
   """Data, public model, experts and ablation experts, each in its own process."""
-  _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}")
+  corpus_flags = [f"--{k}={getattr(FLAGS, k)}" for k in ("max_docs_per_domain", "vocab_size")
+                  if getattr(FLAGS, k) is not None]
+  _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}", *corpus_flags)
   if _finished(root / "public", FLAGS.public_steps):
     log("reusing the public model")
   else:

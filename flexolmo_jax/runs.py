@@ -95,6 +95,39 @@ def load_params(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
   return config, params, {**manifest, "step": step}
 
 
+def restore_params_sharded(path: str | os.PathLike, abstract_tree) -> tuple[dict, int]:
+  """(params, step) of a run directory's latest checkpoint, restored by Orbax straight onto the
+  devices that `abstract_tree`'s ShapeDtypeStructs name in their `sharding` (each host reads
+  only its own shards; nothing passes through one host's memory).
+
+  Every tensor of `abstract_tree` must be stored with its shape and dtype. Stored tensors it
+  does not name (an expert bias the merge drops) are read replicated and discarded, since the
+  restore reads the whole stored tree.
+  """
+  path = pathlib.Path(path)
+  manager = ocp.CheckpointManager(path.absolute() / CHECKPOINTS,
+                                  item_handlers={"params": ocp.StandardCheckpointHandler()})
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"run {path} has no complete checkpoint yet")
+  stored = checkpoint.flatten(dict(manager.item_metadata(step)["params"]))
+  want = checkpoint.flatten(abstract_tree)
+  describe = lambda x: (tuple(x.shape), np.dtype(x.dtype)) if x is not None else None
+  bad = sorted(k for k in want if describe(want[k]) != describe(stored.get(k)))
+  if bad:
+    raise ValueError(f"{path}: stored parameters do not match at {bad}: " + "; ".join(
+        f"{k} stored {describe(stored.get(k))}, expected {describe(want[k])}" for k in bad))
+  some = next(iter(want.values())).sharding
+  replicated = jax.sharding.NamedSharding(some.mesh, jax.sharding.PartitionSpec())
+  target = {**{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+               for k, v in stored.items()}, **want}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(checkpoint.unflatten(target))))
+  manager.close()
+  flat = checkpoint.flatten(restored["params"])
+  return checkpoint.unflatten({k: flat[k] for k in want}), step
+
+
 def check_shapes(config: ModelConfig, params, where) -> None:
   """Refuses parameters that do not fit `config`, naming the first mismatching tensor."""
   from flexolmo_jax import convert  # pylint: disable=g-import-not-at-top  (avoids a cycle)

@@ -95,8 +95,10 @@ def train_solo(config, workdir: str) -> dict[str, float]:
   return last
 
 
-def main(argv, config_flag, workdir_flag):
+def main(argv, config_flag, workdir_flag, distributed_flag):
   del argv
+  if distributed_flag.value:
+    sys.exit("error: the solo-expert ablation runs in one process; --distributed is not supported")
   logging.set_verbosity(logging.WARNING)
   raw = config_flag.value.to_dict()
   workdir = workdir_flag.value or raw.get("workdir")
@@ -111,5 +113,5 @@ def main(argv, config_flag, workdir_flag):
 
 
 if __name__ == "__main__":
-  _FLAGS = train_lib.define_flags()  # The trainer's --config and --workdir.
+  _FLAGS = train_lib.define_flags()  # The trainer's --config, --workdir and --distributed.
   app.run(lambda argv: main(argv, *_FLAGS))

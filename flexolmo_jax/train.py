@@ -30,7 +30,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, dp, experts, router_init, runs, sharding
+from flexolmo_jax import checkpoint, distributed, dp, experts, router_init, runs, sharding
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, init_params, logical_axes
@@ -236,19 +236,21 @@ def _check_resumable(workdir: pathlib.Path, manifest: dict) -> None:
                        f"{manifest.get(key)!r}); use a new --workdir")
 
 
-def _put(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
-
-
 class _Metrics:
-  """TensorBoard event files plus a metrics.jsonl that tests and scripts can read."""
+  """TensorBoard event files plus a metrics.jsonl that tests and scripts can read; written by
+  the primary host only (every host computes the same global metrics)."""
 
   def __init__(self, workdir: pathlib.Path):
+    self._enabled = distributed.is_primary()
+    if not self._enabled:
+      return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(str(workdir / "tb"))
     self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
 
   def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
     flat = {}
     for k, v in values.items():
       v = np.asarray(v)
@@ -262,8 +264,9 @@ class _Metrics:
     self._jsonl.flush()
 
   def close(self):
-    self._tb.close()
-    self._jsonl.close()
+    if self._enabled:
+      self._tb.close()
+      self._jsonl.close()
 
 
 def train(config: TrainConfig, workdir: str) -> dict[str, float]:
@@ -274,31 +277,40 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
       config.data.path), versions=checkpoint.library_versions())
   _check_resumable(workdir, manifest)
   workdir.mkdir(parents=True, exist_ok=True)
-  if frozen is not None:
+  primary = distributed.is_primary()  # On a pod, the workdir is shared: one host writes files.
+  if frozen is not None and primary:
     runs.write_public_router(workdir, frozen["public_router"])  # Merging needs r_pub itself.
 
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = make_optimizer(config, trainable)
   axes = _trainable_axes(config.mode, model_config)
-  trainable = _put(trainable, sharding.tree_shardings(trainable, axes, mesh))
+  trainable = distributed.put(trainable, sharding.tree_shardings(trainable, axes, mesh))
   if frozen is not None:
     public_axes = logical_axes(model_config.replace(num_experts=0, expert_bias=False))
-    frozen = {"public": _put(frozen["public"], sharding.tree_shardings(
+    frozen = {"public": distributed.put(frozen["public"], sharding.tree_shardings(
                   frozen["public"], public_axes, mesh)),
-              "public_router": jax.device_put(frozen["public_router"], sharding.logical_sharding(
+              "public_router": distributed.put(frozen["public_router"], sharding.logical_sharding(
                   frozen["public_router"].shape, ("layers", "embed"), mesh))}
   state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)})(trainable)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  dp_key = dp.noise_key(workdir) if config.dp.enabled else None
+  dp_key = None
+  if config.dp.enabled:  # The primary host creates the secret key; every host uses its copy.
+    key_data = (jax.random.key_data(dp.noise_key(workdir)) if primary
+                else np.zeros(2, np.uint32))
+    dp_key = jax.random.wrap_key_data(distributed.from_primary(np.asarray(key_data)),
+                                      impl="threefry2x32")
   step_fn = jax.jit(make_train_step(config, model_config, tx, schedule, dp_key),
                     in_shardings=(state_shardings, None, batch_sharding),
                     out_shardings=(state_shardings, None), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(config, model_config))
 
   data_cfg = _domain_data(config)
-  train_data = data_lib.make_pipeline(data_cfg, "train")
+  # data.batch_size is the global batch; each host reads its own documents (pipeline.py shards
+  # by jax.process_index()) and yields its share of the rows.
+  train_data = data_lib.make_pipeline(
+      data_cfg, "train", batch_size=distributed.host_batch_size(data_cfg.batch_size))
   batches = iter(train_data)
   manager = runs.checkpoint_manager(workdir, keep=config.keep_checkpoints,
                                     async_save=config.async_checkpoint)
@@ -307,14 +319,15 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
     state, data_state = _restore(manager, start, state)
     data_lib.iterator_state_from_json(batches, data_state)
     print(f"resumed from step {start} in {workdir}", flush=True)
-  runs.write_manifest(workdir, {**manifest, "step": start})
+  if primary:
+    runs.write_manifest(workdir, {**manifest, "step": start})
 
   metrics_out = _Metrics(workdir)
   eval_domains = config.eval_domains or (
       data_cfg.domains + (("public",) if config.mode == "expert" else ()))
   last: dict[str, float] = {}
   if start == 0:
-    last = _evaluate(config, eval_fn, state["params"], frozen, eval_domains)
+    last = _evaluate(config, eval_fn, state["params"], frozen, eval_domains, batch_sharding)
     metrics_out.write(0, last)
   bar = tqdm.tqdm(total=config.steps, initial=start, disable=not config.progress,
                   desc=f"train {manifest.get('name', 'public')}", unit="step", file=sys.stdout)
@@ -322,8 +335,9 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   try:
     for step in range(start + 1, config.steps + 1):
       host_batch = next(batches)
-      tokens_since += float(np.sum(host_batch["loss_mask"]))  # Counted on the host: no sync.
-      state, metrics = step_fn(state, frozen, jax.device_put(host_batch, batch_sharding))
+      # Counted on the host, no sync (scaled by the host count: hosts see similar counts).
+      tokens_since += float(np.sum(host_batch["loss_mask"])) * jax.process_count()
+      state, metrics = step_fn(state, frozen, distributed.global_batch(host_batch, batch_sharding))
       # One transfer per step: the NaN guard needs the loss and gradient norm.
       loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
       if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -339,7 +353,8 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
         last["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
         tokens_since, time_since = 0.0, time.perf_counter()
         if step % config.eval_every == 0 or step == config.steps:
-          last.update(_evaluate(config, eval_fn, state["params"], frozen, eval_domains))
+          last.update(_evaluate(config, eval_fn, state["params"], frozen, eval_domains,
+                                batch_sharding))
         metrics_out.write(step, last)
       if step % config.checkpoint_every == 0 or step == config.steps:
         _save(manager, step, state, batches)
@@ -351,7 +366,8 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   if config.dp.enabled:
     manifest["dp"] = dp.report(config.dp, batch_size=data_cfg.batch_size, steps=config.steps,
                                num_examples=_num_examples(data_cfg))
-  runs.write_manifest(workdir, {**manifest, "step": config.steps})
+  if primary:
+    runs.write_manifest(workdir, {**manifest, "step": config.steps})
   return {k: float(np.mean(v)) for k, v in last.items()}
 
 
@@ -373,11 +389,15 @@ def _trainable_axes(mode: str, model_config: ModelConfig):
 
 
 def _save(manager, step, state, batches):
+  # Each host reads its own documents, so each has its own iterator position; JSON items are
+  # written by the primary alone, so it saves every host's (gathered) state.
+  states = distributed.gather_strings(data_lib.iterator_state_to_json(batches))
+  data_iter = {"state": states[0], **({"per_host": states} if len(states) > 1 else {})}
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(state["params"]),
       opt_state=ocp.args.StandardSave(state["opt_state"]),
       meta=ocp.args.JsonSave({"step": step}),
-      data_iter=ocp.args.JsonSave({"state": data_lib.iterator_state_to_json(batches)})))
+      data_iter=ocp.args.JsonSave(data_iter)))
 
 
 def _restore(manager, step, state_template):
@@ -388,19 +408,33 @@ def _restore(manager, step, state_template):
       data_iter=ocp.args.JsonRestore()))
   state = {"params": restored["params"], "opt_state": restored["opt_state"],
            "step": jnp.int32(step)}
-  return state, restored["data_iter"]["state"]
+  saved = restored["data_iter"]
+  hosts = len(saved.get("per_host", [None]))
+  if hosts != jax.process_count():
+    raise ValueError(f"step {step} was saved by {hosts} host(s) and this run has "
+                     f"{jax.process_count()}; each host's data position cannot be carried over: "
+                     "resume with the same number of hosts")
+  return state, saved["per_host"][jax.process_index()] if hosts > 1 else saved["state"]
 
 
-def _evaluate(config, eval_fn, trainable, frozen, domains) -> dict[str, float]:
-  """Validation loss per domain over up to eval_batches batches of its validation split."""
+def _evaluate(config, eval_fn, trainable, frozen, domains, batch_sharding) -> dict[str, float]:
+  """Validation loss per domain over up to eval_batches batches of its validation split.
+
+  On several hosts every host must run the same number of steps with full batches (each step
+  is one global computation), so the split repeats and exactly eval_batches batches are read.
+  """
+  multi_host = jax.process_count() > 1
   out = {}
   for domain in domains:
     data_cfg = config.data.replace(domains=(domain,), shuffle=False)
     total, count = 0.0, 0.0
-    batches = iter(data_lib.make_pipeline(data_cfg, "validation", num_epochs=1,
-                                          drop_remainder=False))
+    batches = iter(data_lib.make_pipeline(
+        data_cfg, "validation", num_epochs=None if multi_host else 1,
+        drop_remainder=multi_host, batch_size=distributed.host_batch_size(data_cfg.batch_size)))
     for _, batch in zip(range(config.eval_batches), batches):
-      loss_sum, n = eval_fn(trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+      batch = (distributed.global_batch(batch, batch_sharding) if multi_host
+               else {k: jnp.asarray(v) for k, v in batch.items()})
+      loss_sum, n = eval_fn(trainable, frozen, batch)
       total, count = total + float(loss_sum), count + float(n)
     if count:
       out[f"val_loss/{domain}"] = total / count
@@ -414,13 +448,17 @@ def define_flags():
   next to another command's flags never clashes."""
   config = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
   workdir = flags.DEFINE_string("workdir", None, "Run directory (default: the config's workdir).")
+  dist = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (one process "
+                           "per host); also done when a multi-process launch is detected, see "
+                           "flexolmo_jax/distributed.py.")
   flags.mark_flags_as_required(["config"])
-  return config, workdir
+  return config, workdir, dist
 
 
-def main(argv, config_flag, workdir_flag):
+def main(argv, config_flag, workdir_flag, distributed_flag):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  distributed.initialize(distributed_flag.value)  # Before anything touches a backend.
   raw = config_flag.value
   workdir = workdir_flag.value or raw.get("workdir")
   if not workdir:

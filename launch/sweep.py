@@ -32,7 +32,7 @@ from typing import Sequence
 import jax
 from absl import logging
 
-from flexolmo_jax import evaluate, runs
+from flexolmo_jax import distributed, evaluate, runs
 from flexolmo_jax.data import load_manifest, load_tokenizer
 
 SUMMARY_METRICS = ("acc", "acc_per_token", "acc_per_char", "exact_match", "pass@1")
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = p.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   if args.distributed:
-    jax.distributed.initialize()
+    distributed.initialize(True)  # Also reads JAX_NUM_PROCESSES / JAX_PROCESS_ID (multi-node GPU).
   host_index = jax.process_index() if args.host_index is None else args.host_index
   host_count = jax.process_count() if args.host_count is None else args.host_count
   domains = args.domains.split(",") if args.domains else sorted(load_manifest(args.data)["domains"])
