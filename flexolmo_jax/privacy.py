@@ -207,8 +207,8 @@ def format_table(results: dict) -> str:
   p = results["protocol"]
   scope = (f" of the first {results['train_docs']} (the closed-domain runs' training subset)"
            if results.get("train_docs") else "")
-  lines = [f"Extraction on {results['documents_available']} {results['domain']} training documents"
-           f"{scope} (prefix {p['prefix']}, generate {p['generate']}, {p['samples']} samples, "
+  lines = [f"Extraction on {results['documents_available']}{scope} {results['domain']} training "
+           f"documents (prefix {p['prefix']}, generate {p['generate']}, {p['samples']} samples, "
            f"top-k {p['top_k']}, top-p {p['top_p']}, T {p['temperature']}, similarity >= "
            f"{p['threshold']})", "",
            "| model | extracted | documents | rate | 95% CI (Wilson) | mean best similarity "
