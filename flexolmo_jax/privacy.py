@@ -133,8 +133,9 @@ def check_subset(manifest: dict, where: str, domain: str, train_docs: int) -> No
   trained = data.get("train_subset", {}).get(domain, 0)
   if trained != train_docs:
     said = lambda n: f"the first {n} {domain} documents" if n else f"all {domain} documents"
-    raise ValueError(f"{where} was trained on {said(trained)} but the study probes {said(train_docs)}"
-                     f"; pass --train_docs={trained} or the runs of the other setting")
+    raise ValueError(f"{where} was trained on {said(trained)} but the study probes "
+                     f"{said(train_docs)}; pass --train_docs={trained} or the runs of the other "
+                     "setting")
 
 
 def dense_model(path: str, domain: str, train_docs: int) -> tuple[ModelConfig, dict]:
