@@ -93,12 +93,12 @@ def extraction(config: ModelConfig, params, documents: Sequence[Sequence[int]], 
           "ci95": [low, high], "best_similarity": best}
 
 
-def load_documents(data: str, domain: str, *, min_tokens: int, limit: int,
-                   first: int = 0) -> list[list[int]]:
-  """Token ids of up to `limit` training documents of `domain` with >= min_tokens tokens, taken
+def load_documents(data: str, domain: str, *, min_tokens: int, limit: int, first: int = 0,
+                   split: str = "train") -> list[list[int]]:
+  """Token ids of up to `limit` documents of `domain`'s `split` with >= min_tokens tokens, taken
   from the first `first` documents of the split (0: the whole split)."""
   tok = load_tokenizer(str(pathlib.Path(data) / "tokenizer.model"))
-  rows = corpus.read_text_split(data, domain, "train")
+  rows = corpus.read_text_split(data, domain, split)
   docs = []
   for row in rows[:first] if first else rows:
     ids = tok.encode(row["text"])
@@ -152,16 +152,18 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
               dp_expert: str = "", num_docs: int = 10_000, prefix: int = 32, length: int = 256,
               samples: int = 10, sampling: Sampling = Sampling(1.0, 50, 0.95),
               threshold: float = 0.9, seed: int = 0, train_docs: int = 0,
-              batch_docs: int = 8) -> dict:
+              batch_docs: int = 8, split: str = "train") -> dict:
   """Runs the study for every given model; writes results.json and results.md under `out`.
 
   Rows in the paper's order: public, dense fine-tuned (if given), FlexOlmo with the expert, the
-  expert opted out, FlexOlmo with the DP expert (if given).
+  expert opted out, FlexOlmo with the DP expert (if given). `split="validation"` is the control:
+  documents no run trained on, so what is "extracted" there is what the domain makes predictable,
+  not memorised (`train_docs` then only checks the runs' setting).
   """
   docs = load_documents(data, domain, min_tokens=prefix + length, limit=num_docs,
-                        first=train_docs)
+                        first=train_docs if split == "train" else 0, split=split)
   if not docs:
-    raise ValueError(f"no {domain} training document has {prefix + length} tokens; lower "
+    raise ValueError(f"no {domain} {split} document has {prefix + length} tokens; lower "
                      "--prefix or --generate")
   public_config, public_params, _ = runs.load_params(public)
   if public_config.is_moe:
@@ -191,7 +193,7 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
                  "epsilon": None if dp_record is None else dp_record["epsilon"],
                  "delta": None if dp_record is None else dp_record["delta"]})
   results = {"domain": domain, "documents_available": len(docs), "requested_documents": num_docs,
-             "train_docs": train_docs,
+             "train_docs": train_docs, "split": split,
              "protocol": {"prefix": prefix, "generate": length, "samples": samples,
                           "temperature": sampling.temperature, "top_k": sampling.top_k,
                           "top_p": sampling.top_p, "threshold": threshold, "seed": seed},
@@ -206,10 +208,16 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
 def format_table(results: dict) -> str:
   """The study's markdown table."""
   p = results["protocol"]
-  scope = (f" of the first {results['train_docs']} (the closed-domain runs' training subset)"
-           if results.get("train_docs") else "")
-  lines = [f"Extraction on {results['documents_available']}{scope} {results['domain']} training "
-           f"documents (prefix {p['prefix']}, generate {p['generate']}, {p['samples']} samples, "
+  split = results.get("split", "train")
+  if split != "train":
+    what = f"{results['domain']} {split} documents (a control: no run trained on them)"
+  elif results.get("train_docs"):
+    what = (f"of the first {results['train_docs']} (the closed-domain runs' training subset) "
+            f"{results['domain']} training documents")
+  else:
+    what = f"{results['domain']} training documents"
+  lines = [f"Extraction on {results['documents_available']} {what} (prefix {p['prefix']}, "
+           f"generate {p['generate']}, {p['samples']} samples, "
            f"top-k {p['top_k']}, top-p {p['top_p']}, T {p['temperature']}, similarity >= "
            f"{p['threshold']})", "",
            "| model | extracted | documents | rate | 95% CI (Wilson) | mean best similarity "
@@ -247,6 +255,8 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("train_docs", 0, "Probe only the first N training documents: the subset "
                        "the memorisation runs trained on (configs/privacy_memorise.py); 0 = all.")
+  flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Documents probed: the "
+                    "training split, or a control split no run trained on.")
   flags.DEFINE_integer("batch_docs", 8, "Documents per generate call (each with all its samples).")
   flags.mark_flags_as_required(["data", "public", "expert", "out"])
 
@@ -261,7 +271,7 @@ def main(argv):
                         length=f.generate, samples=f.samples,
                         sampling=Sampling(f.temperature, f.top_k, f.top_p),
                         threshold=f.threshold, seed=f.seed, train_docs=f.train_docs,
-                        batch_docs=f.batch_docs)
+                        batch_docs=f.batch_docs, split=f.split)
   except (ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(1)

@@ -91,6 +91,15 @@ def test_study_probes_the_subset_the_runs_trained_on(corpus_dir):
   docs = privacy.load_documents(corpus_dir, "math", min_tokens=1, limit=100, first=3)
   tok = data_lib.load_tokenizer(str(pathlib.Path(corpus_dir) / "tokenizer.model"))
   assert docs == [tok.encode(r["text"]) for r in rows[:3]]
+  unseen = corpus.read_text_split(corpus_dir, "math", "validation")
+  control = privacy.load_documents(corpus_dir, "math", min_tokens=1, limit=2, split="validation")
+  assert control == [tok.encode(r["text"]) for r in unseen[:2]]
+  results = {"domain": "math", "documents_available": 2, "train_docs": 3, "split": "validation",
+             "protocol": dict(prefix=8, generate=8, samples=1, top_k=50, top_p=0.95,
+                              temperature=1.0, threshold=0.9), "rows": []}
+  assert "2 math validation documents (a control" in privacy.format_table(results)
+  results["split"] = "train"
+  assert "2 of the first 3 (the closed-domain" in privacy.format_table(results)
   manifest = {"train_config": {"data": {"train_subset": {"math": 32}}}}
   privacy.check_subset(manifest, "run", "math", 32)
   privacy.check_subset({}, "artifact", "math", 32)  # A params artifact records no training data.
