@@ -34,15 +34,21 @@ def _finetune_config(corpus_dir, init_from, **model):
       mode="public", model={**TINY, **model}, init_from=init_from,
       data=dict(path=corpus_dir, domains=("math",), seq_len=32, batch_size=8),
       optim=dict(lr=1e-3, warmup_steps=1), steps=1, eval_domains=("math",), eval_batches=2,
-      progress=False, async_checkpoint=False))
+      mesh=dict(data=1), progress=False, async_checkpoint=False))
 
 
 def test_init_from_starts_at_the_loaded_params(corpus_dir, tmp_path):
   source, params = _source(tmp_path)
-  config = _finetune_config(corpus_dir, source)
-  _, start, frozen, manifest = T.setup(config)
+  _, start, frozen, manifest = T.setup(_finetune_config(corpus_dir, source))
   assert frozen is None and manifest["init_from"] == source
+  assert manifest["init_fingerprint"] == checkpoint.fingerprint(params)
   jax.tree.map(np.testing.assert_array_equal, start, params)
+
+
+@pytest.mark.slow
+def test_init_from_run_starts_at_the_source_loss(corpus_dir, tmp_path):
+  source, params = _source(tmp_path)
+  config = _finetune_config(corpus_dir, source)
   # The run's step-0 validation loss is the source model's own loss on the fine-tuning domain.
   eval_fn = jax.jit(T.make_eval_step(config, config.model))
   want = T._evaluate(config, eval_fn, params, None, ("math",))["val_loss/math"]
