@@ -1,5 +1,6 @@
 r"""The extraction study's memorisation setting: the closed-domain models see a small, known set of
-math documents for many epochs, so that extraction happens at this small model size.
+math documents for many epochs, so that memorisation, and so extraction, can happen at this small
+model size (it does for the dense fine-tune; measured in docs/privacy_study.md).
 
 One preset per row of the study, all on the first SUBSET math training documents with the same
 steps, batch and schedule (config string: dense | expert | dp):

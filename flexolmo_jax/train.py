@@ -2,6 +2,10 @@
 
   python -m flexolmo_jax.train --config=configs/public.py --workdir=runs/public
   python -m flexolmo_jax.train --config=configs/math_expert.py --workdir=runs/math
+  python -m flexolmo_jax.train --config=configs/math_dense.py --config.init_from=runs/public
+
+Public mode starts from a random init, or with `config.init_from` from an existing dense model's
+parameters (a full fine-tune, fresh optimizer; shapes checked against `config.model`).
 
 The optimizer only ever sees the trainable tree: the whole model in public mode; in expert mode
 only the new expert (its FFN, router row and bias per layer). The frozen public parameters are a
