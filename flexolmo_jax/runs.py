@@ -128,7 +128,8 @@ def restore_params_sharded(path: str | os.PathLike, abstract_tree) -> tuple[dict
   return checkpoint.unflatten({k: flat[k] for k in want}), step
 
 
-def check_shapes(config: ModelConfig, params, where) -> None:
+def check_shapes(config: ModelConfig, params, where,
+                 hint: str = "the checkpoint does not match its manifest") -> None:
   """Refuses parameters that do not fit `config`, naming the first mismatching tensor."""
   from flexolmo_jax import convert  # pylint: disable=g-import-not-at-top  (avoids a cycle)
   want = convert.param_shapes(config)
@@ -136,4 +137,4 @@ def check_shapes(config: ModelConfig, params, where) -> None:
   for key in sorted(set(want) | set(got)):
     if want.get(key) != got.get(key):
       raise ValueError(f"{where}: parameter {key} has shape {got.get(key)} but its config "
-                       f"expects {want.get(key)}; the checkpoint does not match its manifest")
+                       f"expects {want.get(key)}; {hint}")

@@ -2,6 +2,10 @@
 
   python -m flexolmo_jax.train --config=configs/public.py --workdir=runs/public
   python -m flexolmo_jax.train --config=configs/math_expert.py --workdir=runs/math
+  python -m flexolmo_jax.train --config=configs/math_dense.py --config.init_from=runs/public
+
+Public mode starts from a random init, or with `config.init_from` from an existing dense model's
+parameters (a full fine-tune, fresh optimizer; shapes checked against `config.model`).
 
 The optimizer only ever sees the trainable tree: the whole model in public mode; in expert mode
 only the new expert (its FFN, router row and bias per layer). The frozen public parameters are a
@@ -181,8 +185,12 @@ def setup(config: TrainConfig):
   data_lib.pipeline.ensure_domains(data_cfg)  # Unknown domains fail here, listing the known ones.
   if config.mode == "public":
     _vocab_check(config.model, config.data.path)
-    params = init_params(config.model, jax.random.key(config.seed))
     manifest = {"kind": "public", "config": config.model.to_dict()}
+    if not config.init_from:
+      return config.model, init_params(config.model, jax.random.key(config.seed)), None, manifest
+    params = _init_from(config.model, config.init_from)
+    manifest.update(init_from=str(config.init_from),
+                    init_fingerprint=checkpoint.fingerprint(params))
     return config.model, params, None, manifest
 
   e = config.expert
@@ -203,6 +211,18 @@ def setup(config: TrainConfig):
       "public_router_fingerprint": checkpoint.fingerprint({"r": rows["public"]}),
   }
   return model_config, trainable, frozen, manifest
+
+
+def _init_from(model_config: ModelConfig, path: str):
+  """A dense model's parameters from `path` (run directory or params artifact), checked to fit
+  `model_config` tensor by tensor, so a fine-tune never silently trains another architecture."""
+  source_config, params, manifest = runs.load_params(path)
+  if manifest.get("kind") == "expert" or source_config.is_moe:
+    raise ValueError(f"config.init_from={path} holds an expert or a mixture of experts; a dense "
+                     "fine-tune starts from a dense model (e.g. the public run)")
+  runs.check_shapes(model_config, params, f"config.init_from={path}",
+                    hint="config.model must describe the architecture of the model it starts from")
+  return jax.tree.map(lambda x: np.asarray(x, model_config.param_dtype), params)
 
 
 def _router_rows(config: TrainConfig, public_config: ModelConfig, public_params):
@@ -230,7 +250,7 @@ def _check_resumable(workdir: pathlib.Path, manifest: dict) -> None:
   if not path.exists():
     return
   old = json.loads(path.read_text())
-  for key in ("kind", "name", "config", "public_fingerprint"):
+  for key in ("kind", "name", "config", "public_fingerprint", "init_fingerprint"):
     if old.get(key) != manifest.get(key):
       raise ValueError(f"{workdir} holds another run ({key} differs: {old.get(key)!r} vs "
                        f"{manifest.get(key)!r}); use a new --workdir")
@@ -373,8 +393,13 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
 
 def _num_examples(data_cfg) -> int:
   """Training sequences per epoch of the run's domains (for DP accounting): tokens / seq_len."""
-  domains = data_lib.load_manifest(data_cfg.path)["domains"]
-  tokens = sum(domains[d]["train"]["tokens"] for d in data_cfg.domains)
+  if any(d in data_cfg.train_subset for d in data_cfg.domains):
+    # A subset is fewer examples, hence a larger sampling probability: count what is trained on.
+    records = data_lib.pipeline.documents(data_cfg, "train")
+    tokens = sum(len(records[i]) // 4 for i in range(len(records)))  # int32 ids incl. EOS.
+  else:
+    domains = data_lib.load_manifest(data_cfg.path)["domains"]
+    tokens = sum(domains[d]["train"]["tokens"] for d in data_cfg.domains)
   return max(tokens // data_cfg.seq_len, 1)
 
 

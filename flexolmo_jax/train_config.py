@@ -79,6 +79,10 @@ class TrainConfig:
   data: DataConfig
   model: ModelConfig | None = None  # Public mode: the architecture.
   model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Expert mode.
+  # Public mode: start from this run directory's or params artifact's parameters (whose shapes
+  # must match `model`) instead of a random init, with a fresh optimizer; e.g. the dense model
+  # fully fine-tuned on a closed domain that the extraction study compares with (privacy.py).
+  init_from: str = ""
   expert: ExpertConfig = ExpertConfig()
   optim: OptimConfig = OptimConfig()
   loss: LossConfig = LossConfig()
@@ -104,6 +108,9 @@ class TrainConfig:
     if self.mode == "expert" and not (self.expert.name and self.expert.public):
       raise ValueError("mode 'expert' needs config.expert.name (the owner's domain) and "
                        "config.expert.public (the public model's directory)")
+    if self.init_from and self.mode != "public":
+      raise ValueError("config.init_from needs mode 'public' (a dense run started from existing "
+                       "parameters); an expert always starts from config.expert.public")
     if self.dp.enabled and self.mode != "expert":
       raise ValueError("config.dp.enabled needs mode 'expert': DP-SGD protects one owner's data "
                        "in its expert; the public model is trained on public data without it")

@@ -82,12 +82,17 @@ def test_tiny_study_writes_table(corpus_dir, tmp_path):
   data = dict(path=corpus_dir, seq_len=32, batch_size=8)
   public = tmp_path / "public"
   T.train(train_config(dict(mode="public", model=tiny, steps=2, data=data, **common)), str(public))
+  # The closed-domain runs train on the first 6 math documents only (the memorisation setting).
+  subset = dict(data, train_subset={"math": 6})
+  dense = tmp_path / "dense"
+  T.train(train_config(dict(mode="public", model=tiny, init_from=str(public), steps=2,
+                            data=dict(subset, domains=("math",)), **common)), str(dense))
 
   def expert_run(name, **extra):
     workdir = tmp_path / name
     T.train(train_config(dict(mode="expert", expert=dict(name="math", public=str(public),
                                                          embed_batches=1),
-                              model_overrides=dict(moe_backend="dense"), data=data, steps=2,
+                              model_overrides=dict(moe_backend="dense"), data=subset, steps=2,
                               optim=dict(lr=1e-3, warmup_steps=1), **extra, **common)),
             str(workdir))
     return str(workdir)
@@ -95,16 +100,22 @@ def test_tiny_study_writes_table(corpus_dir, tmp_path):
   expert = expert_run("expert")
   dp_expert = expert_run("dp", dp=dict(enabled=True, noise_multiplier=1.0))
   out = tmp_path / "study"
-  results = privacy.run_study(data=corpus_dir, domain="math", public=str(public), expert=expert,
-                              dp_expert=dp_expert, out=str(out), num_docs=4, prefix=8, length=8,
-                              samples=2)
-  assert [r["documents"] for r in results["rows"]] == [4] * 4
-  assert results["rows"][3]["epsilon"] > 0
+  study = dict(data=corpus_dir, domain="math", public=str(public), prefix=8, length=8)
+  results = privacy.run_study(**study, expert=expert, dense=str(dense), dp_expert=dp_expert,
+                              out=str(out), num_docs=4, samples=2, train_docs=6)
+  assert [r["documents"] for r in results["rows"]] == [4] * 5
+  assert results["rows"][4]["epsilon"] > 0
   table = (out / "results.md").read_text().strip().splitlines()
-  assert len(table) == 4 + 4 and table[2].startswith("| model |")
-  assert "opted out" in table[6] and "DP" in table[7]
+  assert len(table) == 4 + 5 and table[2].startswith("| model |")
+  assert "of the first 6" in table[0]
+  assert table[4].startswith("| public |") and "dense fine-tuned" in table[5]
+  assert "opted out" in table[7] and "DP" in table[8]
   assert json.loads((out / "results.json").read_text())["documents_available"] == 4
   with pytest.raises(ValueError, match="not trained with DP-SGD"):
-    privacy.run_study(data=corpus_dir, domain="math", public=str(public), expert=expert,
-                      dp_expert=expert, out=str(tmp_path / "x"), num_docs=1, prefix=8, length=8,
-                      samples=1)
+    privacy.run_study(**study, expert=expert, dp_expert=expert, out=str(tmp_path / "x"),
+                      num_docs=1, samples=1, train_docs=6)
+  with pytest.raises(ValueError, match="trained on the first 6 math documents"):
+    privacy.run_study(**study, expert=expert, out=str(tmp_path / "x"), num_docs=1, samples=1)
+  with pytest.raises(ValueError, match="is not a dense model"):
+    privacy.run_study(**study, expert=expert, dense=expert, out=str(tmp_path / "x"), num_docs=1,
+                      samples=1, train_docs=6)

@@ -22,6 +22,9 @@ class DataConfig:
     (e.g. "my_set:1.0.0"), read from `tfds_data_dir`.
   num_epochs: None repeats forever (training); an integer stops after that many passes.
   num_workers: grain worker processes (0 = in-process; on 2 CPU cores use 0 or 1).
+  train_subset: domain -> N keeps only the first N documents of that domain's train split (the
+    first N rows of its text/<domain>/train.jsonl): many epochs over a small known set, for the
+    memorisation setting of the extraction study (privacy.py). Other splits are unaffected.
   """
   path: str = ""
   domains: tuple[str, ...] = ("public",)
@@ -35,6 +38,7 @@ class DataConfig:
   shuffle: bool = True
   num_epochs: int | None = None
   num_workers: int = 0
+  train_subset: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def replace(self, **changes) -> "DataConfig":
     return dataclasses.replace(self, **changes)
@@ -57,12 +61,14 @@ def data_config(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> DataConfig
     raise KeyError(f"unknown data config key(s): {'; '.join(hints)}. Valid keys: {', '.join(valid)}")
   if "domains" in raw:
     raw["domains"] = (raw["domains"],) if isinstance(raw["domains"], str) else tuple(raw["domains"])
-  for key in ("owner_dirs", "tfds_domains"):
+  for key in ("owner_dirs", "tfds_domains", "train_subset"):
     if key in raw:
       raw[key] = dict(raw[key])
   cfg = DataConfig(**raw)
   if cfg.seq_len < 1 or cfg.batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be positive (got {cfg.seq_len}, {cfg.batch_size}).")
+  if any(n < 1 for n in cfg.train_subset.values()):
+    raise ValueError(f"train_subset sizes must be >= 1 (got {dict(cfg.train_subset)}).")
   if not cfg.domains:
     raise ValueError("DataConfig.domains is empty: name at least one domain.")
   return cfg

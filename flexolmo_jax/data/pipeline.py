@@ -50,6 +50,19 @@ def ensure_domains(cfg: DataConfig) -> None:
     corpus.add_domain(cfg.path, name, corpus.documents_from_spec(spec), seed=cfg.seed)
 
 
+def documents(cfg: DataConfig, split: str) -> grain.MapDataset:
+  """The token records (document ids + EOS, int32 bytes) of `split` for `cfg.domains`, in corpus
+  order, each domain cut to its `train_subset` size on the train split."""
+  paths = corpus.token_paths(cfg.path, cfg.domains, split)
+  limits = [cfg.train_subset.get(d, 0) if split == "train" else 0 for d in cfg.domains]
+  if not any(limits):  # One source over every file: the order (and iterator state) of old runs.
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  parts = [grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path]))
+           for path in paths]
+  parts = [ds[:limit] if limit else ds for ds, limit in zip(parts, limits)]
+  return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+
+
 def _next_token_pairs(record: bytes) -> dict[str, np.ndarray]:
   ids = np.frombuffer(record, dtype=np.int32)
   return {"inputs": ids[:-1], "targets": ids[1:]}
@@ -91,12 +104,11 @@ def make_pipeline(cfg: DataConfig, split: str = "train", *, seed: int | None = N
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count}).")
   ensure_domains(cfg)
-  paths = corpus.token_paths(cfg.path, cfg.domains, split)
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  ds = documents(cfg, split)
   ds = ds[shard_index::shard_count]
   if len(ds) == 0:
     raise sources.DataError(f"Shard {shard_index} of {shard_count} of {list(cfg.domains)}/{split} "
-                            f"holds no documents ({len(paths)} files under {cfg.path}).")
+                            f"holds no documents (under {cfg.path}).")
   if cfg.shuffle:
     ds = ds.shuffle(seed=seed)
   # repeat() after shuffle reshuffles every epoch with a seed derived from the epoch number.
