@@ -168,6 +168,17 @@ def _all_to_all(x_txD, probs_txK, experts_txK, w_gate, w_up, w_down, *, config,
   return jnp.einsum("tkd,tk->td", y_SxD.reshape(tokens, top_k, -1), probs_txK.astype(y_SxD.dtype))
 
 
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
+  """`jax.lax.ragged_all_to_all` over the expert axis, refusing XLA:CPU (which lacks it) by
+  name at trace time rather than failing deep in compilation."""
+  if jax.default_backend() == "cpu":
+    raise NotImplementedError(
+        "expert_parallel='ragged_all_to_all' needs the ragged-all-to-all collective, which "
+        "XLA:CPU does not implement; on CPU use 'allgather' or 'all_to_all' (TPU and GPU run it)")
+  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                   recv_sizes, axis_name=EXPERT_AXIS)
+
+
 def _exclusive_cumsum(a, axis=0):
   return jnp.cumsum(a, axis=axis) - a
 
@@ -190,8 +201,7 @@ def _ragged_all_to_all(x_txD, probs_txK, experts_txK, w_gate, w_up, w_down, *, c
 
   def there(operand, fill):
     out = jnp.full((capacity,) + operand.shape[1:], fill, operand.dtype)
-    return jax.lax.ragged_all_to_all(operand, out, offsets_N, send_N, there_N, recv_N,
-                                     axis_name=EXPERT_AXIS)
+    return ragged_all_to_all(operand, out, offsets_N, send_N, there_N, recv_N)
 
   x_RxD = there(x_txD[token_S], 0)
   experts_R = there(expert_S % local_experts, local_experts)  # Unfilled rows: absent.
@@ -199,10 +209,8 @@ def _ragged_all_to_all(x_txD, probs_txK, experts_txK, w_gate, w_up, w_down, *, c
                           tokens_per_device=tokens_per_device, top_k=top_k)
   # The way back: the received chunks return to where each sender's chunk started.
   back = jnp.zeros((expert_S.size, x_txD.shape[1]), y_RxD.dtype)
-  y_SxD = jax.lax.ragged_all_to_all(
-      y_RxD, back, _exclusive_cumsum(recv_N), recv_N,
-      jax.lax.all_to_all(offsets_N, EXPERT_AXIS, 0, 0, tiled=True), send_N,
-      axis_name=EXPERT_AXIS)
+  y_SxD = ragged_all_to_all(y_RxD, back, _exclusive_cumsum(recv_N), recv_N,
+                            jax.lax.all_to_all(offsets_N, EXPERT_AXIS, 0, 0, tiled=True), send_N)
   return moe.combine_slots(y_SxD, order, probs_txK.astype(y_SxD.dtype))
 
 

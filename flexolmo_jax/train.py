@@ -292,10 +292,10 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(mesh)
 
   dp_key = dp.noise_key(workdir) if config.dp.enabled else None
-  step_fn = jax.jit(make_train_step(config, model_config, tx, schedule, dp_key),
-                    in_shardings=(state_shardings, None, batch_sharding),
-                    out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(config, model_config))
+  step_fn = on_mesh(mesh, jax.jit(make_train_step(config, model_config, tx, schedule, dp_key),
+                                   in_shardings=(state_shardings, None, batch_sharding),
+                                   out_shardings=(state_shardings, None), donate_argnums=0))
+  eval_fn = on_mesh(mesh, jax.jit(make_eval_step(config, model_config)))
 
   data_cfg = _domain_data(config)
   train_data = data_lib.make_pipeline(data_cfg, "train")
@@ -353,6 +353,14 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
                                num_examples=_num_examples(data_cfg))
   runs.write_manifest(workdir, {**manifest, "step": config.steps})
   return {k: float(np.mean(v)) for k, v in last.items()}
+
+
+def on_mesh(mesh, fn):
+  """`fn` called with `mesh` set, so that the model's expert-parallel shard_map finds it."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
 
 
 def _num_examples(data_cfg) -> int:
