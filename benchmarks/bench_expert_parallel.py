@@ -7,7 +7,10 @@ On `--devices` devices (fake CPU devices unless an accelerator is present) it ji
 backward (value_and_grad of the mean next-token cross-entropy, every parameter differentiated)
 of a small FlexOlmo model in several layouts:
 
-- "replicated": mesh {data: n}, every device holds every expert (data parallelism only);
+- "replicated": mesh {data: n}, every device holds every expert (data parallelism only), under
+  GSPMD (expert_parallel="none");
+- "replicated, shard_map": the same, with any expert_parallel strategy: with an expert axis of
+  size 1 each device dispatches its own tokens inside shard_map;
 - "gspmd": mesh {expert: n}, experts sharded, expert_parallel="none" (GSPMD decides);
 - one row per expert_parallel strategy on mesh {expert: n}; "all_to_all c=1.25" is the capacity-
   limited (dropping) variant. ragged_all_to_all is left out on CPU, where XLA lacks it.
@@ -93,6 +96,7 @@ def _prod(dims: str) -> int:
 def _variants():
   n = _DEVICES.value
   yield "replicated", {"data": n}, {}
+  yield "replicated, shard_map", {"data": n}, dict(expert_parallel="allgather")
   yield "gspmd", {"expert": n}, {}
   yield "allgather", {"expert": n}, dict(expert_parallel="allgather")
   yield "all_to_all", {"expert": n}, dict(expert_parallel="all_to_all")

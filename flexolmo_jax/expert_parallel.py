@@ -58,15 +58,19 @@ def moe_ffn(x_TxD, routing: moe.Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
             config: ModelConfig):
   """`moe.dispatch` under the config's expert parallelism, on the current mesh.
 
-  The mesh is the one set by `jax.set_mesh` (train.py sets it around the step). Without a mesh,
-  with an expert axis of size 1, or with `expert_parallel="none"`, this is `moe.dispatch`.
+  The mesh is the one set by `jax.set_mesh` (train.py sets it around the step). Without a mesh
+  (or one that does not split tokens), or with `expert_parallel="none"`, this is `moe.dispatch`
+  under GSPMD. With an expert axis of size 1 every device holds every expert and dispatches its
+  own tokens inside shard_map: GSPMD cannot split the sort-based back ends' global sort over
+  tokens, and would run the whole batch's dispatch on every device.
   """
   weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   mesh = jax.sharding.get_abstract_mesh()
-  num_shards = expert_shards(mesh)
-  if config.expert_parallel == "none" or num_shards == 1:
+  axes = () if mesh.empty else token_axes(mesh)
+  if config.expert_parallel == "none" or not axes:
     return moe.dispatch(x_TxD, routing, *weights, backend=config.moe_backend,
                         block_size=config.moe_block_size)
+  num_shards = expert_shards(mesh)
   num_experts = w_gate_ExDxF.shape[0]
   if num_experts % num_shards:
     raise ValueError(
@@ -74,8 +78,7 @@ def moe_ffn(x_TxD, routing: moe.Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
         f"'expert' axis of size {num_shards}, which does not divide them; make the expert axis a "
         f"divisor of num_experts (e.g. mesh {{'expert': {math.gcd(num_experts, num_shards)}, "
         f"'data': -1}}) or set expert_parallel='none'")
-  axes = token_axes(mesh)
-  if EXPERT_AXIS not in axes:
+  if num_shards > 1 and EXPERT_AXIS not in axes:
     raise ValueError(f"expert_parallel needs tokens split over the '{EXPERT_AXIS}' axis; the "
                      f"batch rule gives {axes}")
   # shard_map splits tokens evenly; pad with zero-weight slots (they add nothing).
@@ -88,9 +91,9 @@ def moe_ffn(x_TxD, routing: moe.Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
     probs_TxK = jnp.pad(probs_TxK, ((0, pad), (0, 0)))
     experts_TxK = jnp.pad(experts_TxK, ((0, pad), (0, 0)))
 
-  local = functools.partial(_STRATEGIES[config.expert_parallel], config=config,
-                            tokens_per_device=x_TxD.shape[0] // devices)
-  tokens, experts = P(axes), P(EXPERT_AXIS)
+  strategy = _STRATEGIES[config.expert_parallel] if num_shards > 1 else _local
+  local = functools.partial(strategy, config=config, tokens_per_device=x_TxD.shape[0] // devices)
+  tokens, experts = P(axes), P(EXPERT_AXIS if num_shards > 1 else None)
   y_TxD = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens) + (experts,) * 3,
                         out_specs=tokens)(x_TxD, probs_TxK, experts_TxK, *weights)
   return y_TxD[:num_tokens]
@@ -110,6 +113,13 @@ def _local_dispatch(x_RxD, experts_RxK, weights, *, config, tokens_per_device, t
       x_RxD, jnp.ones(experts_RxK.shape, x_RxD.dtype), experts_RxK, *weights,
       backend=config.moe_backend,
       block_size=_block_size(config, tokens_per_device, top_k, local_experts))
+
+
+def _local(x_txD, probs_txK, experts_txK, w_gate, w_up, w_down, *, config, tokens_per_device):
+  """Expert axis of size 1: this device's tokens through its copy of every expert."""
+  del tokens_per_device
+  return moe.dispatch_slots(x_txD, probs_txK, experts_txK, w_gate, w_up, w_down,
+                            backend=config.moe_backend, block_size=config.moe_block_size)
 
 
 def _localise(experts_TxK, local_experts):

@@ -178,14 +178,33 @@ def test_expert_axis_must_divide_experts():
       jax.eval_shape(M.Transformer(config).apply, {"params": params}, tokens)
 
 
-def test_no_mesh_or_unit_expert_axis_is_the_local_path():
+def test_no_mesh_or_none_is_gspmd_and_unit_expert_axis_dispatches_per_device():
   config = C.tiny(num_experts=4, top_k=2, expert_parallel="all_to_all")
   params = jax.eval_shape(M.init_params, config, jax.random.key(0))
   tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32)
-  apply = lambda p, t: M.Transformer(config).apply({"params": p}, t)
-  assert "manual" not in jax.jit(apply).lower(params, tokens).as_text()
+  lowered = lambda c: jax.jit(lambda p, t: M.Transformer(c).apply({"params": p}, t)).lower(
+      params, tokens).as_text()
+  assert "manual" not in lowered(config)
   with jax.set_mesh(S.make_mesh({"data": 8})):
-    assert "manual" not in jax.jit(apply).lower(params, tokens).as_text()
+    assert "manual" not in lowered(config.replace(expert_parallel="none"))
+    assert "manual" in lowered(config)
+    text = lowered(config)
+  assert "all_to_all" not in text and "all_gather" not in text  # Nothing to exchange.
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ragged_all_to_all"])
+def test_unit_expert_axis_equals_local_dispatch(strategy):
+  # Experts replicated, tokens split 8 ways: no collective (not even on CPU for the ragged one).
+  x, router, weights = _layer_problem()
+  (_, want), want_grads = _layer_loss(
+      lambda x, r, w: moe.dispatch(x, r, *w, backend="dense"))(x, router, weights)
+  config = C.tiny(num_experts=8, top_k=2, moe_backend="ragged", expert_parallel=strategy)
+  with jax.set_mesh(S.make_mesh({"data": 8})):
+    (_, got), grads = _layer_loss(
+        lambda x, r, w: EP.moe_ffn(x, r, *w, config=config))(x, router, weights)
+  np.testing.assert_allclose(got, want, **TOL)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, **TOL)
 
 
 def test_real_ragged_all_to_all_or_skip():
