@@ -17,9 +17,9 @@ of a small FlexOlmo model in several layouts:
 
 Times are medians of `--repeats` calls, the variants interleaved round by round in one process so
 that load changes hit all of them alike. Collective bytes are read from the compiled per-device
-HLO (layers unrolled, so every layer's collectives appear): the summed result sizes of all-gather,
-all-reduce, reduce-scatter, all-to-all and collective-permute instructions whose groups have more
-than one member, i.e. what one device receives per step including its own share.
+HLO (layers unrolled, so every layer's collectives appear): for each all-gather, all-reduce,
+reduce-scatter, all-to-all and collective-permute, the bytes one device sends under a ring
+algorithm, from its result size and group size (`collective_bytes`).
 """
 
 import os
@@ -70,19 +70,34 @@ def _group_size(attributes: str) -> int:
   return 0
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Bytes of the results of each kind of collective in a compiled (per-device) HLO module.
+# Bytes one device sends, as a multiple of the collective's result size, for groups of g
+# (bandwidth-optimal ring algorithms): a reduce-scatter's input is g results.
+_SENT_PER_RESULT_BYTE = {
+    "all-gather": lambda g: (g - 1) / g,
+    "reduce-scatter": lambda g: g - 1,
+    "all-reduce": lambda g: 2 * (g - 1) / g,
+    "all-to-all": lambda g: (g - 1) / g,
+    "ragged-all-to-all": lambda g: (g - 1) / g,  # Of its (worst-case) output buffer: an upper bound.
+    "collective-permute": lambda g: 1.0,
+}
 
-  An async pair (accelerators) counts once, at its -done, whose result is the collective's.
-  Collectives whose groups have a single member move nothing and are skipped.
+
+def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
+  """Bytes one device sends per kind of collective in a compiled (per-device) HLO module.
+
+  Result sizes are read from the HLO and scaled by `_SENT_PER_RESULT_BYTE`. An async pair
+  (accelerators) counts once, at its -done, whose result is the collective's, with groups of
+  `num_devices` when the -done line does not say. Single-member groups move nothing.
   """
-  totals = dict.fromkeys(COLLECTIVES, 0)
+  totals = dict.fromkeys(COLLECTIVES, 0.0)
   for line in hlo_text.splitlines():
     match = _INSTRUCTION.match(line)
-    if not match or match.group(3) == "-start" or _group_size(match.group(4)) == 1:
+    if not match or match.group(3) == "-start":
       continue
     result, kind = match.group(1), match.group(2)
-    totals[kind] += sum(_DTYPE_BYTES[d] * _prod(dims) for d, dims in _SHAPE.findall(result))
+    group = _group_size(match.group(4)) or num_devices
+    result_bytes = sum(_DTYPE_BYTES[d] * _prod(dims) for d, dims in _SHAPE.findall(result))
+    totals[kind] += result_bytes * _SENT_PER_RESULT_BYTE[kind](group)
   return totals
 
 
@@ -133,7 +148,8 @@ def _build(mesh_shape, overrides):
   with jax.set_mesh(mesh):
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
   param_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
-  return compiled, (params, tokens), collective_bytes(compiled.as_text()), param_bytes
+  return (compiled, (params, tokens), collective_bytes(compiled.as_text(), mesh.devices.size),
+          param_bytes)
 
 
 def main(argv):
@@ -165,7 +181,7 @@ def main(argv):
         f"end, batch {_BATCH.value}x{_SEQ.value}, float32, on {_DEVICES.value} "
         f"{jax.devices()[0].platform} devices ({os.cpu_count()} cores), median of "
         f"{_REPEATS.value}, load avg {load_before[0]:.1f} -> {load_after[0]:.1f}. Bytes per "
-        "device per step.")
+        "device per step, sent (ring model).")
   print()
   kinds = [k for k in COLLECTIVES if any(built[n][2][k] for n in built)]
   header = (["layout", "ms", "vs replicated"] + [f"{k} MB" for k in kinds]

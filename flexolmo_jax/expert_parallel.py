@@ -19,7 +19,8 @@ tokens to meet their experts:
   the worst case (static shapes). Not implemented by XLA:CPU; for TPU and GPU.
 
 Every strategy combines a token's k expert outputs with the same weighted sum as `moe.dispatch`
-and equals it within float tolerance, forward and backward.
+and equals it within float tolerance, forward and backward. With an expert axis of size 1 they
+all reduce to each device dispatching its own tokens to its own copy of every expert.
 
 Shape suffixes: T tokens (global), t tokens on one device, K top-k, D d_model, F ffn hidden,
 E experts (global), e experts on one shard, S slots, R received rows, N expert shards.
