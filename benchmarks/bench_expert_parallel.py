@@ -77,7 +77,8 @@ _SENT_PER_RESULT_BYTE = {
     "reduce-scatter": lambda g: g - 1,
     "all-reduce": lambda g: 2 * (g - 1) / g,
     "all-to-all": lambda g: (g - 1) / g,
-    "ragged-all-to-all": lambda g: (g - 1) / g,  # Of its (worst-case) output buffer: an upper bound.
+    # Of its output buffer, sized for the worst case: an upper bound.
+    "ragged-all-to-all": lambda g: (g - 1) / g,
     "collective-permute": lambda g: 1.0,
 }
 
