@@ -98,9 +98,8 @@ def _case_id(strategy, mesh_shape, model, backend, masked):
   return f"{strategy}-{mesh}-{model}-{backend}" + ("-masked" if masked else "")
 
 
-# One model per default run (each compiles a whole model, slowly on CPU); the layer-level test
-# below covers every strategy's gradients by default; the full grid is marked slow.
-FAST = [("all_to_all", {"data": 2, "expert": 4}, "E4k3", "dense", True)]
+# Whole-model cases compile slowly on CPU, so they are marked slow: by default the layer-level
+# tests below check every strategy's gradients and the train-step test a whole model.
 GRID = [(s, m, model, b, masked)
         for s, b in (("allgather", "blocked"), ("all_to_all", "dense"),
                      ("ragged_all_to_all", "ragged"))
@@ -109,17 +108,10 @@ GRID = [(s, m, model, b, masked)
         if not (m.get("expert") == 8 and model == "E4k3")]
 
 
-@pytest.mark.parametrize("strategy,mesh_shape,model,backend,masked",
-                         [pytest.param(*c, id=_case_id(*c)) for c in FAST])
-def test_expert_parallel_equals_single_device(strategy, mesh_shape, model, backend, masked):
-  _check_matches_reference(strategy, mesh_shape, model, backend, masked)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,mesh_shape,model,backend,masked",
-                         [pytest.param(*c, id=_case_id(*c)) for c in GRID if c not in FAST])
-def test_expert_parallel_grid_equals_single_device(strategy, mesh_shape, model, backend, masked,
-                                                   ragged_on_cpu):
+                         [pytest.param(*c, id=_case_id(*c)) for c in GRID])
+def test_model_equals_single_device(strategy, mesh_shape, model, backend, masked, ragged_on_cpu):
   _check_matches_reference(strategy, mesh_shape, model, backend, masked)
 
 
