@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 MOE_BACKENDS = ("dense", "ragged", "blocked")
 REMAT_POLICIES = ("none", "full", "dots")
+EXPERT_PARALLEL = ("none", "allgather", "all_to_all", "ragged_all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,13 @@ class ModelConfig:
   expert_bias_init: float = 0.0
   moe_backend: str = "dense"
   moe_block_size: int = 0  # Rows per block of the "blocked" back end; 0 picks one from the shapes.
+  # How experts sharded over the "expert" mesh axis meet their tokens (expert_parallel.py):
+  # "none" leaves it to GSPMD; the others run the MoE FFN inside shard_map.
+  expert_parallel: str = "none"
+  # "all_to_all" only: slots each shard may send to each other shard, as a multiple of the
+  # balanced share (tokens * top_k / shards). 0 is the worst case: dropless, exact. Below it,
+  # slots past the capacity are dropped (they contribute zero).
+  expert_capacity_factor: float = 0.0
   # Execution.
   scan_layers: bool = True  # False unrolls the same scanned layers (same parameter layout).
   remat: str = "none"
@@ -66,6 +74,10 @@ class ModelConfig:
            f"top_k ({self.top_k}) must lie in [1, num_experts={self.num_experts}]; "
            "use clamp_top_k() when experts are opted out")
     need(self.moe_backend in MOE_BACKENDS, f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
+    need(self.expert_parallel in EXPERT_PARALLEL,
+         f"expert_parallel {self.expert_parallel!r} not in {EXPERT_PARALLEL}")
+    need(self.expert_capacity_factor >= 0.0,
+         f"expert_capacity_factor must be >= 0 (0: dropless), got {self.expert_capacity_factor}")
     need(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
     need(self.expert_bias_init <= 0.0 or not self.expert_bias,
          f"expert_bias_init must be <= 0 (the bias is applied as min(b, 0)), got {self.expert_bias_init}")

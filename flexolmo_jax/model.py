@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flexolmo_jax import moe
+from flexolmo_jax import expert_parallel, moe
 from flexolmo_jax.config import ModelConfig
 
 _REMAT_POLICIES = {
@@ -135,8 +135,8 @@ class Mlp(nn.Module, _ParamMixin):
     self.sow("router_stats", "z_loss", routing.z_loss)
     self.sow("router_stats", "load", routing.load_E)
     self.sow("router_stats", "mean_prob", routing.mean_prob_E)
-    out_TxD = moe.dispatch(h_TxD, routing, gate.astype(dtype), up.astype(dtype), down.astype(dtype),
-                           backend=c.moe_backend, block_size=c.moe_block_size)
+    out_TxD = expert_parallel.moe_ffn(h_TxD, routing, gate.astype(dtype), up.astype(dtype),
+                                      down.astype(dtype), config=c)
     return out_TxD.reshape(batch, length, dim)
 
 

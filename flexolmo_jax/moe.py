@@ -87,8 +87,25 @@ def dispatch(
     block_size: int = 0,
 ) -> jax.Array:
   """Computes the weighted sum of the chosen experts' SwiGLU outputs for every token."""
-  weights_TxK = routing.top_weights_TxK.astype(x_TxD.dtype)
-  experts_TxK = routing.top_experts_TxK
+  return dispatch_slots(x_TxD, routing.top_weights_TxK, routing.top_experts_TxK, w_gate_ExDxF,
+                        w_up_ExDxF, w_down_ExFxD, backend=backend, block_size=block_size)
+
+
+def dispatch_slots(
+    x_TxD: jax.Array,
+    weights_TxK: jax.Array,
+    experts_TxK: jax.Array,
+    w_gate_ExDxF: jax.Array,
+    w_up_ExDxF: jax.Array,
+    w_down_ExFxD: jax.Array,
+    *,
+    backend: str = "dense",
+    block_size: int = 0,
+) -> jax.Array:
+  """`dispatch` on explicit slots. A slot whose expert index is E (one past the last expert)
+  contributes nothing and costs no expert compute: expert parallelism marks the slots that
+  another shard's experts serve this way."""
+  weights_TxK = weights_TxK.astype(x_TxD.dtype)
   weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   if backend == "dense":
     return _dense_oracle(x_TxD, weights_TxK, experts_TxK, *weights)
@@ -97,6 +114,12 @@ def dispatch(
   if backend == "blocked":
     return _sorted_blocked(x_TxD, weights_TxK, experts_TxK, *weights, block_size=block_size)
   raise ValueError(f"unknown MoE backend {backend!r}; choose dense, ragged or blocked")
+
+
+def _skip_absent(y_SxD, expert_S, num_experts):
+  """Zeros the rows of slots that belong to no local expert (not merely weight 0: garbage
+  times 0 could be NaN)."""
+  return jnp.where((expert_S < num_experts)[:, None], y_SxD, 0)
 
 
 def _dense_oracle(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
@@ -109,14 +132,14 @@ def _dense_oracle(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
   return jnp.einsum("ted,te->td", y_TxExD, combine_TxE)
 
 
-def _sort_by_expert(experts_TxK):
+def sort_by_expert(experts_TxK):
   """Token-slot order grouped by expert, each sorted slot's token and its expert."""
   flat_experts = experts_TxK.reshape(-1)
   order = jnp.argsort(flat_experts, stable=True)
   return order, order // experts_TxK.shape[1], flat_experts[order]
 
 
-def _combine_slots(y_SxD, order, weights_TxK):
+def combine_slots(y_SxD, order, weights_TxK):
   """Un-sorts per-slot outputs and sums each token's k weighted slots."""
   num_tokens, k = weights_TxK.shape
   y_SxD = y_SxD[jnp.argsort(order)].reshape(num_tokens, k, -1)
@@ -125,13 +148,13 @@ def _combine_slots(y_SxD, order, weights_TxK):
 
 def _sorted_ragged(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
   num_experts = w_gate.shape[0]
-  order, token_S, expert_S = _sort_by_expert(experts_TxK)
+  order, token_S, expert_S = sort_by_expert(experts_TxK)
   group_sizes = jnp.bincount(expert_S, length=num_experts).astype(jnp.int32)
   x_SxD = x_TxD[token_S]
   h_SxF = jax.nn.silu(jax.lax.ragged_dot(x_SxD, w_gate, group_sizes)) * jax.lax.ragged_dot(
       x_SxD, w_up, group_sizes)
-  y_SxD = jax.lax.ragged_dot(h_SxF, w_down, group_sizes)
-  return _combine_slots(y_SxD, order, weights_TxK)
+  y_SxD = _skip_absent(jax.lax.ragged_dot(h_SxF, w_down, group_sizes), expert_S, num_experts)
+  return combine_slots(y_SxD, order, weights_TxK)
 
 
 def auto_block_size(num_slots: int, num_experts: int) -> int:
@@ -148,21 +171,42 @@ def _sorted_blocked(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, *, bl
   block = block_size or auto_block_size(num_slots, num_experts)
   # Every expert's group is padded to whole blocks: at most one partial block per expert.
   num_blocks = -(-num_slots // block) + num_experts
-  order, token_S, expert_S = _sort_by_expert(experts_TxK)
+  order, token_S, expert_S = sort_by_expert(experts_TxK)
   group_sizes = jnp.bincount(expert_S, length=num_experts)
   blocks_E = -(-group_sizes // block)
   padded_sizes = blocks_E * block
   padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
   group_starts = jnp.cumsum(group_sizes) - group_sizes
   dest_S = padded_starts[expert_S] + jnp.arange(num_slots) - group_starts[expert_S]
+  # Absent slots (expert index E, sorted last) get a row past the buffer: dropped, read as 0.
+  dest_S = jnp.where(expert_S < num_experts, dest_S, num_blocks * block)
   # Rows of the padded buffer that hold no slot read the appended zero row (index num_tokens).
-  buffer_token = jnp.full((num_blocks * block,), num_tokens, jnp.int32).at[dest_S].set(token_S)
+  buffer_token = jnp.full((num_blocks * block,), num_tokens, jnp.int32).at[dest_S].set(
+      token_S, mode="drop")
   x_ext = jnp.concatenate([x_TxD, jnp.zeros((1, dim), x_TxD.dtype)])
   x_NxBxD = x_ext[buffer_token].reshape(num_blocks, block, dim)
+  w_gate, w_up, w_down = (_vary_like(w, x_NxBxD) for w in (w_gate, w_up, w_down))
   y_NxBxD = blocked_swiglu(x_NxBxD, w_gate, w_up, w_down,
                            (padded_starts // block).astype(jnp.int32), blocks_E.astype(jnp.int32))
-  y_SxD = y_NxBxD.reshape(-1, dim)[dest_S]
-  return _combine_slots(y_SxD, order, weights_TxK)
+  y_SxD = y_NxBxD.reshape(-1, dim).at[dest_S].get(mode="fill", fill_value=0)
+  return combine_slots(y_SxD, order, weights_TxK)
+
+
+def _vary_like(a, *like):
+  """`a`, marked as varying over every manual mesh axis that any of `like` varies over.
+
+  Inside shard_map (expert parallelism) a loop carry must keep its type while the loop adds
+  token-dependent values to it, and a custom VJP must return each gradient with its input's
+  type: weights that are the same on every token shard are marked varying before entering,
+  so that autodiff of the mark sums their gradient over those shards.
+  """
+  varying = lambda x: jax.typeof(x).manual_axis_type.varying
+  missing = frozenset().union(*(varying(x) for x in like)) - varying(a)
+  return jax.lax.pcast(a, tuple(sorted(missing)), to="varying") if missing else a
+
+
+def _zeros(shape, dtype, *like):
+  return _vary_like(jnp.zeros(shape, dtype), *like)
 
 
 def _row(a, n):
@@ -202,9 +246,10 @@ def _blocked_swiglu_fwd(x, w_gate, w_up, w_down, first_block_E, num_blocks_E):
 
     return jax.lax.fori_loop(first, first + count, one_block, carry), None
 
-  init = (jnp.zeros((num_blocks, block, dim), x.dtype),
-          jnp.zeros((num_blocks, block, hidden), x.dtype),
-          jnp.zeros((num_blocks, block, hidden), x.dtype))
+  like = (x, w_gate, w_up, w_down)
+  init = (_zeros((num_blocks, block, dim), x.dtype, *like),
+          _zeros((num_blocks, block, hidden), x.dtype, *like),
+          _zeros((num_blocks, block, hidden), x.dtype, *like))
   (y, gate, up), _ = jax.lax.scan(expert, init,
                                   (w_gate, w_up, w_down, first_block_E, num_blocks_E))
   return y, (x, w_gate, w_up, w_down, first_block_E, num_blocks_E, gate, up)
@@ -213,6 +258,7 @@ def _blocked_swiglu_fwd(x, w_gate, w_up, w_down, first_block_E, num_blocks_E):
 def _blocked_swiglu_bwd(residuals, dy):
   x, w_gate, w_up, w_down, first_block_E, num_blocks_E, gate, up = residuals
   f32 = jnp.float32
+  like = (x, w_gate, w_up, w_down, gate, up, dy)
 
   def expert(dx, inputs):
     w_gate_e, w_up_e, w_down_e, first, count = inputs
@@ -231,13 +277,13 @@ def _blocked_swiglu_bwd(residuals, dy):
       dx_b = jnp.einsum("bf,df->bd", d_gate, w_gate_e) + jnp.einsum("bf,df->bd", d_up, w_up_e)
       return _set_row(dx, dx_b, n), dw_gate, dw_up, dw_down
 
-    zeros = lambda w: jnp.zeros(w.shape, f32)
+    zeros = lambda w: _zeros(w.shape, f32, *like)
     dx, *dw = jax.lax.fori_loop(first, first + count, one_block,
                                 (dx, zeros(w_gate_e), zeros(w_up_e), zeros(w_down_e)))
     return dx, tuple(dw)
 
   dx, (dw_gate, dw_up, dw_down) = jax.lax.scan(
-      expert, jnp.zeros_like(x), (w_gate, w_up, w_down, first_block_E, num_blocks_E))
+      expert, _zeros(x.shape, x.dtype, *like), (w_gate, w_up, w_down, first_block_E, num_blocks_E))
   return (dx, dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype),
           dw_down.astype(w_down.dtype), None, None)
 

@@ -251,9 +251,24 @@ def _check_resumable(workdir: pathlib.Path, manifest: dict) -> None:
     return
   old = json.loads(path.read_text())
   for key in ("kind", "name", "config", "public_fingerprint", "init_fingerprint"):
-    if old.get(key) != manifest.get(key):
-      raise ValueError(f"{workdir} holds another run ({key} differs: {old.get(key)!r} vs "
-                       f"{manifest.get(key)!r}); use a new --workdir")
+    before, now = old.get(key), manifest.get(key)
+    if key == "config":  # How the model executes may change between sessions; what it is may not.
+      before, now = _architecture(before), _architecture(now)
+    if before != now:
+      raise ValueError(f"{workdir} holds another run ({key} differs: {before!r} vs {now!r}); "
+                       "use a new --workdir")
+
+
+# ModelConfig fields that change how a step runs, not the parameters or the function computed.
+_EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_capacity_factor",
+                     "scan_layers", "remat")
+
+
+def _architecture(config_dict):
+  if config_dict is None:
+    return None
+  full = ModelConfig.from_dict(config_dict).to_dict()  # Fields added since the run started get defaults.
+  return {k: v for k, v in full.items() if k not in _EXECUTION_FIELDS}
 
 
 class _Metrics:
@@ -321,10 +336,10 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
                 else np.zeros(2, np.uint32))
     dp_key = jax.random.wrap_key_data(distributed.from_primary(np.asarray(key_data)),
                                       impl="threefry2x32")
-  step_fn = jax.jit(make_train_step(config, model_config, tx, schedule, dp_key),
-                    in_shardings=(state_shardings, None, batch_sharding),
-                    out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(config, model_config))
+  step_fn = on_mesh(mesh, jax.jit(make_train_step(config, model_config, tx, schedule, dp_key),
+                                   in_shardings=(state_shardings, None, batch_sharding),
+                                   out_shardings=(state_shardings, None), donate_argnums=0))
+  eval_fn = on_mesh(mesh, jax.jit(make_eval_step(config, model_config)))
 
   data_cfg = _domain_data(config)
   # data.batch_size is the global batch; each host reads its own documents (pipeline.py shards
@@ -389,6 +404,14 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   if primary:
     runs.write_manifest(workdir, {**manifest, "step": config.steps})
   return {k: float(np.mean(v)) for k, v in last.items()}
+
+
+def on_mesh(mesh, fn):
+  """`fn` called with `mesh` set, so that the model's expert-parallel shard_map finds it."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
 
 
 def _num_examples(data_cfg) -> int:

@@ -17,7 +17,8 @@ from flexolmo_jax.data.config import DataConfig, data_config
 MODES = ("public", "expert")
 # Fields of ModelConfig an expert run may set: how to execute, never the architecture, which
 # comes from the public checkpoint.
-EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "scan_layers", "remat", "dtype")
+EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_capacity_factor",
+                    "scan_layers", "remat", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import checkpoint, runs
+from flexolmo_jax import config as C
 from flexolmo_jax import train as T
 from flexolmo_jax.data import DataError
 from flexolmo_jax.train_config import train_config
@@ -204,3 +205,17 @@ def test_unknown_command_line_override_names_the_nearest_keys():
     check_override_keys(["--config.optim.lr_peak=1"])
   with pytest.raises(KeyError, match=r"config\.stepz \(did you mean steps"):
     check_override_keys(["--config.stepz=1"])
+
+
+def test_resume_check_ignores_execution_settings_but_not_the_architecture(tmp_path):
+  cfg = C.tiny(num_experts=2, top_k=2).to_dict()
+  old = {"kind": "expert", "name": "math", "config": {k: v for k, v in cfg.items()
+                                                      if k != "expert_parallel"}}
+  (tmp_path / runs.MANIFEST).write_text(json.dumps(old))
+  faster = {**old, "config": {**cfg, "moe_backend": "blocked", "expert_parallel": "allgather",
+                              "remat": "full"}}
+  T._check_resumable(tmp_path, faster)  # A field added later, or a new back end: same run.
+  with pytest.raises(ValueError, match="holds another run.*use a new --workdir"):
+    T._check_resumable(tmp_path, {**old, "config": {**cfg, "d_model": cfg["d_model"] * 2}})
+  with pytest.raises(ValueError, match="name differs"):
+    T._check_resumable(tmp_path, {**faster, "name": "code"})
