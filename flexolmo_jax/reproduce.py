@@ -4,9 +4,9 @@ ablation experts -> merge -> router tuning -> FlexOlmo, baselines, ablations and
 by per-domain held-out perplexity -> the routing plot -> results.json / results.md with the
 paper's findings checked against the numbers.
 
-  python -m flexolmo_jax.reproduce --runs=runs [--public_steps=300 --expert_steps=40 ...]
+  python -m flexolmo_jax.reproduce --runs=runs [--public_steps=300 --expert_steps=40 --seeds=0,1,2 ...]
 
-The defaults fit the whole run in about 30 minutes on a 2-core CPU; every stage prints progress.
+The defaults take about 20 minutes on a quiet 2-core CPU; every stage prints progress.
 
 Every stage reuses finished work (a trained run, a merged artifact), so re-running continues.
 """
