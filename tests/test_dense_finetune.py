@@ -51,7 +51,7 @@ def test_init_from_run_starts_at_the_source_loss(corpus_dir, tmp_path):
   config = _finetune_config(corpus_dir, source)
   # The run's step-0 validation loss is the source model's own loss on the fine-tuning domain.
   eval_fn = jax.jit(T.make_eval_step(config, config.model))
-  want = T._evaluate(config, eval_fn, params, None, ("math",))["val_loss/math"]
+  want = T._evaluate(config, eval_fn, params, None, ("math",), None)["val_loss/math"]
   T.train(config, str(tmp_path / "dense"))
   rows = [json.loads(line) for line in open(tmp_path / "dense" / "metrics.jsonl")]
   assert rows[0]["step"] == 0 and rows[0]["val_loss/math"] == pytest.approx(want, rel=1e-5)
