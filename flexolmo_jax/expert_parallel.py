@@ -48,13 +48,6 @@ def expert_shards(mesh) -> int:
   return int(mesh.shape[EXPERT_AXIS])
 
 
-def token_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes tokens are split over: the "batch" rule's axes that the mesh has."""
-  rule = dict(sharding.DEFAULT_RULES)["batch"]
-  rule = (rule,) if isinstance(rule, str) else tuple(rule)
-  return tuple(axis for axis in rule if axis in mesh.axis_names)
-
-
 def moe_ffn(x_TxD, routing: moe.Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *,
             config: ModelConfig):
   """`moe.dispatch` under the config's expert parallelism, on the current mesh.
@@ -67,7 +60,7 @@ def moe_ffn(x_TxD, routing: moe.Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
   """
   weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty else token_axes(mesh)
+  axes = () if mesh.empty else sharding.batch_axes(mesh)
   if config.expert_parallel == "none" or not axes:
     return moe.dispatch(x_TxD, routing, *weights, backend=config.moe_backend,
                         block_size=config.moe_block_size)

@@ -200,16 +200,10 @@ def activation_bytes(config: ModelConfig, *, tokens_per_device: int, seq_len: in
   return int(per_token * tokens_per_device)
 
 
-def _batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes the batch dimension is split over (sharding.batch_sharding's)."""
-  axes = sharding.batch_sharding(mesh).spec[0]
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
-
-
 def batch_shards(mesh: AbstractMesh | jax.sharding.Mesh, batch: int) -> int:
   """How many ways a global batch of `batch` rows is split: the batch axes that divide it."""
   shards = 1
-  for axis in _batch_axes(mesh):
+  for axis in sharding.batch_axes(mesh):
     if batch % (shards * mesh.shape[axis]) == 0:
       shards *= mesh.shape[axis]
   return shards
@@ -235,7 +229,7 @@ def plan(model: str | ModelConfig, mesh: str, mode: str, *, batch: int | None = 
                      f"{spec.devices}")
   amesh = abstract_mesh(shape)
   # Default: one sequence per batch shard.
-  batch = batch or math.prod(amesh.shape[a] for a in _batch_axes(amesh))
+  batch = batch or math.prod(amesh.shape[a] for a in sharding.batch_axes(amesh))
   return {"model": name, "mode": mode, "mesh": mesh, "devices": spec.devices,
           "hbm_gb": spec.hbm_gb, "mesh_shape": shape, "batch": batch, "seq_len": seq_len,
           "remat": remat, **estimate(config, mode, amesh, batch=batch, seq_len=seq_len)}

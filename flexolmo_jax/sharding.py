@@ -86,6 +86,14 @@ def tree_shardings(abstract_tree, logical_tree, mesh: Mesh, rules=DEFAULT_RULES)
                       logical_tree, abstract_tree, is_leaf=is_spec)
 
 
+def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes a batch (or token) dimension is split over: the "batch" rule's axes that
+  `mesh` (a Mesh or an AbstractMesh) has."""
+  rule = dict(rules)["batch"]
+  rule = (rule,) if isinstance(rule, str) else tuple(rule or ())
+  return tuple(axis for axis in rule if axis in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, length, ...] input: batch split over the data-parallel axes."""
   spec = nn.logical_to_mesh_axes(("batch", "length") + (None,) * (ndim - 2), rules)
