@@ -140,11 +140,6 @@ def isolation() -> Isolation:
   return Isolation(False, f"isolated mode failed here: {outcome['result']}")
 
 
-def network_isolated() -> bool:
-  """Whether sandboxed programs run in their own (empty) network namespace on this machine."""
-  return isolation().isolated
-
-
 def require_isolation(allow_unsandboxed: bool) -> Isolation:
   """This machine's isolation, or SandboxUnavailable when untrusted code may not run here."""
   iso = isolation()
@@ -210,13 +205,7 @@ def _run(program: str, *, isolated: bool, timeout: float, memory_mb: int, proces
     try:
       stderr, timed_out = _read_tail(proc.stderr, output_bytes, time.monotonic() + timeout)
     finally:
-      # Always, not only on timeout: nothing the program started may outlive its verdict.
-      try:
-        os.killpg(proc.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-      proc.stderr.close()
-      proc.wait()
+      _end(proc, isolated)
   if timed_out:
     return {"passed": False, "result": f"timed out after {timeout:g} s"}
   if proc.returncode == 0:
@@ -225,6 +214,39 @@ def _run(program: str, *, isolated: bool, timeout: float, memory_mb: int, proces
   # The exception is at the end of the last line; a flood without newlines keeps only that end.
   return {"passed": False,
           "result": "failed: " + (lines[-1][-500:] if lines else f"exit {proc.returncode}")}
+
+
+def _end(proc: subprocess.Popen, isolated: bool) -> None:
+  """Kills whatever is left of a run, always (not only on timeout); in isolated mode it returns
+  only once every process of the namespace is gone."""
+  if isolated:
+    # Killing pid 1 kills the whole namespace, and unshare, which waits for pid 1, exits only after
+    # that; killing unshare first would return while the namespace is still being torn down.
+    for pid in _children(proc.pid):
+      os.kill(pid, signal.SIGKILL)
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # Before unshare forked pid 1: --kill-child ends it.
+      pass
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  proc.stderr.close()
+  proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+  found = []
+  for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{entry}/stat", "rb") as f:
+        # pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+          found.append(int(entry))
+    except (OSError, IndexError, ValueError):  # Ended while we looked.
+      continue
+  return found
 
 
 def _read_tail(pipe, limit: int, deadline: float) -> tuple[bytes, bool]:
