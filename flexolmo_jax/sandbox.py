@@ -147,8 +147,9 @@ def require_isolation(allow_unsandboxed: bool) -> Isolation:
     return iso
   if os.geteuid() == 0:
     raise SandboxUnavailable(
-        f"refusing to run untrusted code as root without isolation ({iso.reason}); allow "
-        f"`unshare` namespaces (CAP_SYS_ADMIN) or run as an unprivileged user")
+        f"refusing to run untrusted code as root without isolation ({iso.reason}); run where "
+        f"root may use `unshare` (CAP_SYS_ADMIN), or as an unprivileged user with "
+        f"--allow_unsandboxed_code")
   if not allow_unsandboxed:
     raise SandboxUnavailable(
         f"generated code cannot be isolated on this machine ({iso.reason}); run as root with "
@@ -228,10 +229,11 @@ def _end(proc: subprocess.Popen, isolated: bool) -> None:
       proc.wait(timeout=10)
     except subprocess.TimeoutExpired:  # Before unshare forked pid 1: --kill-child ends it.
       pass
-  try:
-    os.killpg(proc.pid, signal.SIGKILL)
-  except ProcessLookupError:
-    pass
+  if proc.returncode is None:  # Not reaped yet, so its process group id cannot have been reused.
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
   proc.stderr.close()
   proc.wait()
 
@@ -252,11 +254,13 @@ def _children(pid: int) -> list[int]:
 def _read_tail(pipe, limit: int, deadline: float) -> tuple[bytes, bool]:
   """The last `limit` bytes read from `pipe` until EOF, and whether `deadline` came first."""
   tail = bytearray()
+  poller = select.poll()  # Not select.select: the evaluator may hold more than 1024 descriptors.
+  poller.register(pipe, select.POLLIN)
   while True:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
       return bytes(tail), True
-    if not select.select([pipe], [], [], remaining)[0]:
+    if not poller.poll(math.ceil(remaining * 1000)):
       continue
     chunk = os.read(pipe.fileno(), 1 << 16)
     if not chunk:  # Every process holding the pipe has ended.

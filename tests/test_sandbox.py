@@ -221,3 +221,13 @@ def test_without_isolation_code_runs_only_when_allowed_and_never_as_root(monkeyp
   assert sandbox.run_sandboxed("import socket\n", allow_unsandboxed=True) == {
       "passed": False, "result": "failed: ImportError: network access is disabled in the sandbox"}
   assert sandbox.isolation().describe() == "unsandboxed: runs as uid 1000 (simulated)"
+
+
+@pytest.mark.slow
+def test_every_canonical_humaneval_solution_passes_in_the_sandbox():
+  # The limits and the read-only system must not fail correct programs (about 25 s).
+  problems = codegen.load_humaneval()
+  failed = [(p["task_id"], outcome["result"]) for p in problems
+            if not (outcome := sandbox.run_sandboxed(
+                codegen.humaneval_program(p, p["canonical_solution"])))["passed"]]
+  assert len(problems) == 164 and failed == []
