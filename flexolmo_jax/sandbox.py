@@ -166,9 +166,12 @@ def run_sandboxed(program: str, *, timeout: float = 10.0, memory_mb: int = 1024,
   Limits: `timeout` seconds of wall clock (then everything is killed), `memory_mb` of address
   space and `file_mb` per file in each process, `processes` processes and threads (isolated mode),
   `disk_mb` for the private /tmp (isolated mode), the last `output_bytes` of stderr kept (stdout is
-  discarded). `uid`: the unprivileged uid to run as (default: a fresh one from UID_RANGE).
-  Raises SandboxUnavailable as `require_isolation` says.
+  discarded). `uid`: the unprivileged uid to run as in isolated mode (default: a fresh one from
+  UID_RANGE). Raises SandboxUnavailable as `require_isolation` says.
   """
+  if uid is not None and uid <= 0:
+    raise ValueError(f"uid={uid} is not an unprivileged user: pass a uid above 0, or none to get a "
+                     f"fresh one")
   iso = require_isolation(allow_unsandboxed)
   return _run(program, isolated=iso.isolated, timeout=timeout, memory_mb=memory_mb,
               processes=processes, file_mb=file_mb, disk_mb=disk_mb, output_bytes=output_bytes,

@@ -63,6 +63,11 @@ def test_the_program_runs_as_a_fresh_unprivileged_user_in_a_private_directory(ui
   assert sandbox.run_sandboxed(program, uid=uid) == {"passed": True, "result": "passed"}
 
 
+def test_root_is_refused_as_the_sandbox_uid():
+  with pytest.raises(ValueError, match="uid=0 is not an unprivileged user"):
+    sandbox.run_sandboxed("pass\n", uid=0)
+
+
 def test_writes_outside_the_private_directory_are_contained():
   # A world-writable host directory: only the read-only mounts keep the program out of it.
   open_dir = tempfile.mkdtemp(prefix="flexolmo_sandbox_test_", dir="/var/tmp")
