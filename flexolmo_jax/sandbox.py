@@ -131,8 +131,9 @@ def isolation() -> Isolation:
   if os.geteuid() != 0:
     return Isolation(False, "the evaluator is not root, so it cannot switch to another uid or "
                             "create namespaces")
-  if shutil.which("unshare") is None:
-    return Isolation(False, "the `unshare` command (util-linux) is not installed")
+  missing = [c for c in ("unshare", "setpriv") if shutil.which(c) is None]
+  if missing:
+    return Isolation(False, f"util-linux's {' and '.join(missing)} not installed")
   outcome = _run("pass", isolated=True, timeout=30.0, memory_mb=256, processes=2, file_mb=1,
                  disk_mb=1, output_bytes=4096, uid=None)
   if outcome["passed"]:
@@ -198,9 +199,10 @@ def _run(program: str, *, isolated: bool, timeout: float, memory_mb: int, proces
            "cpu": math.ceil(timeout) + 1, "fsize": file_mb << 20}
     cmd = (sys.executable, "-I", "-B", "-c", _LAUNCHER, json.dumps(cfg))
     if isolated:
-      # --kill-child: if unshare dies, so does pid 1 and with it the namespace.
-      cmd = (shutil.which("unshare"), "--pid", "--kill-child", "--mount-proc", "--net", "--ipc",
-             "--") + cmd
+      # If the evaluator dies, setpriv's death signal kills unshare, whose --kill-child kills pid 1
+      # and with it the namespace.
+      cmd = (shutil.which("setpriv"), "--pdeathsig", "KILL", "--", shutil.which("unshare"),
+             "--pid", "--kill-child", "--mount-proc", "--net", "--ipc", "--") + cmd
     home = "/tmp" if isolated else workdir
     proc = subprocess.Popen(cmd, cwd="/" if isolated else workdir,
                             env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home},

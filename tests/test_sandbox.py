@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -156,6 +157,28 @@ def test_a_setsid_child_does_not_survive_a_passing_program(uid):
              "assert os.read(read, 8) == b'detached'\n")
   assert sandbox.run_sandboxed(program, uid=uid) == {"passed": True, "result": "passed"}
   assert _processes_of(uid) == []
+
+
+def test_the_sandbox_dies_with_the_evaluator(uid):
+  evaluator = subprocess.Popen(
+      [sys.executable, "-c", "import sys\nfrom flexolmo_jax import sandbox\n"
+       "sandbox.run_sandboxed('import time\\ntime.sleep(60)\\n', timeout=60, uid=int(sys.argv[1]))\n",
+       str(uid)], cwd=REPO)
+  try:
+    assert _wait_for(lambda: _processes_of(uid)), "the sandboxed program never started"
+  finally:
+    evaluator.kill()
+    evaluator.wait()
+  assert _wait_for(lambda: not _processes_of(uid)), f"left running: {_processes_of(uid)}"
+
+
+def _wait_for(condition, seconds: float = 20.0) -> bool:
+  deadline = time.monotonic() + seconds
+  while not condition():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.05)
+  return True
 
 
 def test_a_stderr_flood_is_truncated_and_the_evaluator_memory_stays_bounded():
