@@ -125,8 +125,8 @@ def evaluate_humaneval(config: ModelConfig, params, tokenizer, *, problems: Sequ
 
   With `data_root`, problems whose prompt + canonical solution are in that corpus's code training
   split are flagged, and pass@1 is also reported over the others: the built-in code domain
-  includes HumanEval solutions, so those problems measure memorisation. Refuses (SandboxUnavailable),
-  before generating anything, where the completions could not be isolated, unless
+  includes HumanEval solutions, so those problems measure memorisation. Where the completions
+  could not be isolated it raises sandbox.SandboxUnavailable before generating anything, unless
   `allow_unsandboxed`; the result's "sandbox" says which isolation was used.
   """
   isolation = sandbox.require_isolation(allow_unsandboxed)

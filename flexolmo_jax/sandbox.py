@@ -1,15 +1,15 @@
 """Runs untrusted Python programs (HumanEval completions) so that they cannot reach the evaluator,
 the network or the machine's files; docs/sandbox.md says what is contained and what is not.
 
-Isolated mode (the evaluator is root and `unshare` works): each program runs under a fresh
-unprivileged uid, in its own PID, network, mount and IPC namespaces. Inside, a trusted launcher
-(pid 1 of the namespace, still root there) remounts every filesystem read-only, mounts a private,
-size-limited tmpfs on /tmp as the only writable place, and forks the program, which drops to the
-sandbox uid, sets its resource limits and runs. When the program exits, pid 1 exits and the kernel
-kills everything left in the namespace, so no child (not even one that called `setsid`) outlives
-the verdict. Anything else is unsandboxed mode, allowed only with `allow_unsandboxed=True` and
-never as root: the program runs under the evaluator's own uid with the same rlimits and its process
-group killed at the end.
+Isolated mode (the evaluator is root; util-linux `unshare` and `setpriv` work): each program runs
+under a fresh unprivileged uid, in its own PID, network, mount and IPC namespaces. Inside, a trusted
+launcher (pid 1 of the namespace, still root there) remounts every filesystem read-only, mounts a
+private, size-limited tmpfs on /tmp as the only writable place, and forks the program, which drops
+to the sandbox uid, sets its resource limits and runs. When the program exits, pid 1 exits and the
+kernel kills everything left in the namespace, so no child (not even one that called `setsid`)
+outlives the verdict; the same happens if the evaluator dies mid-run. Anything else is unsandboxed
+mode, allowed only with `allow_unsandboxed=True` and never as root: the program runs under the
+evaluator's own uid with the same rlimits and its process group killed at the end.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ with open(cfg["program"], encoding="utf-8") as f:
   source = f.read()
 if cfg["isolated"]:
   libc = ctypes.CDLL(None, use_errno=True)
-  MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+  MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+  MS_BIND, MS_REC = 4096, 16384
   def check(status, what):
     if status != 0:
       err = ctypes.get_errno()
@@ -109,7 +110,8 @@ exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
 
 
 class SandboxUnavailable(ValueError):
-  """Untrusted code would run without isolation (a ValueError: command lines report it as misuse)."""
+  """Untrusted code would run without isolation (a ValueError, so command lines report it as a
+  usage error)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,10 +49,12 @@ def test_root_with_unshare_is_isolated():
 
 
 def test_passing_and_failing_programs_get_their_verdicts():
-  assert sandbox.run_sandboxed("assert sum(range(4)) == 6\n") == {"passed": True, "result": "passed"}
+  assert sandbox.run_sandboxed("assert sum(range(4)) == 6\n") == {
+      "passed": True, "result": "passed"}
   assert sandbox.run_sandboxed("assert 1 == 2, 'wrong'\n") == {
       "passed": False, "result": "failed: AssertionError: wrong"}
-  assert sandbox.run_sandboxed("import sys\nsys.exit(3)\n") == {"passed": False, "result": "failed: exit 3"}
+  assert sandbox.run_sandboxed("import sys\nsys.exit(3)\n") == {
+      "passed": False, "result": "failed: exit 3"}
 
 
 def test_the_program_runs_as_a_fresh_unprivileged_user_in_a_private_directory(uid):
@@ -162,7 +164,8 @@ def test_a_setsid_child_does_not_survive_a_passing_program(uid):
 def test_the_sandbox_dies_with_the_evaluator(uid):
   evaluator = subprocess.Popen(
       [sys.executable, "-c", "import sys\nfrom flexolmo_jax import sandbox\n"
-       "sandbox.run_sandboxed('import time\\ntime.sleep(60)\\n', timeout=60, uid=int(sys.argv[1]))\n",
+       "sandbox.run_sandboxed('import time\\ntime.sleep(60)\\n', timeout=60,\n"
+       "                      uid=int(sys.argv[1]))\n",
        str(uid)], cwd=REPO)
   try:
     assert _wait_for(lambda: _processes_of(uid)), "the sandboxed program never started"
@@ -216,7 +219,8 @@ def test_the_program_cannot_connect_to_the_evaluator_s_loopback():
                # Past the import block: the system calls themselves, in an empty network namespace.
                "libc = ctypes.CDLL(None, use_errno=True)\n"
                "fd = libc.socket(2, 1, 0)\n"  # AF_INET, SOCK_STREAM
-               f"address = struct.pack('=H', 2) + struct.pack('>H', {port}) + bytes([127, 0, 0, 1]) + bytes(8)\n"
+               f"address = struct.pack('=H', 2) + struct.pack('>H', {port})\n"
+               "address += bytes([127, 0, 0, 1]) + bytes(8)\n"
                "assert fd >= 0 and libc.connect(fd, address, len(address)) == -1, 'connected'\n")
     assert sandbox.run_sandboxed(program) == {"passed": True, "result": "passed"}
     listener.setblocking(False)
@@ -245,7 +249,8 @@ def test_without_isolation_code_runs_only_when_allowed_and_never_as_root(monkeyp
   # HumanEval refuses before it generates anything (no model is needed to get this far).
   with pytest.raises(sandbox.SandboxUnavailable, match="--allow_unsandboxed_code"):
     codegen.evaluate_humaneval(None, None, None, problems=[])
-  assert sandbox.run_sandboxed("pass\n", allow_unsandboxed=True) == {"passed": True, "result": "passed"}
+  assert sandbox.run_sandboxed("pass\n", allow_unsandboxed=True) == {
+      "passed": True, "result": "passed"}
   assert sandbox.run_sandboxed("import socket\n", allow_unsandboxed=True) == {
       "passed": False, "result": "failed: ImportError: network access is disabled in the sandbox"}
   assert sandbox.isolation().describe() == "unsandboxed: runs as uid 1000 (simulated)"
