@@ -20,6 +20,10 @@ from flexolmo_jax import codegen, sandbox
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Only root can switch to another uid and create namespaces; as root, a broken isolated mode fails
+# (test_root_with_unshare_is_isolated) rather than skips.
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's isolated mode needs root")
+
 
 @pytest.fixture
 def uid():
@@ -42,8 +46,8 @@ def _processes_of(uid: int) -> list[int]:
 
 def test_root_with_unshare_is_isolated():
   # So that a broken isolated mode fails here instead of quietly refusing every program below.
-  if os.geteuid() != 0 or shutil.which("unshare") is None:
-    pytest.skip("isolated mode needs root and util-linux `unshare`")
+  if shutil.which("unshare") is None or shutil.which("setpriv") is None:
+    pytest.skip("isolated mode needs util-linux `unshare` and `setpriv`")
   assert sandbox.isolation() == sandbox.Isolation(True, "")
   assert sandbox.isolation().describe().startswith("isolated:")
 
