@@ -20,7 +20,7 @@ import json
 import math
 import os
 import pwd
-import random
+import secrets
 import select
 import shutil
 import signal
@@ -183,7 +183,7 @@ def run_sandboxed(program: str, *, timeout: float = 10.0, memory_mb: int = 1024,
 
 def _fresh_uid() -> int:
   while True:
-    uid = random.choice(UID_RANGE)
+    uid = secrets.choice(UID_RANGE)  # Not `random`: a seeded evaluator would repeat its uids.
     try:
       pwd.getpwuid(uid)
     except KeyError:

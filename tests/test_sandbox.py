@@ -6,7 +6,7 @@ even the fork bomb cannot reach the machine running the tests.
 
 import json
 import os
-import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's isolate
 
 @pytest.fixture
 def uid():
-  return random.choice(sandbox.UID_RANGE)
+  return secrets.choice(sandbox.UID_RANGE)
 
 
 def _processes_of(uid: int) -> list[int]:
