@@ -160,7 +160,7 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
              expert_mask=None, names: Sequence[str] = (), batch_size: int = 8,
              max_len: int = 1024, seq_len: int = 512, mc_items: int = 200,
              max_new_tokens: int = 256, humaneval_limit: int | None = None,
-             timeout: float = 10.0) -> dict:
+             timeout: float = 10.0, allow_unsandboxed_code: bool = False) -> dict:
   """Runs `tasks` (names as parse_tasks returns them) and returns {task: metrics}; samples of
   generation tasks and the routing report are written under `out_dir`."""
   needs_data = [t for t in tasks if t in ("perplexity", "routing") or t.startswith("mc_")]
@@ -190,7 +190,8 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
       result = codegen.evaluate_humaneval(config, params, tokenizer, problems=problems,
                                           max_new_tokens=max_new_tokens, timeout=timeout,
                                           batch_size=batch_size, max_len=max_len,
-                                          expert_mask=expert_mask, data_root=data_root)
+                                          expert_mask=expert_mask, data_root=data_root,
+                                          allow_unsandboxed=allow_unsandboxed_code)
       results[task] = _with_samples_file(result, out_dir, task)
     else:
       items = _load_items(task, data_root, split, mc_items)
@@ -270,6 +271,9 @@ def define_flags():
   flags.DEFINE_integer("max_new_tokens", 256, "Generation length limit.")
   flags.DEFINE_integer("humaneval_limit", None, "Only the first N HumanEval problems.")
   flags.DEFINE_float("timeout", 10.0, "Seconds per sandboxed HumanEval program.")
+  flags.DEFINE_bool("allow_unsandboxed_code", False,
+                    "Run HumanEval's generated code even where it cannot be isolated (never as "
+                    "root); see docs/sandbox.md.")
   flags.mark_flags_as_required(["model", "out"])
 
 
@@ -301,7 +305,8 @@ def main(argv):
                        domains=domains, split=flags.FLAGS.split, expert_mask=mask, names=names,
                        batch_size=flags.FLAGS.batch_size, max_len=flags.FLAGS.max_len, seq_len=flags.FLAGS.seq_len,
                        mc_items=flags.FLAGS.mc_items, max_new_tokens=flags.FLAGS.max_new_tokens,
-                       humaneval_limit=flags.FLAGS.humaneval_limit, timeout=flags.FLAGS.timeout)
+                       humaneval_limit=flags.FLAGS.humaneval_limit, timeout=flags.FLAGS.timeout,
+                       allow_unsandboxed_code=flags.FLAGS.allow_unsandboxed_code)
   except (ValueError, FileNotFoundError, DataError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(1)

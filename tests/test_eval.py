@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, scoring
+from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, sandbox, scoring
 from flexolmo_jax import config as config_lib
 from flexolmo_jax import train as train_lib
 from flexolmo_jax.train_config import LossConfig
@@ -201,23 +201,23 @@ def test_answer_matching(answer, text, match, ok):
 
 def test_sandbox_passes_correct_and_fails_wrong_code():
   problem = codegen.load_humaneval()[0]
-  good = codegen.run_sandboxed(codegen.humaneval_program(problem, problem["canonical_solution"]))
+  good = sandbox.run_sandboxed(codegen.humaneval_program(problem, problem["canonical_solution"]))
   assert good == {"passed": True, "result": "passed"}
-  bad = codegen.run_sandboxed(codegen.humaneval_program(problem, "    return False\n"))
+  bad = sandbox.run_sandboxed(codegen.humaneval_program(problem, "    return False\n"))
   assert not bad["passed"] and "AssertionError" in bad["result"]
 
 
 def test_sandbox_kills_an_infinite_loop_within_the_timeout():
   start = time.monotonic()
-  result = codegen.run_sandboxed("while True:\n  pass\n", timeout=1.0)
+  result = sandbox.run_sandboxed("while True:\n  pass\n", timeout=1.0)
   assert time.monotonic() - start < 5.0
   assert result == {"passed": False, "result": "timed out after 1 s"}
 
 
 def test_sandbox_has_no_network_and_limited_memory():
-  net = codegen.run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 80))\n")
+  net = sandbox.run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 80))\n")
   assert not net["passed"] and "network" in net["result"]
-  mem = codegen.run_sandboxed("x = bytearray(2 << 30)\n", memory_mb=256)
+  mem = sandbox.run_sandboxed("x = bytearray(2 << 30)\n", memory_mb=256)
   assert not mem["passed"] and "MemoryError" in mem["result"]
 
 
@@ -229,6 +229,7 @@ def test_humaneval_reports_pass_rate_and_training_overlap(dense, tok, corpus_dir
   assert result["problems"] == 2 and result["passed"] == 0 and result["pass@1"] == 0.0
   assert [s["task_id"] for s in result["samples"]] == ["HumanEval/0", "HumanEval/1"]
   assert all(not s["passed"] for s in result["samples"])
+  assert result["sandbox"] == sandbox.isolation().describe()
 
 
 # ----------------------------------------------------------------------------- task format
