@@ -1,22 +1,27 @@
-"""The paper's baselines (METHOD.md section 6), built from the same public model and experts as
-FlexOlmo, each scored by per-domain held-out perplexity:
+"""The paper's baselines (docs/method.md, section 6), built from the same public model and experts
+as FlexOlmo and scored like any model, by per-domain held-out perplexity:
 
-  model soup       one dense model whose FFN is the (uniform or weighted) average of the public
-                   FFN and the experts' FFNs (every other tensor is shared by all owners' models)
-  Branch-Train-Merge  an ensemble of the owners' models ({public, expert i}, and the public
-                   model): at each position, the next-token distributions are mixed with weights
-                   softmax(log-likelihood of the document prefix so far) over the top-k members
-  BTX              the merged MoE with its router rows re-initialised at random (no bias), then
+  soup_uniform, soup_weighted   model soup: one dense model whose FFN is the average of the public
+                   FFN and the experts' FFNs, uniform or weighted by each domain's training tokens
+                   (every other tensor is shared by all owners' models)
+  btm              Branch-Train-Merge: an ensemble of the owners' models ({public, expert i}, and
+                   the public model): at each position, the next-token distributions are mixed with
+                   weights softmax(log-likelihood of the document prefix so far) over the top-k
+  btx              the merged MoE with its router rows re-initialised at random (no bias), then
                    trained on public data only (router_tuning.train_router)
-  prompt routing   a hashed bag-of-words classifier (one-vs-rest, router_tuning's) sends each
+  prompt_routing   a hashed bag-of-words classifier (one-vs-rest, router_tuning's) sends each
                    sequence, from its first tokens, to one expert; the model runs {public, chosen}
+
+Every baseline is a `Baseline`: `get(name, options).build(parts)` returns a
+`scoring.BatchScorer`, which evaluate, launch/sweep and reproduce score exactly as they score a
+model (scoring.score_domains).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import itertools
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,26 +29,116 @@ import numpy as np
 
 from flexolmo_jax import experts, router_tuning, scoring
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataConfig, corpus, make_pipeline
+from flexolmo_jax.data import corpus, load_manifest, load_tokenizer
 from flexolmo_jax.model import Transformer
 
-# ----------------------------------------------------------------------------- evaluation data
+# ----------------------------------------------------------------------------- the interface
 
 
-def domain_batches(root: str, domain: str, split: str, *, batch_size: int, seq_len: int,
-                   max_batches: int | None = None):
-  """A domain's held-out split as pipeline batches, in order, at most `max_batches` of them; a
-  short last batch is padded with empty rows so every batch reuses one compiled shape."""
-  cfg = DataConfig(path=root, domains=(domain,), shuffle=False, seq_len=seq_len,
-                   batch_size=batch_size)
-  batches = make_pipeline(cfg, split, num_epochs=1, drop_remainder=False, shard_index=0,
-                          shard_count=1)
-  return [scoring.pad_rows(b, batch_size) for b in itertools.islice(batches, max_batches)]
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What every baseline is built from: the dense public model, the FlexOlmo model merged from the
+  same experts (expert 0 is the public FFN), and the prepared corpus the experts were trained on
+  (BTX, prompt routing and the token-weighted soup read it)."""
+  public: tuple[ModelConfig, Mapping]
+  merged: tuple[ModelConfig, Mapping, tuple[str, ...]]
+  data: str
+
+  @classmethod
+  def from_merged(cls, config: ModelConfig, params, names: Sequence[str], data: str) -> "Parts":
+    """Parts whose public model is the merged model's own expert 0 and shared tensors."""
+    dense, _ = experts.dense_public_params(params)
+    return cls((dense_config(config), dense), (config, params, tuple(names)), data)
 
 
-def _nll_result(total: float, count: float) -> dict[str, float]:
-  mean = total / count
-  return {"nll": mean, "perplexity": float(np.exp(mean)), "tokens": int(count)}
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Settings of the baselines that have any."""
+  btm_top_k: int = 2  # ensemble members mixed per token
+  tune_steps: int = 100  # BTX router training steps
+  seed: int = 0  # BTX router init and data order, prompt-router documents
+
+
+class Baseline(Protocol):
+  """A model built from Parts, scored like any model."""
+  name: str
+
+  def build(self, parts: Parts) -> scoring.BatchScorer:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Soup:
+  name: str
+  weighted: bool
+
+  def build(self, parts: Parts) -> scoring.BatchScorer:
+    config, params, names = parts.merged
+    weights = None
+    if self.weighted:
+      tokens = load_manifest(parts.data)["domains"]
+      weights = [tokens[n]["train"]["tokens"] for n in names]
+    return scoring.model_scorer(*soup_from_merged(config, params, weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchTrainMerge:
+  name: str
+  top_k: int
+
+  def build(self, parts: Parts) -> scoring.BatchScorer:
+    config, params, names = parts.merged
+    members = [(*parts.public, None)] + [
+        (config.replace(top_k=2), params, np.isin(names, ["public", n])) for n in names[1:]]
+    return functools.partial(btm_perplexity, members, top_k=self.top_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchTrainMix:
+  name: str
+  steps: int
+  seed: int
+
+  def build(self, parts: Parts) -> scoring.BatchScorer:
+    config, params, _ = parts.merged
+    cfg = router_tuning.RouterTuningConfig(
+        merged="", data=parts.data, proxies="", out="", steps=self.steps,
+        warmup_steps=min(100, self.steps // 3), seed=self.seed, log_every=self.steps)
+    return scoring.model_scorer(*btx(config, params, parts.data, cfg))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRouting:
+  name: str
+  seed: int
+
+  def build(self, parts: Parts) -> scoring.BatchScorer:
+    config, params, names = parts.merged
+    router = train_prompt_router(parts.data, names, seed=self.seed)
+    return functools.partial(prompt_routing_perplexity, config.replace(top_k=2), params,
+                             list(names), router, load_tokenizer(parts.data))
+
+
+_REGISTRY = {
+    "soup_uniform": lambda o: Soup("soup_uniform", weighted=False),
+    "soup_weighted": lambda o: Soup("soup_weighted", weighted=True),
+    "btm": lambda o: BranchTrainMerge("btm", o.btm_top_k),
+    "btx": lambda o: BranchTrainMix("btx", o.tune_steps, o.seed),
+    "prompt_routing": lambda o: PromptRouting("prompt_routing", o.seed),
+}
+NAMES = tuple(_REGISTRY)
+
+
+def get(name: str, options: Options = Options()) -> Baseline:
+  """The baseline called `name`; unknown names are refused with the known ones."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown baseline {name!r}; baselines: {', '.join(NAMES)}")
+  return _REGISTRY[name](options)
+
+
+def dense_config(config: ModelConfig) -> ModelConfig:
+  """The dense (public-model) config of a merged MoE config."""
+  return config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
 
 
 # ----------------------------------------------------------------------------- model soup
@@ -67,8 +162,7 @@ def soup_from_merged(config: ModelConfig, params, weights: Sequence[float] | Non
   """(dense config, soup params) from merged MoE parameters (expert 0 is the public FFN)."""
   dense, _ = experts.dense_public_params(params)
   trees = [experts.extract_expert(params, j) for j in range(1, config.num_experts)]
-  dense_config = config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
-  return dense_config, soup_params(dense, trees, weights)
+  return dense_config(config), soup_params(dense, trees, weights)
 
 
 # ----------------------------------------------------------------------------- Branch-Train-Merge
@@ -119,7 +213,7 @@ def btm_perplexity(members: Sequence[tuple[ModelConfig, Mapping, np.ndarray | No
     log_w = btm_log_weights(prefix_loglik(logp, batch["positions"], mask), top_k)
     mixed = mixture_logprobs(log_w, logp.astype(np.float64))
     total, count = total - float(np.sum(mixed * mask)), count + float(mask.sum())
-  return _nll_result(total, count)
+  return scoring.nll_result(total, count)
 
 
 # ----------------------------------------------------------------------------- BTX
@@ -219,4 +313,4 @@ def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
     chosen += [p for p, ok in zip(picks, real) if ok]
     total, count = total + float(nll), count + float(n)
   shares = {c: chosen.count(c) / max(len(chosen), 1) for c in router.classes}
-  return {**_nll_result(total, count), "routed_to": shares}
+  return {**scoring.nll_result(total, count), "routed_to": shares}
