@@ -189,7 +189,7 @@ def _items(ctx: Context, name: str) -> dict:
 # A new task is one entry here: its kind (the name, or the part before "mc_" / ":") -> Task.
 TASKS: dict[str, Task] = {
     "perplexity": Task("perplexity", True, _perplexity),
-    "mc": Task("mc, mc_<domain>", True, _items),
+    "mc": Task("mc_<domain>", True, _items),
     "humaneval": Task("humaneval", False, _humaneval),
     "routing": Task("routing", True, _routing),
     "file": Task("file:PATH", False, _items, takes_path=True),
@@ -219,9 +219,9 @@ def parse_tasks(spec: str, domains: Sequence[str]) -> list[str]:
         not name.startswith("mc_") or name[3:] in domains):
       tasks.append(name)
     else:
-      valid = [t.usage for t in TASKS.values()]
-      raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(valid)} "
-                       f"(domains: {', '.join(domains) or 'none'})")
+      valid = [u for kind, t in TASKS.items()
+               for u in (["mc"] + [f"mc_{d}" for d in domains] if kind == "mc" else [t.usage])]
+      raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(valid)}")
   if not tasks:
     raise ValueError("--tasks names no task")
   return list(dict.fromkeys(tasks))
