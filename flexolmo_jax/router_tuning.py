@@ -37,7 +37,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint
+from flexolmo_jax import checkpoint, cli
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import check_keys
 from flexolmo_jax.data import corpus, pipeline
@@ -267,7 +267,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   if len(argv) != 2 or argv[1] not in ("select", "tune"):
     raise app.UsageError("usage: python -m flexolmo_jax.router_tuning select|tune [flags]")
   try:

@@ -23,9 +23,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from absl import app, logging
+from absl import app
 
-from flexolmo_jax import experts, runs
+from flexolmo_jax import cli, experts, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import train as train_lib
 from flexolmo_jax.train_config import to_dict, train_config
@@ -99,7 +99,7 @@ def main(argv, config_flag, workdir_flag, distributed_flag):
   del argv
   if distributed_flag.value:
     sys.exit("error: the solo-expert ablation runs in one process; --distributed is not supported")
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   raw = config_flag.value.to_dict()
   workdir = workdir_flag.value or raw.get("workdir")
   raw.pop("workdir", None)
