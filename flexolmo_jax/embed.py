@@ -1,4 +1,4 @@
-r"""Router embeddings (METHOD.md section 4): one vector per domain, the only thing owners exchange.
+r"""Router embeddings (docs/method.md, section 4): one vector per domain, the only thing owners exchange.
 
   python -m flexolmo_jax.embed --data=runs/data --domain=math --embedder=minilm \
       --public=runs/public --out=runs/router_embeddings.npz [--num_docs=1000]

@@ -1,4 +1,4 @@
-r"""Merging at load time, opt-out, and the merge command (METHOD.md section 5).
+r"""Merging at load time, opt-out, and the merge command (docs/method.md, section 5).
 
   python -m flexolmo_jax.merge --public=runs/public \
       --experts=math=runs/experts/math,code=runs/experts/code [--opt_out=code] [--top_k=K] \

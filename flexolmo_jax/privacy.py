@@ -1,4 +1,4 @@
-"""Training-data extraction study (METHOD.md section 6): how much of a closed domain a model leaks.
+"""Training-data extraction study (docs/method.md, section 6): how much of a closed domain a model leaks.
 
   python -m flexolmo_jax.privacy --data=DIR --domain=math --public=DIR --expert=DIR \
       [--dense=DIR] [--dp_expert=DIR] [--train_docs=N] --out=DIR

@@ -1,4 +1,4 @@
-r"""Optional router tuning of a merged model (METHOD.md section 5).
+r"""Optional router tuning of a merged model (docs/method.md, section 5).
 
 Each owner, on its own machine, picks proxy documents: a logistic-regression classifier on
 hashed bag-of-words features, trained on the owner's documents against public documents,

@@ -1,4 +1,4 @@
-r"""The "no coordinated training" ablation (METHOD.md section 6): an owner trains its FFN alone, as
+r"""The "no coordinated training" ablation (docs/method.md, section 6): an owner trains its FFN alone, as
 a dense model (the public model with the FFN swapped for its own copy), on its own data only,
 never seeing the public expert; the FFN is then merged as an expert like any other.
 
