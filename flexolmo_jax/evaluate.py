@@ -186,7 +186,8 @@ def _items(ctx: Context, name: str) -> dict:
   return result
 
 
-# A new task is one entry here: its kind (the name, or the part before "mc_" / ":") -> Task.
+# A new kind of task is one entry here, keyed by task_kind: the task's name, "mc" for
+# mc_<domain>, or KIND for KIND:PATH.
 TASKS: dict[str, Task] = {
     "perplexity": Task("perplexity", True, _perplexity),
     "mc": Task("mc_<domain>", True, _items),
@@ -242,9 +243,10 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
   score_batches = scoring.model_scorer(config, params, expert_mask)
   if baseline is not None:
     other = [t for t in tasks if t not in BASELINE_TASKS]
-    if other or expert_mask is not None or not config.is_moe:
-      raise ValueError(f"baseline {baseline.name} needs a merged model, every expert, and only "
-                       f"the tasks {list(BASELINE_TASKS)} (got tasks {list(tasks)})")
+    if other or expert_mask is not None or len(names) != config.num_experts or not names:
+      raise ValueError(f"baseline {baseline.name} needs a merged model with its expert names, "
+                       f"every expert, and only the tasks {list(BASELINE_TASKS)} (got tasks "
+                       f"{list(tasks)})")
     score_batches = baseline.build(baselines.Parts.from_merged(config, params, names, data_root))
   os.makedirs(out_dir, exist_ok=True)
   ctx = Context(config, params, tokenizer, out_dir, data_root, list(domains), split, expert_mask,
@@ -270,7 +272,8 @@ def _with_samples_file(result: dict, out_dir: str, task: str) -> dict:
 
 def markdown(report: dict) -> str:
   """A results table: one row per task and metric."""
-  lines = [f"# Evaluation of {report['model']}", "",
+  built = f"baseline {report['baseline']} built from " if report.get("baseline") else ""
+  lines = [f"# Evaluation of {built}{report['model']}", "",
            f"split: {report['split']}; experts: {', '.join(report['experts']) or 'dense'}"
            + (f"; allowed: {', '.join(report['allowed_experts'])}" if report["allowed_experts"]
               else ""), "", "| task | metric | value |", "| --- | --- | --- |"]
