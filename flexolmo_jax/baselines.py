@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,81 +59,62 @@ class Options:
   seed: int = 0  # BTX router init and data order, prompt-router documents
 
 
-class Baseline(Protocol):
-  """A model built from Parts, scored like any model."""
-  name: str
-
-  def build(self, parts: Parts) -> scoring.BatchScorer:
-    ...
-
-
 @dataclasses.dataclass(frozen=True)
-class Soup:
+class Baseline:
+  """A model built from Parts, scored like any model: `build(parts)` is its BatchScorer."""
   name: str
-  weighted: bool
-
-  def build(self, parts: Parts) -> scoring.BatchScorer:
-    config, params, names = parts.merged
-    weights = None
-    if self.weighted:
-      tokens = load_manifest(parts.data)["domains"]
-      weights = [tokens[n]["train"]["tokens"] for n in names]
-    return scoring.model_scorer(*soup_from_merged(config, params, weights))
+  build: Callable[[Parts], scoring.BatchScorer]
 
 
-@dataclasses.dataclass(frozen=True)
-class BranchTrainMerge:
-  name: str
-  top_k: int
-
-  def build(self, parts: Parts) -> scoring.BatchScorer:
-    config, params, names = parts.merged
-    members = [(*parts.public, None)] + [
-        (config.replace(top_k=2), params, np.isin(names, ["public", n])) for n in names[1:]]
-    return functools.partial(btm_perplexity, members, top_k=self.top_k)
+def _soup(parts: Parts, options: Options, weighted: bool) -> scoring.BatchScorer:
+  del options
+  config, params, names = parts.merged
+  weights = None
+  if weighted:
+    tokens = load_manifest(parts.data)["domains"]
+    weights = [tokens[n]["train"]["tokens"] for n in names]
+  return scoring.model_scorer(*soup_from_merged(config, params, weights))
 
 
-@dataclasses.dataclass(frozen=True)
-class BranchTrainMix:
-  name: str
-  steps: int
-  seed: int
-
-  def build(self, parts: Parts) -> scoring.BatchScorer:
-    config, params, _ = parts.merged
-    cfg = router_tuning.RouterTuningConfig(
-        merged="", data=parts.data, proxies="", out="", steps=self.steps,
-        warmup_steps=min(100, self.steps // 3), seed=self.seed, log_every=self.steps)
-    return scoring.model_scorer(*btx(config, params, parts.data, cfg))
+def _btm(parts: Parts, options: Options) -> scoring.BatchScorer:
+  config, params, names = parts.merged
+  members = [(*parts.public, None)] + [
+      (config.replace(top_k=2), params, np.isin(names, ["public", n])) for n in names[1:]]
+  return functools.partial(btm_perplexity, members, top_k=options.btm_top_k)
 
 
-@dataclasses.dataclass(frozen=True)
-class PromptRouting:
-  name: str
-  seed: int
-
-  def build(self, parts: Parts) -> scoring.BatchScorer:
-    config, params, names = parts.merged
-    router = train_prompt_router(parts.data, names, seed=self.seed)
-    return functools.partial(prompt_routing_perplexity, config.replace(top_k=2), params,
-                             list(names), router, load_tokenizer(parts.data))
+def _btx(parts: Parts, options: Options) -> scoring.BatchScorer:
+  config, params, _ = parts.merged
+  steps = options.tune_steps
+  cfg = router_tuning.RouterTuningConfig(
+      merged="", data=parts.data, proxies="", out="", steps=steps,
+      warmup_steps=min(100, steps // 3), seed=options.seed, log_every=steps)
+  return scoring.model_scorer(*btx(config, params, parts.data, cfg))
 
 
-_REGISTRY = {
-    "soup_uniform": lambda o: Soup("soup_uniform", weighted=False),
-    "soup_weighted": lambda o: Soup("soup_weighted", weighted=True),
-    "btm": lambda o: BranchTrainMerge("btm", o.btm_top_k),
-    "btx": lambda o: BranchTrainMix("btx", o.tune_steps, o.seed),
-    "prompt_routing": lambda o: PromptRouting("prompt_routing", o.seed),
+def _prompt_routing(parts: Parts, options: Options) -> scoring.BatchScorer:
+  config, params, names = parts.merged
+  router = train_prompt_router(parts.data, names, seed=options.seed)
+  return functools.partial(prompt_routing_perplexity, config.replace(top_k=2), params,
+                           list(names), router, load_tokenizer(parts.data))
+
+
+# A new baseline is one entry here: name -> builder(parts, options) -> scoring.BatchScorer.
+BUILDERS: dict[str, Callable[[Parts, Options], scoring.BatchScorer]] = {
+    "soup_uniform": functools.partial(_soup, weighted=False),
+    "soup_weighted": functools.partial(_soup, weighted=True),
+    "btm": _btm,
+    "btx": _btx,
+    "prompt_routing": _prompt_routing,
 }
-NAMES = tuple(_REGISTRY)
+NAMES = tuple(BUILDERS)
 
 
 def get(name: str, options: Options = Options()) -> Baseline:
   """The baseline called `name`; unknown names are refused with the known ones."""
-  if name not in _REGISTRY:
+  if name not in BUILDERS:
     raise ValueError(f"unknown baseline {name!r}; baselines: {', '.join(NAMES)}")
-  return _REGISTRY[name](options)
+  return Baseline(name, functools.partial(BUILDERS[name], options=options))
 
 
 def dense_config(config: ModelConfig) -> ModelConfig:
