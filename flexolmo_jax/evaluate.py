@@ -332,9 +332,9 @@ def define_flags():
   flags.mark_flags_as_required(["model", "out"])
 
 
-def _tokenizer_path(model_dir: str, data_root: str | None) -> str:
-  if flags.FLAGS.tokenizer:
-    return flags.FLAGS.tokenizer
+def _tokenizer_path(tokenizer: str | None, model_dir: str, data_root: str | None) -> str:
+  if tokenizer:
+    return tokenizer
   for name in ("tokenizer.model", "tokenizer.json"):
     if os.path.exists(os.path.join(model_dir, name)):
       return model_dir
@@ -355,7 +355,7 @@ def main(argv):
         f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
     domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
     tasks = parse_tasks(f.tasks, domains)
-    tokenizer = load_tokenizer(_tokenizer_path(f.model, f.data))
+    tokenizer = load_tokenizer(_tokenizer_path(f.tokenizer, f.model, f.data))
     if tokenizer.vocab_size > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
