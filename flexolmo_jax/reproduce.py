@@ -29,6 +29,7 @@ from flexolmo_jax import baselines, cli, merge, router_init, router_tuning, rout
 from flexolmo_jax import scoring
 from flexolmo_jax.data import corpus
 
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """The reproduction's settings (the command's flags)."""

@@ -10,6 +10,8 @@ Endpoints (JSON bodies; each request names a "policy" from the policies file OR 
                   delimited JSON: one {"token", "text"} line per token, sent as each chunk of
                   `stream_chunk` tokens is decoded, then {"done": true, "tokens", "text", ...}.
   GET  /health    -> {"status": "ok", "experts": [...], "policies": {...}}
+Each POST endpoint is one entry of ENDPOINTS: the fields it takes, how a body becomes a Job, and
+the Engine method that runs a batch of its jobs; the app routes every entry.
 
 Requests that arrive within `batch_wait_ms` of each other are run as one batch whatever their
 policies: each row carries its own expert mask, so experts a request may not use are excluded

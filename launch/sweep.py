@@ -13,9 +13,10 @@ perplexity task, as the model "<model>/<baseline>". Each cell (model, baseline, 
 a stable id: a hash of the model's manifest, the subset, the task and the evaluation options, so
 a finished cell is never recomputed, and a changed model or option makes new cells. Results are
 appended, one record per finished cell, to results.jsonl and (one row per metric) results.csv
-under --workdir; summary.md tabulates every finished cell. On a pod (run on every host with --distributed) each host takes the cells whose id hashes to its index
-(--host_index/--host_count, default jax.process_index()/process_count()) and appends to
-results.host<i>.jsonl / .csv, so hosts never write the same file; the summary reads them all.
+under --workdir; summary.md tabulates every finished cell. On a pod (run on every host with
+--distributed) each host takes the cells whose id hashes to its index (--host_index/--host_count,
+default jax.process_index()/process_count()) and appends to results.host<i>.jsonl / .csv, so hosts
+never write the same file; the summary reads them all.
 """
 
 from __future__ import annotations
