@@ -24,13 +24,11 @@ import functools
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax import experts, router_tuning, scoring
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus, load_manifest, load_tokenizer
-from flexolmo_jax.model import Transformer
 
 # ----------------------------------------------------------------------------- the interface
 
@@ -261,17 +259,6 @@ def train_prompt_router(data_root: str, classes: Sequence[str], *, docs_per_clas
   return PromptRouter.fit(texts)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _nll_sum_rows(config: ModelConfig, params, batch, mask_BxE):
-  logits = Transformer(config).apply(
-      {"params": params}, batch["tokens"], positions=batch["positions"],
-      segment_ids=batch["segment_ids"], expert_mask=mask_BxE)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  target = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return -jnp.sum(target * mask), jnp.sum(mask)
-
-
 def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
                               router: PromptRouter, tokenizer,
                               batches: Iterable[Mapping[str, np.ndarray]], *,
@@ -289,7 +276,7 @@ def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
     mask[:, names.index("public")] = True
     for r, pick in enumerate(picks):
       mask[r, names.index(pick)] = True
-    nll, n = jax.device_get(_nll_sum_rows(config, params, batch, mask))
+    nll, n = jax.device_get(scoring.jitted_nll_sum(config)(params, batch, mask))
     real = batch["segment_ids"][:, 0] != 0  # Padding rows of a short final batch route nowhere.
     chosen += [p for p, ok in zip(picks, real) if ok]
     total, count = total + float(nll), count + float(n)

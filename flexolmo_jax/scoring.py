@@ -54,10 +54,11 @@ def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
 
 
 def full_expert_mask(expert_mask, batch: int):
-  """An [E] expert mask broadcast to [batch, E], or None."""
+  """An [E] expert mask broadcast to [batch, E] (a [batch, E] one as it is), or None."""
   if expert_mask is None:
     return None
-  return jnp.broadcast_to(jnp.asarray(expert_mask, bool), (batch, len(expert_mask)))
+  mask = jnp.asarray(expert_mask, bool)
+  return jnp.broadcast_to(mask, (batch, mask.shape[-1]))
 
 
 def target_logprobs(config: ModelConfig, params, tokens_BxL, targets_BxL, expert_mask_E=None,
@@ -135,16 +136,19 @@ class Scorer:
     return out
 
 
-def _nll_sum(config, params, batch, expert_mask_E):
-  logp, _ = target_logprobs(config, params, batch["tokens"], batch["targets"], expert_mask_E,
+def nll_sum(config: ModelConfig, params, batch, expert_mask=None):
+  """(summed next-token NLL, scored tokens) of one pipeline batch, with an [E] or per-row [B, E]
+  expert mask: the evaluation step every per-domain loss is built from."""
+  logp, _ = target_logprobs(config, params, batch["tokens"], batch["targets"], expert_mask,
                             batch["positions"], batch["segment_ids"])
   mask = batch["loss_mask"].astype(jnp.float32)
   return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_nll_sum(config: ModelConfig):
-  return jax.jit(functools.partial(_nll_sum, config))
+def jitted_nll_sum(config: ModelConfig):
+  """nll_sum of `config`, jitted once per config."""
+  return jax.jit(functools.partial(nll_sum, config))
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -178,7 +182,7 @@ def perplexity(config: ModelConfig, params, batches: Iterable[Mapping[str, np.nd
                expert_mask=None) -> dict[str, float]:
   """Mean next-token NLL over every loss-masked token of `batches` (pipeline batches, see
   flexolmo_jax.data.pipeline), its perplexity exp(NLL), and the token count."""
-  fn = _jitted_nll_sum(config)
+  fn = jitted_nll_sum(config)
   mask = None if expert_mask is None else np.asarray(expert_mask, bool)
   total, count, rows = 0.0, 0.0, None
   for batch in batches:
