@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, sandbox, scoring
+from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, sandbox, scoring, subsets
 from flexolmo_jax import config as config_lib
 from flexolmo_jax import train as train_lib
 from flexolmo_jax.train_config import LossConfig
@@ -271,9 +271,32 @@ def test_missing_task_file_and_unknown_task_name(tmp_path):
 
 def test_expert_mask_parsing():
   names = ["public", "math", "code"]
-  assert evaluate.parse_expert_mask("public,2", names).tolist() == [True, False, True]
-  with pytest.raises(ValueError, match="unknown expert 'news'"):
-    evaluate.parse_expert_mask("news", names)
+  assert subsets.expert_mask("public+code", names).tolist() == [True, False, True]
+  with pytest.raises(ValueError, match=r"unknown expert\(s\) \['news'\]"):
+    subsets.expert_mask("news", names)
+
+
+def test_task_registry_refuses_unknown_names_with_every_known_one():
+  with pytest.raises(ValueError) as err:
+    evaluate.parse_tasks("perplexity,bogus", ["math"])
+  message = str(err.value)
+  assert message.startswith("unknown task 'bogus'; valid tasks: perplexity, mc, mc_math, ")
+  for usage in ("humaneval", "routing", "file:PATH", "mmlu:PATH", "arc:PATH", "hellaswag:PATH",
+                "gsm8k:PATH"):
+    assert usage in message
+  for bad in ("file", "perplexity:x.jsonl", "mc_news"):  # No path, a path, an absent domain.
+    with pytest.raises(ValueError, match=f"unknown task '{bad}'"):
+      evaluate.parse_tasks(bad, ["math"])
+
+
+def test_a_registered_task_is_parsed_and_run(dense, tok, tmp_path, monkeypatch):
+  seen = []
+  task = evaluate.Task("tokens:PATH", False, lambda ctx, name: seen.append(name) or {"n": 7},
+                       takes_path=True)
+  monkeypatch.setitem(evaluate.TASKS, "tokens", task)
+  tasks = evaluate.parse_tasks("tokens:a.txt", [])
+  results = evaluate.evaluate(*dense, tok, tasks, out_dir=str(tmp_path))
+  assert results == {"tokens:a.txt": {"n": 7}} and seen == ["tokens:a.txt"]
 
 
 def test_converters(tmp_path):
@@ -361,7 +384,7 @@ def test_evaluate_writes_results(moe, tok, corpus_dir, tmp_path):
   results = evaluate.evaluate(config, params, tok, tasks, out_dir=str(tmp_path / "out"),
                               data_root=corpus_dir, domains=["math", "news"], names=names,
                               batch_size=4, max_len=128, seq_len=64, mc_items=5, max_new_tokens=3,
-                              expert_mask=evaluate.parse_expert_mask("public,expert_2", names))
+                              expert_mask=subsets.expert_mask("public+expert_2", names))
   assert set(results["perplexity"]) == {"math", "news", "average"}
   assert results["perplexity"]["math"]["perplexity"] > 1.0
   assert 0 < results["mc_news"]["items"] <= 5 and 0.0 <= results["mc_news"]["acc"] <= 1.0
