@@ -270,6 +270,12 @@ def _tensor_map(config: ModelConfig) -> list[_Tensor]:
   return tensors
 
 
+def hf_tensors(config: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+  """(Hugging Face name, our '/'-joined leaf, index into that leaf) of every tensor of `config`'s
+  checkpoint, in the order transformers lists them."""
+  return [(t.key, t.leaf, t.index) for t in _tensor_map(config)]
+
+
 @functools.cache  # Tracing the model's init costs about a second; configs are hashable.
 def param_shapes(config: ModelConfig) -> Mapping[str, tuple[int, ...]]:
   """Our parameter shapes by '/'-joined path, from the model itself (nothing allocated)."""
