@@ -36,7 +36,8 @@ from flexolmo_jax import routing_analysis
 from flexolmo_jax import runs
 from flexolmo_jax import scoring
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataConfig, DataError, load_manifest, load_tokenizer, make_pipeline
+from flexolmo_jax.data import DataConfig, DataError, load_manifest, make_pipeline
+from flexolmo_jax.data import tokenizer as tokenizer_lib
 
 _BUILTIN = ("perplexity", "mc", "humaneval", "routing")
 
@@ -259,7 +260,7 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
   flags.DEFINE_string("tokenizer", None,
                       "tokenizer.model / tokenizer.json or a directory holding one "
-                      "(default: the model directory if it has one, else --data).")
+                      "(default: the tokenizer that travels with the model, else --data's).")
   flags.DEFINE_list("domains", None, "Domains for perplexity/routing (default: all).")
   flags.DEFINE_enum("split", "test", ["validation", "test"], "Held-out split.")
   flags.DEFINE_string("expert_mask", "", "Experts allowed (names or indices).")
@@ -273,17 +274,6 @@ def define_flags():
   flags.mark_flags_as_required(["model", "out"])
 
 
-def _tokenizer_path(model_dir: str, data_root: str | None) -> str:
-  if flags.FLAGS.tokenizer:
-    return flags.FLAGS.tokenizer
-  for name in ("tokenizer.model", "tokenizer.json"):
-    if os.path.exists(os.path.join(model_dir, name)):
-      return model_dir
-  if data_root:
-    return data_root
-  raise ValueError("no tokenizer: pass --tokenizer or --data (a corpus holds its tokenizer)")
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
@@ -293,7 +283,10 @@ def main(argv):
     mask = parse_expert_mask(flags.FLAGS.expert_mask, names)
     domains = flags.FLAGS.domains or (sorted(load_manifest(flags.FLAGS.data)["domains"]) if flags.FLAGS.data else [])
     tasks = parse_tasks(flags.FLAGS.tasks, domains)
-    tokenizer = load_tokenizer(_tokenizer_path(flags.FLAGS.model, flags.FLAGS.data))
+    tokenizer = tokenizer_lib.for_model(flags.FLAGS.model, manifest, data_root=flags.FLAGS.data,
+                                        override=flags.FLAGS.tokenizer)
+    if flags.FLAGS.data:  # Perplexity and routing read the corpus's own token ids.
+      tokenizer_lib.check_matches(manifest, load_manifest(flags.FLAGS.data), model=flags.FLAGS.model)
     if tokenizer.vocab_size > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
