@@ -1,7 +1,7 @@
 """Hugging Face interop: Olmo2 / FlexOlmo safetensors checkpoints <-> our parameter tree.
 
   python -m flexolmo_jax.convert --from_hf=HF_DIR --out=ARTIFACT_DIR \
-      [--expert_names=public,math,code,...]
+      [--expert_names=public,math,code,...] [--router_rows=ROWS.npz]
   python -m flexolmo_jax.convert --to_hf=ARTIFACT_DIR --out=HF_DIR [--max_shard_size=5GB] \
       [--drop_expert_bias]
 
@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 
 from flexolmo_jax import checkpoint
 from flexolmo_jax import model
+from flexolmo_jax import router_init
 from flexolmo_jax import runs
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -546,12 +547,15 @@ def carried_files(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
 
 
 def hf_to_artifact(hf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
-                   expert_names: Sequence[str] | None = None) -> dict:
+                   expert_names: Sequence[str] | None = None,
+                   router_rows: str | os.PathLike | None = None) -> dict:
   """Converts a Hugging Face checkpoint into a params artifact at `out`; returns its manifest.
 
   The tokenizer files, generation config and chat template are copied along, and the manifest
   records the tokenizer's fingerprint and the experts' names (`expert_names`, else those in
-  config.json). Names are checked before any weight is read.
+  config.json). Names are checked before any weight is read. `router_rows`: also write each
+  expert's router rows [L, D] under its name to this .npz (the router-embeddings format), so a
+  new owner can train against the released public row.
   """
   hf_path = pathlib.Path(hf_path).absolute()
   hf = _read_hf_config(hf_path)
@@ -559,6 +563,8 @@ def hf_to_artifact(hf_path: str | os.PathLike, out: str | os.PathLike, *, dtype:
   if names is not None:
     config = config_from_hf(hf, dtype=dtype)
     names = check_expert_names(names, config.num_experts if config.is_moe else None)
+  if router_rows is not None and names is None:
+    raise HFCheckpointError("--router_rows needs the experts' names: pass --expert_names")
   files = carried_files(hf_path)
   config, params = load_hf(hf_path, dtype=dtype)
   extra = {"source": f"hf:{hf_path}"}
@@ -567,8 +573,12 @@ def hf_to_artifact(hf_path: str | os.PathLike, out: str | os.PathLike, *, dtype:
   if "tokenizer.json" in files:
     extra[tokenizer_lib.FINGERPRINT_KEY] = tokenizer_lib.fingerprint(files["tokenizer.json"])
   kind = "merged" if config.is_moe else "public"
-  return checkpoint.save_params_artifact(out, config, params, kind, extra_manifest=extra,
-                                         files=files)
+  manifest = checkpoint.save_params_artifact(out, config, params, kind, extra_manifest=extra,
+                                             files=files)
+  if router_rows is not None:
+    router = params["layers"]["mlp"]["router"]
+    router_init.save_embeddings(str(router_rows), {n: router[:, i] for i, n in enumerate(names)})
+  return manifest
 
 
 def _files_to_export(artifact: pathlib.Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -622,6 +632,8 @@ def define_flags() -> None:
                     "without it (Hugging Face FlexOlmo has none).")
   flags.DEFINE_list("expert_names", None, "--from_hf: names of a FlexOlmo checkpoint's experts, "
                     "in order: unique [A-Za-z0-9_-]+ names, the first one public.")
+  flags.DEFINE_string("router_rows", None, "--from_hf of a FlexOlmo: also write each expert's "
+                      "router rows to this .npz (config.expert.router_embeddings format).")
 
 
 # Bad input of any kind: each becomes one line and exit code 2, never a traceback.
@@ -631,20 +643,23 @@ _INPUT_ERRORS = (HFCheckpointError, ValueError, KeyError, OSError, SafetensorErr
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   if bool(FLAGS.from_hf) == bool(FLAGS.to_hf) or not FLAGS.out:
     _fail("give exactly one of --from_hf=HF_DIR and --to_hf=ARTIFACT_DIR, and --out=DIR")
-  if FLAGS.expert_names is not None and not FLAGS.from_hf:
-    _fail("--expert_names goes with --from_hf (an artifact's names travel in its manifest)")
+  if (FLAGS.expert_names is not None or FLAGS.router_rows) and not FLAGS.from_hf:
+    _fail("--expert_names and --router_rows go with --from_hf (an artifact's names travel in its "
+          "manifest)")
   try:
     if FLAGS.from_hf:
       manifest = hf_to_artifact(FLAGS.from_hf, FLAGS.out, dtype=FLAGS.dtype,
-                                expert_names=FLAGS.expert_names)
-      logging.info("wrote %s artifact %s (fingerprint %s)", manifest["kind"], FLAGS.out,
-                    manifest["fingerprint"])
+                                expert_names=FLAGS.expert_names, router_rows=FLAGS.router_rows)
+      names = f", experts {manifest['expert_names']}" if "expert_names" in manifest else ""
+      print(f"wrote {manifest['kind']} artifact {FLAGS.out} (fingerprint "
+            f"{manifest['fingerprint'][:16]}{names})")
     else:
       artifact_to_hf(FLAGS.to_hf, FLAGS.out, dtype=FLAGS.dtype,
                      max_shard_size=FLAGS.max_shard_size, drop_expert_bias=FLAGS.drop_expert_bias)
-      logging.info("wrote Hugging Face checkpoint %s", FLAGS.out)
+      print(f"wrote Hugging Face checkpoint {FLAGS.out}")
   except _INPUT_ERRORS as err:
     _fail(str(err) or type(err).__name__)
 

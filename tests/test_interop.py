@@ -218,3 +218,128 @@ def test_olmo2_7b_expert_recipe_and_memory_plan():
     assert (row["mode"], row["seq_len"], row["batch"]) == ("expert", 4096, 16)
     # The frozen public model is OLMo-2 7B: 7.30 B parameters over the devices, float32.
     assert abs(row["frozen"] * row["devices"] / 4 / 1e9 - 7.30) < 0.05, row
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole workflow, through the command lines.
+
+
+def _cli(module, *args, check=True):
+  result = subprocess.run([sys.executable, "-m", f"flexolmo_jax.{module}", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+  if check and result.returncode:
+    raise AssertionError(f"{module} {args} failed:\n{result.stderr[-3000:]}")
+  return result
+
+
+def _without_bias(config, params):
+  mlp = {k: v for k, v in params["layers"]["mlp"].items() if k != "expert_bias"}
+  return config.replace(expert_bias=False), {**params, "layers": {**params["layers"], "mlp": mlp}}
+
+
+@pytest.mark.slow
+def test_released_workflow_through_the_command_lines(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from flexolmo_jax import codegen, generate  # pylint: disable=g-import-not-at-top
+  from flexolmo_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+
+  hf = tiny_hf.write_released(tmp_path / "hf")
+  flex, public, rows = tmp_path / "flex", tmp_path / "public", tmp_path / "rows.npz"
+  # 1. Convert the released FlexOlmo with its experts' names, and the public model.
+  _cli("convert", f"--from_hf={hf['flexolmo']}", f"--out={flex}",
+       "--expert_names=public,math,code", f"--router_rows={rows}")
+  _cli("convert", f"--from_hf={hf['public']}", f"--out={public}")
+
+  # 2. Score and generate with the math expert opted out.
+  prompt = "Solve 12 + 30 ="
+  (tmp_path / "tasks.jsonl").write_text(
+      json.dumps({"id": "mc/0", "context": "Owners share", "choices": [" documents", " vectors"],
+                  "gold": 1}) + "\n"
+      + json.dumps({"id": "gen/0", "context": prompt, "answer": "42", "stop": ["\n\n"]}) + "\n")
+  _cli("evaluate", f"--model={flex}", "--expert_mask=public,code",
+       f"--tasks=file:{tmp_path / 'tasks.jsonl'}", f"--out={tmp_path / 'eval_opt_out'}",
+       "--max_new_tokens=6", "--max_len=64")
+  report = json.loads((tmp_path / "eval_opt_out" / "results.json").read_text())
+  assert report["experts"] == NAMES and report["allowed_experts"] == ["public", "code"]
+  samples = [json.loads(line) for line in
+             (tmp_path / "eval_opt_out").glob("*_samples.jsonl").__next__().read_text().splitlines()]
+  config, params, manifest = checkpoint.load_params_artifact(flex)
+  opted_config, opted, _ = merge.opt_out(config, params, NAMES, ["math"])
+  tok = tokenizer_lib.for_model(flex, manifest)
+  want = codegen.greedy_generate(opted_config, opted, tok, [prompt], max_new_tokens=6,
+                                 stop=["\n\n"], max_len=64)
+  assert samples[0]["generation"] == want[0]  # Masking math out is opting it out.
+
+  # 3. A new owner's .jsonl, tokenized with the released tokenizer.
+  owner = tmp_path / "owner"
+  owner.mkdir()
+  (owner / "mine.jsonl").write_text("".join(
+      json.dumps({"text": f"Owner record {i}: ship {i * 3} crates of pears to port {i % 4}."})
+      + "\n" for i in range(60)))
+  data = tmp_path / "data"
+  _cli("data", "prepare", f"--tokenizer={flex}", f"--owner=new={owner}",
+       "--max_docs_per_domain=8", f"--out={data}")
+  assert corpus.load_manifest(str(data))["tokenizer"]["sha256"] == manifest["tokenizer_fingerprint"]
+
+  # 4. Train the new expert against the converted public model and the released public router
+  # row (the owner's own row: here the released math row, shifted).
+  with np.load(rows) as released_rows:
+    np.savez(tmp_path / "router.npz", public=released_rows["public"],
+             new=released_rows["math"] + 0.05)
+  run = tmp_path / "run_new"
+  _cli("train", "--config=configs/math_expert.py", f"--workdir={run}",
+       "--config.expert.name=new", f"--config.expert.public={public}",
+       f"--config.expert.router_embeddings={tmp_path / 'router.npz'}",
+       f"--config.data.path={data}", "--config.data.seq_len=32", "--config.data.batch_size=8",
+       "--config.steps=3", "--config.log_every=1", "--config.eval_every=1000",
+       "--config.checkpoint_every=3", "--config.progress=False")
+  assert checkpoint.read_manifest(run)["tokenizer_fingerprint"] == manifest["tokenizer_fingerprint"]
+
+  # 5. Merge it into the converted released model, and with a released 2-expert checkpoint.
+  _cli("merge", f"--merged={flex}", f"--experts=new={run}", f"--out={tmp_path / 'flex_new'}")
+  _cli("merge", f"--public={public}", f"--experts=math=hf:{hf['math']},new={run}",
+       f"--out={tmp_path / 'math_new'}")
+  big_config, big, big_manifest = checkpoint.load_params_artifact(tmp_path / "flex_new")
+  _, small, small_manifest = checkpoint.load_params_artifact(tmp_path / "math_new")
+  assert big_manifest["expert_names"] == NAMES + ["new"]
+  assert small_manifest["expert_names"] == ["public", "math", "new"]
+  for key in ("gate_proj", "up_proj", "down_proj", "router"):
+    for ours, theirs in ((small, [0, 1]), (big, [0, 1])):
+      np.testing.assert_array_equal(ours["layers"]["mlp"][key][:, theirs],
+                                    params["layers"]["mlp"][key][:, :2])
+    np.testing.assert_array_equal(small["layers"]["mlp"][key][:, 2], big["layers"]["mlp"][key][:, 3])
+
+  # 6. Evaluate the merged model on the owner's held-out data.
+  _cli("evaluate", f"--model={tmp_path / 'flex_new'}", f"--data={data}", "--tasks=perplexity",
+       "--domains=new", "--seq_len=32", f"--out={tmp_path / 'eval_new'}")
+  perplexity = json.loads((tmp_path / "eval_new" / "results.json").read_text())
+  assert np.isfinite(perplexity["tasks"]["perplexity"]["new"]["perplexity"])
+
+  # 7. Export. The default recipe's learned bias is refused with what dropping it changes, then
+  # dropped on request, as the README's merge-then-export example does.
+  exported = tmp_path / "flex_new_hf"
+  refused = _cli("convert", f"--to_hf={tmp_path / 'flex_new'}", f"--out={exported}", check=False)
+  assert refused.returncode == 2 and not exported.exists()
+  assert len(refused.stderr.strip().splitlines()) == 1
+  assert "--drop_expert_bias" in refused.stderr and "moves the logits by up to" in refused.stderr
+  _cli("convert", f"--to_hf={tmp_path / 'flex_new'}", f"--out={exported}", "--drop_expert_bias")
+
+  # 8. transformers loads the export; its logits and greedy tokens equal ours.
+  hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+  hf_model = tiny_hf.load_reference(exported)
+  assert json.loads((exported / "config.json").read_text())["expert_names"] == NAMES + ["new"]
+  assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == (
+      "<|user|>\nhi\n")
+  text = "Owner record 7: ship 21 crates"
+  ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+  assert ids == tok.encode(text)
+  ours_config, ours = _without_bias(big_config, big)
+  ours_logits = np.asarray(Transformer(ours_config).apply({"params": ours}, np.asarray([ids])))
+  theirs_logits = tiny_hf.hf_logits(hf_model, np.asarray([ids]))
+  assert float(np.max(np.abs(ours_logits - theirs_logits))) < 1e-4
+  with torch.no_grad():
+    hf_greedy = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
+  our_greedy = generate.generate(ours_config, ours, [ids], max_new_tokens=8, stop_at_eos=False)
+  assert hf_greedy[0, len(ids):].tolist() == our_greedy[0].tolist()
