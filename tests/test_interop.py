@@ -73,7 +73,15 @@ def test_mismatched_tokenizer_is_refused_naming_both_fingerprints(released, tmp_
   cfg = train_config({"mode": "expert", "data": {"path": str(data), "domains": ["math"]},
                       "expert": {"name": "math", "public": str(released["public_artifact"])}})
   with pytest.raises(tokenizer_lib.TokenizerMismatchError, match=f"{want}.*{found}"):
-    train.setup(cfg)
+    train.train(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  # A released expert that carries another tokenizer is refused by merge.
+  shutil.copytree(released["math"], tmp_path / "math")
+  shutil.copyfile(tmp_path / "other" / "tokenizer.json", tmp_path / "math" / "tokenizer.json")
+  with pytest.raises(merge.MergeError, match=f"tokenizer mismatch.*{want}.*{found}"):
+    merge.merge_to_dir(released["public_artifact"], f"math=hf:{tmp_path / 'math'}",
+                       tmp_path / "merged")
+  assert not (tmp_path / "merged").exists()
 
 
 def test_prepare_with_a_given_tokenizer_records_it(released, tmp_path):
