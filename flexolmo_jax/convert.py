@@ -390,6 +390,17 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
   return config, checkpoint.unflatten(flat)
 
 
+def load_hf_router(path: str | os.PathLike) -> np.ndarray:
+  """The router weights [L, E, D] of a FlexOlmo checkpoint, read without the other tensors."""
+  path = pathlib.Path(path)
+  config = config_from_hf(_read_hf_config(path))
+  if not config.is_moe:
+    raise HFCheckpointError(f"{path} is a dense checkpoint: it has no router")
+  router = [t for t in _tensor_map(config) if t.leaf == "layers/mlp/router"]
+  with _SafetensorsReader(path) as reader:
+    return np.stack([reader.read(t.key, (config.num_experts, config.d_model)) for t in router])
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving.
 

@@ -467,8 +467,7 @@ def _public_router(path: str, manifest: dict) -> np.ndarray:
   """The public router row r_pub [L, D] an expert was trained or released with."""
   if not _is_hf(path):
     return runs.load_public_router(path, manifest)
-  _, params = _read_hf(manifest["name"], path[len(HF_PREFIX):])
-  return np.asarray(params["layers"]["mlp"]["router"][:, 0], np.float32)
+  return np.asarray(convert.load_hf_router(path[len(HF_PREFIX):])[:, 0], np.float32)
 
 
 def _check_tokenizers(model_manifest: dict, manifests: Mapping[str, dict]) -> None:

@@ -163,10 +163,6 @@ def load_tokenizer(path: str) -> SentencePieceTokenizer | HFTokenizer:
   """Loads `*.model` (sentencepiece) or `tokenizer.json` (Hugging Face); a directory is searched
   for `tokenizer.model` then `tokenizer.json`. The result carries `.fingerprint`."""
   path = tokenizer_file(path)
-  return _load_file(path)
-
-
-def _load_file(path: str) -> SentencePieceTokenizer | HFTokenizer:
   if path.endswith(".json"):
     return HFTokenizer(path)
   with open(path, "rb") as f:
@@ -229,9 +225,10 @@ def check_matches(model_manifest: Mapping[str, Any], other: Any, *, model: str =
   found, what = _fingerprint_of(other)
   if want is None or found is None or want == found:
     return
-  fix = fix or (f"use the model's own tokenizer (pass --tokenizer=<the directory {model} was "
-                "converted or trained from>), or prepare the data with it: python -m "
-                "flexolmo_jax.data prepare --tokenizer=<that tokenizer> --out=DIR")
+  own = model_manifest.get(PATH_KEY) or model
+  fix = fix or (f"use the model's own tokenizer ({own}; evaluate and serve pick it when no "
+                "--tokenizer is given), or prepare the data with it: python -m flexolmo_jax.data "
+                f"prepare --tokenizer={own} --out=DIR")
   raise TokenizerMismatchError(f"tokenizer mismatch: {model} expects tokenizer {want} but {what} "
                                f"is {found}; {fix}")
 
