@@ -680,6 +680,14 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with an unknown or malformed flag reported like any other bad input."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    _fail(str(err))
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

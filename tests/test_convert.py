@@ -351,6 +351,7 @@ def test_expert_bias_refusal_reports_what_dropping_it_changes(hf_checkpoints, to
     (["--from_hf={missing}", "--out={out}"], "no config.json in"),
     (["--to_hf={missing}", "--out={out}"], "has no manifest.json"),
     (["--out={out}"], "give exactly one of --from_hf"),
+    (["--from_hf={missing}", "--out={out}", "--expert_nmes=public"], "expert_nmes"),
 ])
 def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -60,6 +60,14 @@ def test_converted_artifact_carries_tokenizer_names_and_fingerprint(released):
   assert (tok.eos_id, tok.pad_id) == (hf_config["eos_token_id"], hf_config["pad_token_id"])
 
 
+def test_exported_model_carries_the_same_files(released, tmp_path):
+  convert.artifact_to_hf(released["flexolmo_artifact"], tmp_path / "hf")
+  for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+               "chat_template.jinja"):
+    assert (tmp_path / "hf" / name).read_bytes() == (released["flexolmo"] / name).read_bytes()
+  assert convert.load_hf_expert_names(tmp_path / "hf") == NAMES
+
+
 def test_mismatched_tokenizer_is_refused_naming_both_fingerprints(released, tmp_path):
   tiny_hf.write_bpe_tokenizer(tmp_path / "other", vocab_size=290)
   manifest = checkpoint.read_manifest(released["flexolmo_artifact"])
