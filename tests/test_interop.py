@@ -92,6 +92,18 @@ def test_mismatched_tokenizer_is_refused_naming_both_fingerprints(released, tmp_
   assert not (tmp_path / "merged").exists()
 
 
+def test_check_matches_reads_every_kind_of_record():
+  model = {"kind": "expert", "tokenizer_fingerprint": "a" * 64}
+  tokenizer_lib.check_matches(model, {"tokenizer": {"sha256": "a" * 64}})  # A data manifest.
+  tokenizer_lib.check_matches(model, {"kind": "public"})  # Recorded before fingerprints: passes.
+  tokenizer_lib.check_matches({"kind": "merged"}, {"tokenizer": {"sha256": "b" * 64}})
+  with pytest.raises(tokenizer_lib.TokenizerMismatchError,
+                     match=f"expects tokenizer {'a' * 64} but the corpus tokenizer is {'b' * 64}"):
+    tokenizer_lib.check_matches(model, {"tokenizer": {"sha256": "b" * 64}})
+  with pytest.raises(tokenizer_lib.TokenizerMismatchError, match="the public model's tokenizer"):
+    tokenizer_lib.check_matches(model, {"kind": "public", "tokenizer_fingerprint": "c" * 64})
+
+
 def test_prepare_with_a_given_tokenizer_records_it(released, tmp_path):
   owner = tmp_path / "owner"
   owner.mkdir()
