@@ -98,8 +98,13 @@ def library_versions() -> dict[str, str]:
 
 
 def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: Mapping[str, Any],
-                         kind: str, extra_manifest: Mapping[str, Any] | None = None) -> dict:
-  """Writes `params` and a manifest to a new directory `path`, atomically; returns the manifest."""
+                         kind: str, extra_manifest: Mapping[str, Any] | None = None,
+                         files: Mapping[str, str | os.PathLike] | None = None) -> dict:
+  """Writes `params` and a manifest to a new directory `path`, atomically; returns the manifest.
+
+  `files` (name in the artifact -> source path) are copied in too: the tokenizer and generation
+  settings that travel with a model.
+  """
   if kind not in KINDS:
     raise ValueError(f"artifact kind {kind!r} not in {KINDS}")
   manifest = {"kind": kind, "config": config.to_dict(), "fingerprint": fingerprint(params),
@@ -113,6 +118,8 @@ def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: M
     checkpointer.save(tmp / PARAMS, dict(params))
     checkpointer.wait_until_finished()
     checkpointer.close()
+    for name, source in (files or {}).items():
+      shutil.copyfile(source, tmp / name)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
   return manifest
 

@@ -1,7 +1,14 @@
 """Hugging Face interop: Olmo2 / FlexOlmo safetensors checkpoints <-> our parameter tree.
 
-  python -m flexolmo_jax.convert --from_hf=HF_DIR --out=ARTIFACT_DIR
-  python -m flexolmo_jax.convert --to_hf=ARTIFACT_DIR --out=HF_DIR [--max_shard_size=5GB]
+  python -m flexolmo_jax.convert --from_hf=HF_DIR --out=ARTIFACT_DIR \
+      [--expert_names=public,math,code,...] [--router_rows=ROWS.npz]
+  python -m flexolmo_jax.convert --to_hf=ARTIFACT_DIR --out=HF_DIR [--max_shard_size=5GB] \
+      [--drop_expert_bias]
+
+The tokenizer files, generation_config.json and chat template travel with the weights both ways
+(data.tokenizer.HF_COMPANION_FILES); the artifact's manifest records the tokenizer fingerprint,
+and a FlexOlmo checkpoint's expert names (--expert_names, or config.json's `expert_names`).
+Bad input ends the command with one line on stderr and exit code 2.
 
 Both directions go tensor by tensor: loading fills preallocated stacked arrays, saving streams
 each tensor into its safetensors file, so a 7x7B checkpoint is never held twice in memory.
@@ -19,7 +26,9 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import struct
+import sys
 import types
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,11 +38,14 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from flexolmo_jax import checkpoint, cli
 from flexolmo_jax import model
+from flexolmo_jax import router_init
+from flexolmo_jax import runs
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data import tokenizer as tokenizer_lib
 
 SUPPORTED_MODEL_TYPES = ("olmo2", "flex_olmo")
 _ARCHITECTURES = {"olmo2": "Olmo2ForCausalLM", "flex_olmo": "FlexOlmoForCausalLM"}
@@ -52,6 +64,9 @@ _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 _FFN = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Tokens of the probe on which `bias_effect` measures what dropping an expert bias changes.
+_BIAS_PROBE_TOKENS = 64
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -167,11 +182,37 @@ def config_to_hf(config: ModelConfig, expert_names: Sequence[str] | None = None)
   return hf
 
 
+def check_expert_names(names: Sequence[str], num_experts: int | None) -> list[str]:
+  """Refuses expert names that are not unique `[A-Za-z0-9_-]+` names, `public` first, one per
+  expert (`num_experts` None: the model is dense and takes no names)."""
+  names = [str(n).strip() for n in names]
+  if num_experts is None:
+    raise HFCheckpointError("expert names were given for a dense (Olmo2) checkpoint; only a "
+                            "FlexOlmo checkpoint has experts to name")
+  if len(names) != num_experts:
+    raise HFCheckpointError(f"{len(names)} expert names {names} for a model with {num_experts} "
+                            f"experts; give exactly {num_experts}, the first one public")
+  bad = [n for n in names if not _EXPERT_NAME.fullmatch(n)]
+  if bad:
+    raise HFCheckpointError(f"expert names {bad} are not made of letters, digits, _ and -")
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise HFCheckpointError(f"expert names {duplicates} are given more than once; each expert "
+                            "needs its own name")
+  if names[0] != "public":
+    raise HFCheckpointError(f"the first expert name is {names[0]!r}; expert 0 is the public "
+                            "model's FFN and must be named public")
+  return names
+
+
 def _read_hf_config(path: pathlib.Path) -> dict[str, Any]:
   config_path = path / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"no config.json in {path}")
-  return json.loads(config_path.read_text())
+  try:
+    return json.loads(config_path.read_text())
+  except json.JSONDecodeError as err:
+    raise HFCheckpointError(f"{config_path} is not valid JSON ({err})") from None
 
 
 def load_hf_expert_names(path: str | os.PathLike) -> list[str] | None:
@@ -228,6 +269,12 @@ def _tensor_map(config: ModelConfig) -> list[_Tensor]:
   tensors.append(_Tensor("model.norm.weight", "final_norm", (), False))
   tensors.append(_Tensor("lm_head.weight", "lm_head", (), True))
   return tensors
+
+
+def hf_tensors(config: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+  """(Hugging Face name, our '/'-joined leaf, index into that leaf) of every tensor of `config`'s
+  checkpoint, in the order transformers lists them."""
+  return [(t.key, t.leaf, t.index) for t in _tensor_map(config)]
 
 
 @functools.cache  # Tracing the model's init costs about a second; configs are hashable.
@@ -343,6 +390,17 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
   return config, checkpoint.unflatten(flat)
 
 
+def load_hf_router(path: str | os.PathLike) -> np.ndarray:
+  """The router weights [L, E, D] of a FlexOlmo checkpoint, read without the other tensors."""
+  path = pathlib.Path(path)
+  config = config_from_hf(_read_hf_config(path))
+  if not config.is_moe:
+    raise HFCheckpointError(f"{path} is a dense checkpoint: it has no router")
+  router = [t for t in _tensor_map(config) if t.leaf == "layers/mlp/router"]
+  with _SafetensorsReader(path) as reader:
+    return np.stack([reader.read(t.key, (config.num_experts, config.d_model)) for t in router])
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving.
 
@@ -399,42 +457,64 @@ def _write_safetensors(path: pathlib.Path,
       f.write(array.tobytes())
 
 
-def _check_expert_bias(config: ModelConfig, flat: Mapping[str, Any], drop_expert_bias: bool):
-  """HF FlexOlmo has no router bias: refuses to drop one silently."""
+def bias_effect(config: ModelConfig, params: Mapping[str, Any]) -> tuple[float, int]:
+  """What dropping the expert bias does to this model: (largest |logit change|, positions whose
+  greedy token changes), over a fixed probe of random tokens."""
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, _BIAS_PROBE_TOKENS),
+                                             dtype=np.int32)
+  mlp = params["layers"]["mlp"]
+  unbiased = {**params, "layers": {**params["layers"], "mlp": {
+      k: v for k, v in mlp.items() if k != "expert_bias"}}}
+  forward = lambda c, p: np.asarray(model.Transformer(c).apply({"params": p}, tokens), np.float32)
+  kept, dropped = forward(config, params), forward(config.replace(expert_bias=False), unbiased)
+  return (float(np.max(np.abs(kept - dropped))),
+          int(np.sum(kept.argmax(-1) != dropped.argmax(-1))))
+
+
+def _check_expert_bias(config: ModelConfig, params: Mapping[str, Any], flat: Mapping[str, Any],
+                       drop_expert_bias: bool):
+  """HF FlexOlmo has no router bias: refuses to drop one unless asked, saying what dropping it
+  changes on this very model."""
   if not config.expert_bias:
     return
-  if not drop_expert_bias:
-    raise HFCheckpointError(
-        "the model has a learned expert bias (config.expert_bias=True), which Hugging Face "
-        "FlexOlmo cannot represent; pass drop_expert_bias=True (--drop_expert_bias) to save "
-        "without it")
-  # The bias acts as min(b, 0) on every expert but the public one; only that part is lost.
+  # The bias acts as min(b, 0) on every expert but the public one; only that part can be lost.
   effective = np.minimum(np.asarray(flat["layers/mlp/expert_bias"], np.float32)[:, 1:], 0.0)
   if np.any(effective != 0.0):
-    logging.warning("dropping an expert bias with negative entries (min %.4g): the saved "
-                    "checkpoint's router logits, and so its outputs, differ from this model's",
-                    float(effective.min()))
+    change, flips = bias_effect(config, params)
+    effect = (f"dropping it moves the logits by up to {change:.3g} and changes the greedy token "
+              f"at {flips} of {_BIAS_PROBE_TOKENS} positions of a random-token probe")
+  else:
+    effect = "dropping it changes nothing here (every bias is >= 0, so min(b, 0) = 0)"
+  if not drop_expert_bias:
+    raise HFCheckpointError(
+        f"the model has a learned expert bias, which Hugging Face FlexOlmo cannot represent; "
+        f"{effect}. Pass --drop_expert_bias (drop_expert_bias=True) to export without it, or "
+        "merge with --keep_bias=false")
+  if np.any(effective != 0.0):
+    logging.warning("the exported model's outputs differ from this model's: %s", effect)
 
 
 def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathLike, *,
             max_shard_size: int | str | None = None, expert_names: Sequence[str] | None = None,
-            drop_expert_bias: bool = False) -> None:
+            drop_expert_bias: bool = False,
+            files: Mapping[str, str | os.PathLike] | None = None) -> None:
   """Writes a Hugging Face checkpoint (config.json + safetensors) that transformers loads.
 
   Dense configs become `Olmo2ForCausalLM`, MoE configs `FlexOlmoForCausalLM` in the per-expert
   layout. Tensors are cast to `config.param_dtype`. `max_shard_size` (bytes, or e.g. "5GB")
   splits the weights into shards with an index; None writes one file. `path` must be absent or
   an empty directory; it appears only once complete. A learned expert bias has no HF
-  counterpart: saving one is refused unless `drop_expert_bias`.
+  counterpart: saving one is refused unless `drop_expert_bias`. `files` (name -> source path)
+  are copied next to the weights: tokenizer, generation config, chat template.
   """
   flat = checkpoint.flatten(params)
-  _check_expert_bias(config, flat, drop_expert_bias)
   shapes = param_shapes(config)
   for leaf, shape in shapes.items():
     found = tuple(np.shape(flat[leaf])) if leaf in flat else None
     if found != shape:
       raise HFCheckpointError(f"parameter {leaf} has shape {found}, expected {shape} for this "
                               "config")
+  _check_expert_bias(config, params, flat, drop_expert_bias)
   tensors = _tensor_map(config)
   _check_covered(tensors, shapes, ignore=("layers/mlp/expert_bias",))
   hf_config = config_to_hf(config, expert_names)
@@ -451,6 +531,8 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathL
                    None if max_shard_size is None else parse_size(max_shard_size))
   with checkpoint.atomic_directory(path) as tmp:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    for name, source in (files or {}).items():
+      shutil.copyfile(source, tmp / name)
     if len(shards) == 1:
       _write_safetensors(tmp / _SINGLE_FILE, specs)
       return
@@ -468,27 +550,80 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathL
 # Artifacts and command line.
 
 
-def hf_to_artifact(hf_path: str | os.PathLike, out: str | os.PathLike, *,
-                   dtype: Any = None) -> dict:
-  """Converts a Hugging Face checkpoint into a params artifact at `out`; returns its manifest."""
+def carried_files(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
+  """The tokenizer, generation-config and chat-template files present in `directory`."""
+  directory = pathlib.Path(directory)
+  return {name: directory / name for name in tokenizer_lib.HF_COMPANION_FILES
+          if (directory / name).is_file()}
+
+
+def hf_to_artifact(hf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
+                   expert_names: Sequence[str] | None = None,
+                   router_rows: str | os.PathLike | None = None) -> dict:
+  """Converts a Hugging Face checkpoint into a params artifact at `out`; returns its manifest.
+
+  The tokenizer files, generation config and chat template are copied along, and the manifest
+  records the tokenizer's fingerprint and the experts' names (`expert_names`, else those in
+  config.json). Names are checked before any weight is read. `router_rows`: also write each
+  expert's router rows [L, D] under its name to this .npz (the router-embeddings format), so a
+  new owner can train against the released public row.
+  """
   hf_path = pathlib.Path(hf_path).absolute()
+  hf = _read_hf_config(hf_path)
+  names = expert_names if expert_names is not None else hf.get("expert_names")
+  if names is not None:
+    config = config_from_hf(hf, dtype=dtype)
+    names = check_expert_names(names, config.num_experts if config.is_moe else None)
+  if router_rows is not None and names is None:
+    raise HFCheckpointError("--router_rows needs the experts' names: pass --expert_names")
+  files = carried_files(hf_path)
   config, params = load_hf(hf_path, dtype=dtype)
   extra = {"source": f"hf:{hf_path}"}
-  names = load_hf_expert_names(hf_path)
   if names is not None:
     extra["expert_names"] = names
+  if "tokenizer.json" in files:
+    extra[tokenizer_lib.FINGERPRINT_KEY] = tokenizer_lib.fingerprint(files["tokenizer.json"])
   kind = "merged" if config.is_moe else "public"
-  return checkpoint.save_params_artifact(out, config, params, kind, extra_manifest=extra)
+  manifest = checkpoint.save_params_artifact(out, config, params, kind, extra_manifest=extra,
+                                             files=files)
+  if router_rows is not None:
+    router = params["layers"]["mlp"]["router"]
+    router_init.save_embeddings(str(router_rows), {n: router[:, i] for i, n in enumerate(names)})
+  return manifest
+
+
+def _files_to_export(artifact: pathlib.Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+  """What travels into the Hugging Face directory: the artifact's own carried files, else the
+  tokenizer its manifest names (with that tokenizer's companion files)."""
+  files = carried_files(artifact)
+  if "tokenizer.json" in files:
+    return files
+  found = tokenizer_lib.model_tokenizer_path(artifact, manifest)
+  if found is None:
+    logging.warning("%s carries no tokenizer: the export has none either (AutoTokenizer will "
+                    "not load it)", artifact)
+    return files
+  if found.endswith(".json"):
+    return {**carried_files(pathlib.Path(found).parent), **files}
+  logging.warning("the model's tokenizer is a sentencepiece model (%s); it is copied as "
+                  "tokenizer.model, which transformers' AutoTokenizer cannot load as is", found)
+  return {**files, "tokenizer.model": found}
 
 
 def artifact_to_hf(artifact: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
                    max_shard_size: int | str | None = None, drop_expert_bias: bool = False) -> None:
-  """Writes the params artifact at `artifact` as a Hugging Face checkpoint at `out`."""
-  config, params, manifest = checkpoint.load_params_artifact(artifact)
+  """Writes the params artifact (or training run) at `artifact` as a Hugging Face checkpoint at
+  `out`, with the tokenizer, generation config and chat template that travel with it."""
+  artifact = pathlib.Path(artifact)
+  config, params, manifest = runs.load_params(artifact)
+  if manifest.get("kind") == "expert":
+    raise HFCheckpointError(f"{artifact} is one expert's training run; merge it first "
+                            "(python -m flexolmo_jax.merge) and convert the merged model")
   if dtype is not None:
     config = config.replace(param_dtype=_dtype_name(dtype))
   save_hf(config, params, out, max_shard_size=max_shard_size,
-          expert_names=manifest.get("expert_names"), drop_expert_bias=drop_expert_bias)
+          expert_names=manifest.get("expert_names"), drop_expert_bias=drop_expert_bias,
+          files=_files_to_export(artifact, manifest))
 
 
 FLAGS = flags.FLAGS
@@ -506,24 +641,53 @@ def define_flags() -> None:
   flags.DEFINE_string("max_shard_size", "5GB", "--to_hf: largest safetensors shard.")
   flags.DEFINE_bool("drop_expert_bias", False, "--to_hf: save a model with a learned expert bias "
                     "without it (Hugging Face FlexOlmo has none).")
-  flags.mark_flags_as_mutual_exclusive(["from_hf", "to_hf"], required=True)
-  flags.mark_flag_as_required("out")
+  flags.DEFINE_list("expert_names", None, "--from_hf: names of a FlexOlmo checkpoint's experts, "
+                    "in order: unique [A-Za-z0-9_-]+ names, the first one public.")
+  flags.DEFINE_string("router_rows", None, "--from_hf of a FlexOlmo: also write each expert's "
+                      "router rows to this .npz (config.expert.router_embeddings format).")
+
+
+# Bad input of any kind: each becomes one line and exit code 2, never a traceback.
+_INPUT_ERRORS = (HFCheckpointError, ValueError, KeyError, OSError, SafetensorError)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
-  if FLAGS.from_hf:
-    manifest = hf_to_artifact(FLAGS.from_hf, FLAGS.out, dtype=FLAGS.dtype)
-    logging.info("wrote %s artifact %s (fingerprint %s)", manifest["kind"], FLAGS.out,
-                 manifest["fingerprint"])
-  else:
-    artifact_to_hf(FLAGS.to_hf, FLAGS.out, dtype=FLAGS.dtype, max_shard_size=FLAGS.max_shard_size,
-                   drop_expert_bias=FLAGS.drop_expert_bias)
-    logging.info("wrote Hugging Face checkpoint %s", FLAGS.out)
+  if bool(FLAGS.from_hf) == bool(FLAGS.to_hf) or not FLAGS.out:
+    _fail("give exactly one of --from_hf=HF_DIR and --to_hf=ARTIFACT_DIR, and --out=DIR")
+  if (FLAGS.expert_names is not None or FLAGS.router_rows) and not FLAGS.from_hf:
+    _fail("--expert_names and --router_rows go with --from_hf (an artifact's names travel in its "
+          "manifest)")
+  try:
+    if FLAGS.from_hf:
+      manifest = hf_to_artifact(FLAGS.from_hf, FLAGS.out, dtype=FLAGS.dtype,
+                                expert_names=FLAGS.expert_names, router_rows=FLAGS.router_rows)
+      names = f", experts {manifest['expert_names']}" if "expert_names" in manifest else ""
+      print(f"wrote {manifest['kind']} artifact {FLAGS.out} (fingerprint "
+            f"{manifest['fingerprint'][:16]}{names})")
+    else:
+      artifact_to_hf(FLAGS.to_hf, FLAGS.out, dtype=FLAGS.dtype,
+                     max_shard_size=FLAGS.max_shard_size, drop_expert_bias=FLAGS.drop_expert_bias)
+      print(f"wrote Hugging Face checkpoint {FLAGS.out}")
+  except _INPUT_ERRORS as err:
+    _fail(str(err) or type(err).__name__)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with an unknown or malformed flag reported like any other bad input."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    _fail(str(err))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -77,7 +77,7 @@ def embed_texts(texts: Sequence[str], embedder: str, public: str, *, data: str |
       raise ValueError(f"{public} is a mixture of experts; embed with the dense public model")
     if data is None:
       raise ValueError("the public_hidden embedder needs the corpus (its tokenizer)")
-    tokenizer = data_lib.load_tokenizer(os.path.join(data, "tokenizer.model"))
+    tokenizer = data_lib.corpus.corpus_tokenizer(data)
     batches = _document_batches(tokenizer, texts, max_tokens, batch_size)
     return router_init.mean_hidden_embedding(config, params, batches)
   if embedder == "minilm":

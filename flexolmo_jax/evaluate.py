@@ -38,7 +38,8 @@ from absl import flags
 from flexolmo_jax import baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
 from flexolmo_jax import subsets
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataError, load_manifest, load_tokenizer
+from flexolmo_jax.data import DataError, load_manifest
+from flexolmo_jax.data import tokenizer as tokenizer_lib
 
 def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]:
   """The experts' names: from the model manifest when it lists them, else public, expert_1, ..."""
@@ -314,7 +315,7 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
   flags.DEFINE_string("tokenizer", None,
                       "tokenizer.model / tokenizer.json or a directory holding one "
-                      "(default: the model directory if it has one, else --data).")
+                      "(default: the tokenizer that travels with the model, else --data's).")
   flags.DEFINE_list("domains", None, "Domains for perplexity/routing (default: all).")
   flags.DEFINE_enum("split", "test", ["validation", "test"], "Held-out split.")
   flags.DEFINE_string("expert_mask", subsets.ALL, "Experts allowed: all, public+math or -code "
@@ -338,17 +339,6 @@ def define_flags():
   flags.mark_flags_as_required(["model", "out"])
 
 
-def _tokenizer_path(tokenizer: str | None, model_dir: str, data_root: str | None) -> str:
-  if tokenizer:
-    return tokenizer
-  for name in ("tokenizer.model", "tokenizer.json"):
-    if os.path.exists(os.path.join(model_dir, name)):
-      return model_dir
-  if data_root:
-    return data_root
-  raise ValueError("no tokenizer: pass --tokenizer or --data (a corpus holds its tokenizer)")
-
-
 def main(argv):
   del argv
   cli.default_verbosity()
@@ -361,7 +351,9 @@ def main(argv):
         f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
     domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
     tasks = parse_tasks(f.tasks, domains)
-    tokenizer = load_tokenizer(_tokenizer_path(f.tokenizer, f.model, f.data))
+    tokenizer = tokenizer_lib.for_model(f.model, manifest, data_root=f.data, override=f.tokenizer)
+    if f.data:  # Perplexity and routing read the corpus's own token ids.
+      tokenizer_lib.check_matches(manifest, load_manifest(f.data), model=f.model)
     if tokenizer.vocab_size > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")

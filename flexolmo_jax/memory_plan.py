@@ -3,6 +3,12 @@ r"""Per-device memory plan of training or serving a model on a named accelerator
   python -m flexolmo_jax.memory_plan                       # every preset x mode x named mesh
   python -m flexolmo_jax.memory_plan --model=flexolmo_7x7b --mesh=v5p-64 --mode=expert \
       [--batch=32 --seq_len=4096 --mesh_shape=fsdp=16,tensor=2 --remat=full --json]
+  python -m flexolmo_jax.memory_plan --config=configs/olmo2_7b_expert.py [--mesh=v5p-8]
+
+With --config, the plan is that training config's: its mode, sequence length, microbatch
+(data.batch_size / grad_accum), rematerialisation and compute dtype, on the architecture of its
+public model (the checkpoint's manifest when it exists, else the preset the config file names in
+PUBLIC_PRESET), on the meshes it names in PLAN_MESHES unless --mesh is given.
 
 Nothing is allocated: parameter and optimizer trees come from `jax.eval_shape` of the model's
 own init and of train.make_optimizer's init, and each leaf is divided per device by the
@@ -26,8 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
+import pathlib
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -41,7 +49,7 @@ from flexolmo_jax import experts, sharding, train
 from flexolmo_jax.config import PRESETS, ModelConfig
 from flexolmo_jax.data.config import DataConfig
 from flexolmo_jax.model import init_params, logical_axes
-from flexolmo_jax.train_config import TrainConfig
+from flexolmo_jax.train_config import TrainConfig, train_config
 
 MODES = ("public", "expert", "inference")
 GB = 1e9  # Vendors quote HBM in decimal gigabytes; every figure here uses the same unit.
@@ -358,6 +366,39 @@ def ratio_lines(rows: Sequence[dict]) -> list[str]:
   return out
 
 
+def plan_config(path: str, mesh: str, *, mesh_shape: Mapping[str, int] | None = None
+                ) -> dict[str, Any]:
+  """One row of the plan of the training config file at `path` on the named `mesh`."""
+  module = _config_module(path)
+  tc = train_config(_without_workdir(module.get_config()))
+  if tc.mode == "expert":
+    manifest = pathlib.Path(tc.expert.public) / "manifest.json"
+    model = (ModelConfig.from_dict(json.loads(manifest.read_text())["config"])
+             if manifest.exists() else PRESETS[module.PUBLIC_PRESET]())
+    model = model.replace(**{k: v for k, v in tc.model_overrides.items() if k != "remat"})
+    remat = tc.model_overrides.get("remat", model.remat)
+  else:
+    model, remat = tc.model, tc.model.remat
+  row = plan(model, mesh, tc.mode, batch=tc.data.batch_size // tc.grad_accum,
+             seq_len=tc.data.seq_len, mesh_shape=mesh_shape, remat=remat)
+  return {**row, "model": pathlib.Path(path).stem}
+
+
+def _config_module(path: str):
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  if spec is None or not pathlib.Path(path).exists():
+    raise ValueError(f"no config file {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _without_workdir(cd):
+  raw = cd.to_dict()
+  raw.pop("workdir", None)
+  return raw
+
+
 # ----------------------------------------------------------------------------- command line
 
 FLAGS = flags.FLAGS
@@ -374,6 +415,7 @@ def define_flags() -> None:
                       "(default: FSDP, plus an expert axis that divides the expert count).")
   flags.DEFINE_enum("remat", "full", ["none", "full", "dots"], "Rematerialisation policy.")
   flags.DEFINE_bool("json", False, "Print JSON instead of markdown.")
+  flags.DEFINE_string("config", None, "A training config file (configs/*.py): plan its run.")
 
 
 def main(argv) -> None:
@@ -384,6 +426,11 @@ def main(argv) -> None:
     meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)
     shape = parse_mesh_shape(FLAGS.mesh_shape) if FLAGS.mesh_shape else None
     rows = []
+    if FLAGS.config:
+      module_meshes = getattr(_config_module(FLAGS.config), "PLAN_MESHES", DEFAULT_MESHES)
+      rows = [plan_config(FLAGS.config, mesh, mesh_shape=shape)
+              for mesh in ([FLAGS.mesh] if FLAGS.mesh else module_meshes)]
+      models = []
     for model in models:
       modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
       for mesh in meshes:

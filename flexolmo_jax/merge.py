@@ -4,6 +4,10 @@ r"""Merging at load time, opt-out, and the merge command (docs/method.md, sectio
       --experts=math=runs/experts/math,code=runs/experts/code [--opt_out=code] [--top_k=K] \
       [--keep_bias=false] --out=runs/merged
   python -m flexolmo_jax.merge --merged=runs/merged --opt_out=code --out=runs/merged_no_code
+  python -m flexolmo_jax.merge --public=runs/flex_public \
+      --experts=math=hf:HF_FLEX_MATH_2X,mine=runs/experts/mine --out=runs/merged
+  python -m flexolmo_jax.merge --merged=runs/flex_7x7b --experts=mine=runs/experts/mine \
+      --out=runs/flex_8x7b
 
 Expert 0 is always the public FFN with the public router row r_pub; expert j (in the order given)
 is owner j's FFN and router row. Each expert checkpoint is restored on its own and copied once
@@ -13,7 +17,10 @@ against the same r_pub as the others. Opting an expert out drops its FFN and rou
 layer: the result is identical to never having merged it.
 Export with `python -m flexolmo_jax.convert --to_hf=OUT --out=HF_DIR` (expert names travel in
 the manifest into config.json; Hugging Face FlexOlmo has no expert bias: merge with
---keep_bias=false, or pass --drop_expert_bias to convert).
+--keep_bias=false, or pass --drop_expert_bias to convert). `name=hf:DIR` takes a released 2-expert
+FlexOlmo checkpoint (its shared part must equal the public model); `--merged=DIR --experts=...`
+adds experts to a merged or converted released model, keeping its experts' names
+(docs/interop.md).
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from flexolmo_jax import checkpoint, cli, distributed, experts, runs, sharding
+from flexolmo_jax import checkpoint, cli, convert, distributed, experts, runs, sharding
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.model import logical_axes
 
 PUBLIC = "public"
@@ -144,7 +152,9 @@ def _checked_inputs(public, expert_list, opt_out):
   pairs = [(n, p) for n, p in pairs if n not in skip]
   public_config, public_params, public_fp = _load_public(public)
 
-  manifests = {n: _expert_manifest(n, p, public_fp) for n, p in pairs}
+  manifests = {n: _source_manifest(n, p, public_config, public_params, public_fp)
+               for n, p in pairs}
+  _check_tokenizers(checkpoint.read_manifest(public), manifests)
   configs = {n: ModelConfig.from_dict(m["config"]) for n, m in manifests.items()}
   for n, p in pairs:
     _check_config(n, p, configs[n], public_config)
@@ -170,7 +180,8 @@ def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, ba
   """(config, params, names, provenance) for `assemble`; provenance feeds the manifest."""
   public_config, public_params, public_fp, pairs, manifests, configs = _checked_inputs(
       public, expert_list, opt_out)
-  with_bias = bool(keep_bias) and bool(pairs)
+  # Released (hf:) experts have no bias: a merge of only those has none either.
+  with_bias = bool(keep_bias) and any(c.expert_bias for c in configs.values())
 
   mlp = public_params["layers"]["mlp"]
   L, D = mlp["gate_proj"].shape[:2]
@@ -183,14 +194,14 @@ def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, ba
   for k in experts.FFN_KEYS:
     stacked[k][:, 0] = mlp[k]
   if pairs:
-    stacked["router"][:, 0] = runs.load_public_router(pairs[0][1], manifests[pairs[0][0]])
+    stacked["router"][:, 0] = _public_router(pairs[0][1], manifests[pairs[0][0]])
   else:
     stacked["router"][:, 0] = 0.0  # A lone expert gets softmax weight 1 whatever its row.
 
   shapes = _expected_shapes(public_params, with_bias)
   provenance = {}
   for j, (name, path) in enumerate(pairs, 1):
-    _, tree, manifest = runs.load_params(path)
+    _, tree, manifest = _load_expert(path, manifests[name])
     _check_expert_tree(name, path, tree, shapes)
     for key in shapes:
       stacked[key][:, j] = tree[key]
@@ -248,6 +259,9 @@ def assemble_on_mesh(public: str | os.PathLike,
   """
   public_config, public_params, _, pairs, manifests, configs = _checked_inputs(
       public, expert_list, opt_out)
+  if any(_is_hf(p) for _, p in pairs):
+    raise MergeError("hf: experts are read on the host: merge them with the merge command "
+                     "(or assemble) and load the merged artifact")
   with_bias = bool(keep_bias) and bool(pairs)
   config, _ = _merged_config(public_config, configs, len(pairs), top_k, with_bias, backend)
   mlp = public_params["layers"]["mlp"]
@@ -347,7 +361,9 @@ def merge_to_dir(public, expert_list, out, *, opt_out_names=(), top_k=None, keep
                                           keep_bias=keep_bias, backend=backend,
                                           with_fingerprints=True)
   extra = {"expert_names": names, "public_path": str(pathlib.Path(public).absolute()), **info}
-  return checkpoint.save_params_artifact(out, config, params, "merged", extra_manifest=extra)
+  tokenizer_extra, files = _tokenizer_travels(public, checkpoint.read_manifest(public))
+  return checkpoint.save_params_artifact(out, config, params, "merged",
+                                         extra_manifest={**extra, **tokenizer_extra}, files=files)
 
 
 def opt_out_dir(merged, names, out, *, top_k=None) -> dict:
@@ -363,7 +379,180 @@ def opt_out_dir(merged, names, out, *, top_k=None) -> dict:
   extra.update(expert_names=kept, top_k_requested=requested, opted_out_from=str(
       pathlib.Path(merged).absolute()), experts={k: v for k, v in manifest.get(
           "experts", {}).items() if k in kept})
-  return checkpoint.save_params_artifact(out, config, params, "merged", extra_manifest=extra)
+  return checkpoint.save_params_artifact(out, config, params, "merged", extra_manifest=extra,
+                                         files=convert.carried_files(merged))
+
+
+# ------------------------------------------------- released experts and released merged models
+# A released 2-expert FlexOlmo checkpoint (public FFN + one domain expert, as FlexOlmo's combine
+# script writes them) joins a merge as `name=hf:DIR`; a converted released FlexOlmo takes new
+# experts with `--merged=DIR --experts=...`.
+
+HF_PREFIX = "hf:"
+
+
+def _is_hf(path: str) -> bool:
+  return str(path).startswith(HF_PREFIX)
+
+
+def _source_manifest(name: str, path: str, public_config: ModelConfig, public_params,
+                     public_fingerprint: str) -> dict:
+  """The manifest of an expert training run, or of a released 2-expert checkpoint after checking
+  that its shared part is the public model's."""
+  if not _is_hf(path):
+    return _expert_manifest(name, path, public_fingerprint)
+  directory = path[len(HF_PREFIX):]
+  config, params = _read_hf(name, directory)
+  if config.num_experts != 2:
+    raise MergeError(f"expert {name!r}: {directory} has {config.num_experts} experts; hf: takes a "
+                     "2-expert FlexOlmo checkpoint (the public FFN + one domain expert)")
+  _check_config(name, directory, config, public_config)
+  _check_shared(name, directory, config, params, public_params)
+  r_pub = np.asarray(params["layers"]["mlp"]["router"][:, 0], np.float32)
+  manifest = {"kind": "expert", "name": name, "config": config.to_dict(), "step": None,
+              "source": f"hf:{pathlib.Path(directory).absolute()}",
+              "public_fingerprint": public_fingerprint,
+              "public_router_fingerprint": checkpoint.fingerprint({"r": r_pub})}
+  tokenizer_json = pathlib.Path(directory) / "tokenizer.json"
+  if tokenizer_json.exists():
+    manifest[tokenizer_lib.FINGERPRINT_KEY] = tokenizer_lib.fingerprint(tokenizer_json)
+  return manifest
+
+
+def _read_hf(name: str, directory: str) -> tuple[ModelConfig, dict]:
+  try:
+    config, params = convert.load_hf(directory)
+  except (convert.HFCheckpointError, OSError) as err:
+    raise MergeError(f"expert {name!r}: {err}") from None
+  if not config.is_moe:
+    raise MergeError(f"expert {name!r}: {directory} is a dense model; hf: takes a 2-expert "
+                     "FlexOlmo checkpoint (the public FFN + one domain expert)")
+  return config, params
+
+
+def _check_shared(name: str, directory: str, config: ModelConfig, params, public_params) -> None:
+  """Refuses a released expert whose embeddings, attention, norms, head or expert 0 differ from
+  the public model's, naming the first differing tensor (Hugging Face name, file order)."""
+  hf_flat, public_flat = checkpoint.flatten(params), checkpoint.flatten(public_params)
+  for key, leaf, index in convert.hf_tensors(config):
+    if leaf == "layers/mlp/router":
+      continue  # Row 0 is checked against the other experts' r_pub, row 1 is the expert's own.
+    if leaf.startswith("layers/mlp/"):
+      if index[1] != 0:
+        continue
+      ours = public_flat[leaf][index[0]]
+    else:
+      ours = public_flat[leaf][index]
+    theirs = hf_flat[leaf][index]
+    if not np.array_equal(np.asarray(ours), np.asarray(theirs)):
+      diff = np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(theirs, np.float64)))
+      raise MergeError(f"expert {name!r} ({directory}) was not built on this public model: its "
+                       f"{key} differs from the public model's (max |difference| {diff:.3g}); "
+                       "merge it with the public model it was built on")
+
+
+def _load_expert(path: str, manifest: dict) -> tuple[ModelConfig | None, dict, dict]:
+  """(config, expert subtree, manifest) of an expert run or of a released 2-expert checkpoint
+  (its expert 1 and router row 1, with a zero bias: the same function as no bias)."""
+  if not _is_hf(path):
+    return runs.load_params(path)
+  config, params = _read_hf(manifest["name"], path[len(HF_PREFIX):])
+  mlp = params["layers"]["mlp"]
+  tree = {k: mlp[k][:, 1] for k in experts.FFN_KEYS + ("router",)}
+  tree["expert_bias"] = np.zeros(mlp["router"].shape[:1], mlp["router"].dtype)
+  return config, tree, manifest
+
+
+def _public_router(path: str, manifest: dict) -> np.ndarray:
+  """The public router row r_pub [L, D] an expert was trained or released with."""
+  if not _is_hf(path):
+    return runs.load_public_router(path, manifest)
+  return np.asarray(convert.load_hf_router(path[len(HF_PREFIX):])[:, 0], np.float32)
+
+
+def _check_tokenizers(model_manifest: dict, manifests: Mapping[str, dict]) -> None:
+  for name, manifest in manifests.items():
+    try:
+      tokenizer_lib.check_matches(model_manifest, manifest, model="the public model",
+                                  fix=f"expert {name!r} was trained with another tokenizer: "
+                                  "retrain it on data prepared with the public model's tokenizer")
+    except tokenizer_lib.TokenizerMismatchError as err:
+      raise MergeError(str(err)) from None
+
+
+def _tokenizer_travels(model_dir, manifest: dict) -> tuple[dict, dict]:
+  """(manifest keys, files) that carry a model's tokenizer into an artifact made from it."""
+  keys = {k: manifest[k] for k in (tokenizer_lib.FINGERPRINT_KEY, tokenizer_lib.PATH_KEY)
+          if k in manifest}
+  return keys, convert.carried_files(model_dir)
+
+
+def add_to_merged_dir(merged, expert_list, out, *, opt_out_names=(), top_k=None,
+                      keep_bias=True) -> dict:
+  """Adds experts (training runs, or hf: released 2-expert checkpoints) to a merged artifact, e.g.
+  a converted released FlexOlmo, keeping its experts and their names; writes `out`.
+
+  The merged model's expert 0 with its shared tensors is the public model the new experts must
+  have been trained on (same fingerprint as the converted public checkpoint).
+  """
+  config, params, manifest = runs.load_params(merged)
+  names = manifest.get("expert_names")
+  if not config.is_moe or not names:
+    raise MergeError(f"{merged} is not a merged model with expert names; convert a released "
+                     "FlexOlmo with --expert_names=public,... first")
+  pairs = parse_experts(expert_list)
+  clash = sorted({n for n, _ in pairs} & set(names))
+  if clash:
+    raise MergeError(f"{merged} already has experts {clash}; give the new experts other names")
+  public_params, released_r_pub = experts.dense_public_params(params)
+  public_config = config.replace(num_experts=0, top_k=1, expert_bias=False,
+                                 expert_bias_init=0.0)
+  public_fp = checkpoint.fingerprint(public_params)
+  manifests = {n: _source_manifest(n, p, public_config, public_params, public_fp)
+               for n, p in pairs}
+  _check_tokenizers(manifest, manifests)
+  configs = {n: ModelConfig.from_dict(m["config"]) for n, m in manifests.items()}
+  for n, p in pairs:
+    _check_config(n, p, configs[n], public_config)
+    r_pub = _public_router(p, manifests[n])
+    if not np.array_equal(r_pub, np.asarray(released_r_pub, np.float32)):
+      logging.warning("expert %r was trained against a public router row other than %s's row 0 "
+                      "(max |difference| %.3g); its routing may differ from training", n, merged,
+                      float(np.max(np.abs(r_pub - np.asarray(released_r_pub, np.float32)))))
+  with_bias = bool(keep_bias) and (config.expert_bias
+                                   or any(c.expert_bias for c in configs.values()))
+  shapes = _expected_shapes(public_params, with_bias)
+  mlp = params["layers"]["mlp"]
+  columns = {k: [np.asarray(mlp[k])] for k in shapes if k in mlp}
+  if with_bias and "expert_bias" not in mlp:
+    columns["expert_bias"] = [np.zeros(mlp["router"].shape[:2], mlp["router"].dtype)]
+  provenance = dict(manifest.get("experts", {}))
+  for name, path in pairs:
+    _, tree, expert_manifest = _load_expert(path, manifests[name])
+    _check_expert_tree(name, path, tree, shapes)
+    for key in shapes:
+      columns[key].append(np.asarray(tree[key])[:, None])
+    provenance[name] = {"path": str(pathlib.Path(path).absolute()) if not _is_hf(path) else path,
+                        "step": expert_manifest["step"], "fingerprint": checkpoint.fingerprint(tree)}
+  stacked = {k: np.concatenate(v, axis=1) for k, v in columns.items()}
+  new_params = {**params, "layers": {**params["layers"], "mlp": stacked}}
+  all_names = list(names) + [n for n, _ in pairs]
+  requested = top_k or manifest.get("top_k_requested") or config.top_k
+  new_config = config.replace(num_experts=len(all_names), top_k=min(requested, len(all_names)),
+                              expert_bias=with_bias, expert_bias_init=min(
+                                  [config.expert_bias_init]
+                                  + [c.expert_bias_init for c in configs.values()])
+                              if with_bias else 0.0)
+  if opt_out_names:
+    new_config, new_params, all_names = opt_out(new_config, new_params, all_names, opt_out_names,
+                                                top_k=requested)
+  extra = {k: v for k, v in manifest.items()
+           if k not in ("kind", "config", "fingerprint", "versions")}
+  extra.update(expert_names=all_names, top_k_requested=requested, public_fingerprint=public_fp,
+               experts={k: v for k, v in provenance.items() if k in all_names},
+               bias="kept" if with_bias else "dropped", added_to=str(pathlib.Path(merged).absolute()))
+  return checkpoint.save_params_artifact(out, new_config, new_params, "merged",
+                                         extra_manifest=extra, files=convert.carried_files(merged))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -374,9 +563,10 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Flags, defined only when run as a program (convert.py also defines --out)."""
   flags.DEFINE_string("public", None, "The dense public model: training run or params artifact.")
-  flags.DEFINE_string("experts", None, "Comma-separated name=DIR expert training runs.")
-  flags.DEFINE_string("merged", None, "A merged artifact to opt experts out of (instead of "
-                      "--public/--experts).")
+  flags.DEFINE_string("experts", None, "Comma-separated name=DIR expert training runs, or "
+                      "name=hf:DIR released 2-expert FlexOlmo checkpoints.")
+  flags.DEFINE_string("merged", None, "A merged artifact (e.g. a converted released FlexOlmo) to "
+                      "opt experts out of, or, with --experts, to add experts to.")
   flags.DEFINE_list("opt_out", [], "Expert names to leave out.")
   flags.DEFINE_integer("top_k", None, "Experts per token (default: the training top-k), clamped "
                        "to the experts present.")
@@ -393,9 +583,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
   try:
-    if FLAGS.merged:
-      if FLAGS.experts:
-        raise app.UsageError("--experts goes with --public, not --merged")
+    if FLAGS.merged and FLAGS.experts:
+      manifest = add_to_merged_dir(FLAGS.merged, FLAGS.experts, FLAGS.out,
+                                   opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
+                                   keep_bias=FLAGS.keep_bias)
+    elif FLAGS.merged:
       manifest = opt_out_dir(FLAGS.merged, FLAGS.opt_out, FLAGS.out, top_k=FLAGS.top_k)
     else:
       if FLAGS.experts is None:
@@ -406,7 +598,7 @@ def main(argv: Sequence[str]) -> None:
   except (MergeError, FileNotFoundError, FileExistsError) as err:
     raise SystemExit(f"error: {err}") from None
   print(f"wrote {FLAGS.out}: experts {manifest['expert_names']}, top_k "
-        f"{manifest['config']['top_k']}, bias {manifest['bias']}")
+        f"{manifest['config']['top_k']}, bias {manifest.get('bias', 'none')}")
 
 
 if __name__ == "__main__":

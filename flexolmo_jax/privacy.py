@@ -30,7 +30,8 @@ from absl import app, flags
 
 from flexolmo_jax import checkpoint, cli, experts, runs, subsets
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import corpus, load_tokenizer
+from flexolmo_jax.data import corpus
+from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.generate import Sampling, generate
 
 
@@ -97,7 +98,7 @@ def load_documents(data: str, domain: str, *, min_tokens: int, limit: int, first
                    split: str = "train") -> list[list[int]]:
   """Token ids of up to `limit` documents of `domain`'s `split` with >= min_tokens tokens, taken
   from the first `first` documents of the split (0: the whole split)."""
-  tok = load_tokenizer(str(pathlib.Path(data) / "tokenizer.model"))
+  tok = corpus.corpus_tokenizer(data)
   rows = corpus.read_text_split(data, domain, split)
   docs = []
   for row in rows[:first] if first else rows:
@@ -165,10 +166,12 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
   if not docs:
     raise ValueError(f"no {domain} {split} document has {prefix + length} tokens; lower "
                      "--prefix or --generate")
-  public_config, public_params, _ = runs.load_params(public)
+  public_config, public_params, public_manifest = runs.load_params(public)
+  tokenizer_lib.check_matches(public_manifest, corpus.load_manifest(data), model=public)
   if public_config.is_moe:
     raise ValueError(f"{public} holds a mixture of experts; --public needs the dense public model")
   moe_config, moe_params, moe_manifest = flexolmo_model(public_params, expert)
+  tokenizer_lib.check_matches(moe_manifest, corpus.load_manifest(data), model=expert)
   check_subset(moe_manifest, expert, domain, train_docs)
   models = [("public", public_config, public_params, None, None)]
   if dense:

@@ -52,7 +52,7 @@ from starlette.routing import Route
 
 from flexolmo_jax import cli, moe, policies as policies_lib, runs, scoring
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data.tokenizer import load_tokenizer
+from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.generate import Sampling, generate
 from flexolmo_jax.model import Transformer
 
@@ -543,7 +543,8 @@ def define_flags() -> None:
   """Flags, defined only when run as a program."""
   flags.DEFINE_string("model", None, "A merged params artifact (its manifest names the experts).")
   flags.DEFINE_string("policies", None, 'JSON policies file: {"policies": {name: [expert,...]}}.')
-  flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory (default: --model).")
+  flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory (default: the tokenizer that "
+                      "travels with --model).")
   flags.DEFINE_string("audit_log", "audit.jsonl", "The audit log, appended to.")
   flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
   flags.DEFINE_integer("port", 8000, "Port to listen on.")
@@ -567,7 +568,7 @@ def main(argv: Sequence[str]) -> None:
     if "expert_names" not in manifest:
       raise ValueError(f"{FLAGS.model} is not a merged model (its manifest names no experts)")
     policies = policies_lib.load_policies(FLAGS.policies, manifest["expert_names"])
-    tokenizer = load_tokenizer(FLAGS.tokenizer or FLAGS.model)
+    tokenizer = tokenizer_lib.for_model(FLAGS.model, manifest, override=FLAGS.tokenizer)
   except (ValueError, FileNotFoundError) as err:
     raise SystemExit(f"error: {err}") from None
   limits = Limits(FLAGS.max_body_bytes, FLAGS.max_tokens, FLAGS.max_new_tokens, FLAGS.max_batch,

@@ -167,13 +167,17 @@ def _data_manifest_hash(path: str) -> str:
   return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else ""
 
 
-def _vocab_check(model_config: ModelConfig, data_path: str) -> None:
-  tokenizer_path = pathlib.Path(data_path) / "tokenizer.model"
-  if tokenizer_path.exists():
-    vocab = data_lib.load_tokenizer(str(tokenizer_path)).vocab_size
-    if vocab > model_config.vocab_size:
-      raise ValueError(f"the corpus tokenizer has {vocab} tokens but model.vocab_size is "
-                       f"{model_config.vocab_size}; set config.model.vocab_size >= {vocab}")
+def _tokenizer_check(model_config: ModelConfig, data_path: str,
+                     public_manifest: dict | None = None) -> dict:
+  """Refuses a corpus tokenized for another model (another tokenizer than the public model's, or
+  more tokens than the model has); returns the manifest keys that record the tokenizer."""
+  tok = data_lib.corpus.corpus_tokenizer(data_path)
+  if public_manifest is not None:
+    data_lib.tokenizer.check_matches(public_manifest, tok, model="the public model")
+  if tok.vocab_size > model_config.vocab_size:
+    raise ValueError(f"the corpus tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
+                     f"{model_config.vocab_size}; set config.model.vocab_size >= {tok.vocab_size}")
+  return data_lib.tokenizer.manifest_entry(tok)
 
 
 def setup(config: TrainConfig):
@@ -184,8 +188,8 @@ def setup(config: TrainConfig):
   data_cfg = _domain_data(config)
   data_lib.pipeline.ensure_domains(data_cfg)  # Unknown domains fail here, listing the known ones.
   if config.mode == "public":
-    _vocab_check(config.model, config.data.path)
-    manifest = {"kind": "public", "config": config.model.to_dict()}
+    manifest = {"kind": "public", "config": config.model.to_dict(),
+                **_tokenizer_check(config.model, config.data.path)}
     if not config.init_from:
       return config.model, init_params(config.model, jax.random.key(config.seed)), None, manifest
     params = _init_from(config.model, config.init_from)
@@ -198,7 +202,7 @@ def setup(config: TrainConfig):
   if public_config.is_moe:
     raise ValueError(f"{e.public} holds a mixture of experts; expert training needs the dense "
                      "public model it started from")
-  _vocab_check(public_config, config.data.path)
+  tokenizer_keys = _tokenizer_check(public_config, config.data.path, public_manifest)
   model_config = experts.moe_config(public_config, 1, top_k=e.top_k, with_bias=e.bias,
                                     bias_init=e.bias_init).replace(**config.model_overrides)
   rows = _router_rows(config, public_config, public_params)
@@ -209,6 +213,7 @@ def setup(config: TrainConfig):
       "kind": "expert", "name": e.name, "config": model_config.to_dict(),
       "public_path": str(e.public), "public_fingerprint": checkpoint.fingerprint(public_params),
       "public_router_fingerprint": checkpoint.fingerprint({"r": rows["public"]}),
+      **tokenizer_keys,
   }
   return model_config, trainable, frozen, manifest
 

@@ -37,6 +37,7 @@ from absl import app, flags
 from flexolmo_jax import baselines, cli, distributed, evaluate, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import load_manifest, load_tokenizer
+from flexolmo_jax.data import tokenizer as tokenizer_lib
 
 SUMMARY_METRICS = ("acc", "acc_per_token", "acc_per_char", "exact_match", "pass@1")
 
@@ -138,6 +139,7 @@ def run(cells: Sequence[Cell], *, data: str, out: str, domains: Sequence[str], s
   computed = []
   for path in dict.fromkeys(c.path for c in todo):
     config, params, manifest = runs.load_params(path)
+    tokenizer_lib.check_matches(manifest, load_manifest(data), model=path)
     names = evaluate.expert_names(config, manifest)
     for cell in (c for c in todo if c.path == path):
       start = time.perf_counter()

@@ -326,3 +326,40 @@ def test_save_hf_refuses_a_tree_that_does_not_fit_the_config(hf_checkpoints, tmp
   with pytest.raises(convert.HFCheckpointError,
                      match=r"layers/mlp/\w+ has shape \(2, 4, .*expected \(2, 5, "):
     convert.save_hf(config.replace(num_experts=5), params, tmp_path / "out")
+
+
+def test_expert_bias_refusal_reports_what_dropping_it_changes(hf_checkpoints, tokens, tmp_path):
+  """The refusal measures, on the model being exported, how far dropping the bias moves logits."""
+  path, _ = hf_checkpoints["flexolmo_gqa_top2"]
+  config, params = convert.load_hf(path)
+  config = config.replace(expert_bias=True, expert_bias_init=-1.0)
+  bias = np.full((config.n_layers, config.num_experts), -1.0, np.float32)
+  biased = {**params, "layers": {**params["layers"], "mlp": {**params["layers"]["mlp"],
+                                                              "expert_bias": bias}}}
+  change, flips = convert.bias_effect(config, biased)
+  probe = np.random.default_rng(0).integers(0, config.vocab_size, (1, 64), dtype=np.int32)
+  want = _max_diff(_logits(config, biased, probe),
+                   _logits(config.replace(expert_bias=False), params, probe))
+  assert change == pytest.approx(want, rel=1e-5) and change > 100 * ATOL and 0 <= flips <= 64
+  with pytest.raises(convert.HFCheckpointError,
+                     match=rf"moves the logits by up to {change:.3g} .*--drop_expert_bias"):
+    convert.save_hf(config, biased, tmp_path / "refused")
+  assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--from_hf={missing}", "--out={out}"], "no config.json in"),
+    (["--to_hf={missing}", "--out={out}"], "has no manifest.json"),
+    (["--out={out}"], "give exactly one of --from_hf"),
+    (["--from_hf={missing}", "--out={out}", "--expert_nmes=public"], "expert_nmes"),
+])
+def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+  env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+  (tmp_path / "missing").mkdir()
+  args = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in args]
+  result = subprocess.run([sys.executable, "-m", "flexolmo_jax.convert", *args], env=env,
+                          cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  assert not (tmp_path / "out").exists()

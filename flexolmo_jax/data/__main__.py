@@ -1,10 +1,11 @@
 """Command line: build FlexMix-mini.
 
-  python -m flexolmo_jax.data prepare --out=DIR [--seed=0] [--vocab_size=8192]
+  python -m flexolmo_jax.data prepare --out=DIR [--seed=0] [--vocab_size=8192 | --tokenizer=PATH]
       [--max_docs_per_domain=N] [--max_chars_per_domain=3000000]
       [--owner=NAME=DIR ...] [--text_field=text]
 
-Builds the corpus, trains the tokenizer on the public mix, writes token shards and the manifest,
+Builds the corpus, trains the tokenizer on the public mix (or, with --tokenizer, uses that one:
+a model's tokenizer.json, a directory holding one, or a sentencepiece *.model), writes token shards and the manifest,
 then adds each --owner directory (.txt / .jsonl files) as a closed domain, and prints the token
 counts per domain and split. Re-running reuses every complete part.
 """
@@ -19,6 +20,9 @@ from flexolmo_jax.data import corpus
 _OUT = flags.DEFINE_string("out", None, "Directory of the prepared corpus.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for subsetting, splitting, math problems, tokenizer.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "Sentencepiece vocabulary size.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenize with this tokenizer (tokenizer.json, "
+                                 "a directory holding one, or a sentencepiece *.model) instead of "
+                                 "training one: the tokenizer of the model the data will train.")
 _MAX_DOCS = flags.DEFINE_integer("max_docs_per_domain", None, "Cap on documents per domain.")
 _MAX_CHARS = flags.DEFINE_integer("max_chars_per_domain", 3_000_000,
                                   "Cap on characters per domain.")
@@ -35,7 +39,7 @@ def main(argv):
   start = time.time()
   opts = corpus.BuildOptions(seed=_SEED.value, vocab_size=_VOCAB.value,
                              max_docs_per_domain=_MAX_DOCS.value,
-                             max_chars_per_domain=_MAX_CHARS.value)
+                             max_chars_per_domain=_MAX_CHARS.value, tokenizer=_TOKENIZER.value)
   corpus.prepare(_OUT.value, opts)
   for spec in _OWNER.value:
     name, sep, path = spec.partition("=")

@@ -4,7 +4,8 @@ On-disk layout of a prepared corpus directory:
 
   text/<domain>/<split>.jsonl           {"text": ..., "hash": ...} per document
   text/<domain>/<split>.done            completion marker: content key, counts, sha256
-  tokenizer.model, tokenizer.done       sentencepiece model trained on the public train split
+  tokenizer.model, tokenizer.done       sentencepiece model trained on the public train split, or
+  tokenizer.json (+ tokenizer_config.json ...)  a given tokenizer copied in (prepare --tokenizer)
   tokens/<domain>/<split>.array_record  one record per document: int32 token ids, EOS appended
   tokens/<domain>/<split>.done          completion marker
   manifest.json                         documents, characters, tokens and sha256 per split
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import unicodedata
 from typing import Callable, Mapping, Sequence
 
@@ -59,6 +61,9 @@ class BuildOptions:
   max_docs_per_domain: int | None = None
   max_chars_per_domain: int = 3_000_000
   math_docs: int = 12_000
+  # A tokenizer to use instead of training one (a model's own: tokenizer.json, a directory holding
+  # one, or a sentencepiece *.model); vocab_size is then unused.
+  tokenizer: str | None = None
 
 
 def _log(msg: str) -> None:
@@ -231,6 +236,37 @@ def _train_tokenizer(root: str, opts: BuildOptions, public_train_sha: str):
   return tok
 
 
+def _copy_tokenizer(root: str, source: str):
+  """Copies a given tokenizer (and a Hugging Face tokenizer's companion files) into the corpus,
+  removing a tokenizer of the other kind that an earlier build left (a directory is searched for
+  tokenizer.model first)."""
+  src = tokenizer_lib.tokenizer_file(source)
+  is_hf = src.endswith(".json")
+  name, other = ("tokenizer.json", "tokenizer.model") if is_hf else ("tokenizer.model",
+                                                                     "tokenizer.json")
+  files = {name: src}
+  if is_hf:  # The files transformers needs next to tokenizer.json (generation settings excepted).
+    here = os.path.dirname(src)
+    files.update({n: os.path.join(here, n) for n in tokenizer_lib.HF_COMPANION_FILES
+                  if n not in (name, "generation_config.json")
+                  and os.path.exists(os.path.join(here, n))})
+  for target, origin in files.items():
+    def write(tmp, origin=origin):
+      shutil.copyfile(origin, tmp)
+    _write_atomic(os.path.join(root, target), write)
+  for stale in (other, os.path.splitext(other)[0] + ".done"):
+    if os.path.exists(os.path.join(root, stale)):
+      os.remove(os.path.join(root, stale))
+  tok = tokenizer_lib.load_tokenizer(os.path.join(root, name))
+  _log(f"tokenizer: {src} (fingerprint {tok.fingerprint[:16]}, vocab {tok.vocab_size})")
+  return tok
+
+
+def corpus_tokenizer(root: str):
+  """The tokenizer a prepared corpus was tokenized with (the file its manifest names)."""
+  return tokenizer_lib.load_tokenizer(os.path.join(root, load_manifest(root)["tokenizer"]["path"]))
+
+
 def load_manifest(root: str) -> dict:
   """The manifest of a prepared corpus; a clear error if `root` is not one."""
   path = os.path.join(root, "manifest.json")
@@ -262,10 +298,13 @@ def prepare(root: str, opts: BuildOptions = BuildOptions()) -> dict:
   for domain, docs in raw.items():
     kept, dedup[domain] = _dedup_and_cap(domain, docs, seen, opts)
     splits[domain] = _split(kept)
-  # The tokenizer trains on the public train split, so that split is written first.
-  public_train = _write_text_split(root, PUBLIC, "train", splits[PUBLIC]["train"])
-  tok = _train_tokenizer(root, opts, public_train["sha256"])
-  tok_sha = file_sha256(tok.path)
+  if opts.tokenizer:
+    tok = _copy_tokenizer(root, opts.tokenizer)
+  else:
+    # The tokenizer trains on the public train split, so that split is written first.
+    public_train = _write_text_split(root, PUBLIC, "train", splits[PUBLIC]["train"])
+    tok = _train_tokenizer(root, opts, public_train["sha256"])
+  tok_sha = tok.fingerprint
   domains = {}
   for domain in (PUBLIC,) + CLOSED_DOMAINS:
     domains[domain] = _domain_parts(root, domain, splits[domain], tok, tok_sha)
@@ -277,7 +316,7 @@ def prepare(root: str, opts: BuildOptions = BuildOptions()) -> dict:
   manifest = {
       "name": "flexmix-mini",
       "options": dataclasses.asdict(opts),
-      "tokenizer": {"path": "tokenizer.model", "sha256": tok_sha, "vocab_size": tok.vocab_size,
+      "tokenizer": {"path": os.path.basename(tok.path), "sha256": tok_sha, "vocab_size": tok.vocab_size,
                     "eos_id": tok.eos_id, "pad_id": tok.pad_id},
       "domains": domains,
   }
@@ -322,7 +361,7 @@ def add_domain(root: str, name: str, docs: Sequence[str], seed: int = 0) -> dict
         seen.update(row["hash"] for row in read_text_split(root, other, split))
   opts = BuildOptions(seed=seed, max_chars_per_domain=2**62)
   kept, dedup = _dedup_and_cap(name, docs, seen, opts)
-  tok = tokenizer_lib.SentencePieceTokenizer(os.path.join(root, "tokenizer.model"))
+  tok = tokenizer_lib.load_tokenizer(os.path.join(root, manifest["tokenizer"]["path"]))
   entry = _domain_parts(root, name, _split(kept), tok, manifest["tokenizer"]["sha256"])
   entry["dedup"] = dedup
   entry["source"] = "data owner's files"
