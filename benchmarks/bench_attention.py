@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from flexolmo_jax import attention
+from flexolmo_jax.config import ATTENTION_IMPLS
 
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "2048", "8192"], "Sequence lengths.")
 _IMPLS = flags.DEFINE_list("impls", ["xla", "chunked", "cudnn", "splash"], "Implementations.")
@@ -76,8 +77,8 @@ def main(argv):
   lengths = [int(n) for n in _LENGTHS.value]
   impls = list(_IMPLS.value)
   for impl in impls:
-    if impl not in attention.IMPLEMENTATIONS or impl == "auto":
-      raise app.UsageError(f"--impls: {impl!r} is not one of {attention.IMPLEMENTATIONS[1:]}")
+    if impl not in ATTENTION_IMPLS or impl == "auto":
+      raise app.UsageError(f"--impls: {impl!r} is not one of {ATTENTION_IMPLS[1:]}")
   load_before = os.getloadavg()
   cells = {}
   for length in lengths:

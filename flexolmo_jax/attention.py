@@ -30,15 +30,14 @@ import jax.numpy as jnp
 
 from flexolmo_jax.config import ATTENTION_IMPLS
 
-IMPLEMENTATIONS = ATTENTION_IMPLS
 DEFAULT_BLOCK = 512
 _SPLASH_LANES = 128  # splash tiles the sequence in multiples of 128.
 
 
 def resolve(impl: str, dtype="float32", platform: str | None = None) -> str:
   """The implementation `impl` names on `platform` (default: JAX's default backend)."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"attention_impl {impl!r} not in {IMPLEMENTATIONS}")
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {impl!r} not in {ATTENTION_IMPLS}")
   if impl != "auto":
     return impl
   platform = platform or jax.default_backend()

@@ -28,6 +28,9 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
+_NO_CACHE = ("cache_index needs a KV cache: apply with {'cache': model.init_cache(...)} and "
+             "mutable=['cache']")
+
 
 def rms_norm(x, weight, eps):
   """OLMo-2 RMSNorm, computed in float32 and cast back to the input dtype."""
@@ -86,22 +89,21 @@ class Attention(nn.Module, _ParamMixin):
     k_BxLxKxDh = rope(k.reshape(batch, length, c.n_kv_heads, head_dim), positions_BxL, c.rope_theta)
     v_BxLxKxDh = v.reshape(batch, length, c.n_kv_heads, head_dim)
     impl = attention.resolve(c.attention_impl, dtype)
+    keys_BxSxKxDh, values_BxSxKxDh, q_offset = k_BxLxKxDh, v_BxLxKxDh, 0
     if cache_index is not None:
       # Decoding: write this call's keys and values at [cache_index, cache_index + L) and attend
       # over every slot of the cache (init_cache). Keys are cached after RoPE.
-      k_BxSxKxDh, v_BxSxKxDh = (self._write_cache(n, x, cache_index)
-                                for n, x in (("k", k_BxLxKxDh), ("v", v_BxLxKxDh)))
-      k_BxLxKxDh, v_BxLxKxDh = k_BxSxKxDh, v_BxSxKxDh
-      impl = attention.for_cache(impl)
-    out = attention.attend(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, kv_segment_ids,
-                           q_offset=0 if cache_index is None else cache_index, impl=impl,
+      keys_BxSxKxDh = self._write_cache("k", k_BxLxKxDh, cache_index)
+      values_BxSxKxDh = self._write_cache("v", v_BxLxKxDh, cache_index)
+      q_offset, impl = cache_index, attention.for_cache(impl)
+    out = attention.attend(q_BxLxHxDh, keys_BxSxKxDh, values_BxSxKxDh, segment_ids_BxL,
+                           kv_segment_ids, q_offset=q_offset, impl=impl,
                            block_size=c.attention_block_size)
     return out.reshape(batch, length, q_width) @ o_proj.astype(dtype)
 
   def _write_cache(self, name, new_BxLxKxDh, cache_index):
     if not self.has_variable("cache", name):
-      raise ValueError("cache_index needs a KV cache: apply with "
-                       "{'cache': model.init_cache(...)} and mutable=['cache']")
+      raise ValueError(_NO_CACHE)
     cached = self.variable("cache", name, lambda: None)
     cached.value = jax.lax.dynamic_update_slice_in_dim(
         cached.value, new_BxLxKxDh.astype(cached.value.dtype), cache_index, axis=1)
@@ -198,7 +200,8 @@ class Transformer(nn.Module, _ParamMixin):
     dtype = jnp.dtype(c.dtype)
     batch, length = tokens_BxL.shape
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      start = 0 if cache_index is None else cache_index
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     if segment_ids is None:
       segment_ids = jnp.ones((batch, length), jnp.int32)
     embed = self.weight("embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
@@ -207,8 +210,7 @@ class Transformer(nn.Module, _ParamMixin):
     kv_segment_ids = None
     if cache_index is not None:
       if not self.has_variable("cache", "segment_ids"):
-        raise ValueError("cache_index needs a KV cache: apply with "
-                         "{'cache': model.init_cache(...)} and mutable=['cache']")
+        raise ValueError(_NO_CACHE)
       cached = self.variable("cache", "segment_ids", lambda: None)
       cached.value = jax.lax.dynamic_update_slice_in_dim(cached.value, segment_ids, cache_index,
                                                          axis=1)
