@@ -1,4 +1,4 @@
-r"""Shared base of the closed-domain expert configs (METHOD.md section 3: coordinated training).
+r"""Shared base of the closed-domain expert configs (docs/method.md, section 3: coordinated training).
 
 Each configs/<domain>_expert.py calls get_config(domain). The public model is `expert.public`:
 a public training run (configs/public.py) or a converted OLMo-2 checkpoint.
@@ -18,7 +18,7 @@ def get_config(domain: str):
   c.data.path = "runs/data"
   c.data.seq_len = 128
   c.data.batch_size = 16
-  # METHOD.md section 3.5, with warmup scaled to the short run.
+  # docs/method.md, section 3.5, with warmup scaled to the short run.
   c.optim.update(dict(lr=9e-4 * 3, warmup_steps=30, min_lr_ratio=0.1,
                                            weight_decay=0.0))
   c.loss.update(dict(z_loss=1e-5, router_z_loss=1e-3, load_balancing=0.0))

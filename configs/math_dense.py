@@ -1,4 +1,4 @@
-r"""The dense model fine-tuned on math: the extraction study's "dense" row (METHOD.md section 6).
+r"""The dense model fine-tuned on math: the extraction study's "dense" row (docs/method.md, section 6).
 
 The public model with EVERY parameter trained on the math domain, from a fresh optimizer; same
 steps, batch and schedule as the math expert (configs/expert_base.py), so the study's rows differ

@@ -21,7 +21,7 @@ def get_config():
   c.data.domains = ("public",)
   c.data.seq_len = 128
   c.data.batch_size = 16
-  # OLMo-2 recipe (METHOD.md section 3.7), with warmup scaled to the short run.
+  # OLMo-2 recipe (docs/method.md, section 3.7), with warmup scaled to the short run.
   c.optim.update(dict(
       lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1, decay_embeddings=False))
   c.loss.update(dict(z_loss=1e-5, router_z_loss=0.0, load_balancing=0.0))

@@ -1,4 +1,4 @@
-r"""OLMo-2 7B public pretraining on a TPU pod (the paper's anchor model; METHOD.md section 3.7).
+r"""OLMo-2 7B public pretraining on a TPU pod (the paper's anchor model; docs/method.md, section 3.7).
 
   python -m flexolmo_jax.train --config=configs/public_7b.py --workdir=gs://BUCKET/public_7b
 

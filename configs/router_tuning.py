@@ -1,4 +1,4 @@
-r"""Router tuning of a merged model (METHOD.md section 5): router rows and biases only.
+r"""Router tuning of a merged model (docs/method.md, section 5): router rows and biases only.
 
   # Each owner, once: pick public documents that look like its data (only their ids are shared).
   python -m flexolmo_jax.router_tuning select --data=runs/data --domain=math --out=runs/proxies.json

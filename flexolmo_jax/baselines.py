@@ -1,49 +1,123 @@
-"""The paper's baselines (METHOD.md section 6), built from the same public model and experts as
-FlexOlmo, each scored by per-domain held-out perplexity:
+"""The paper's baselines (docs/method.md, section 6), built from the same public model and experts
+as FlexOlmo and scored like any model, by per-domain held-out perplexity:
 
-  model soup       one dense model whose FFN is the (uniform or weighted) average of the public
-                   FFN and the experts' FFNs (every other tensor is shared by all owners' models)
-  Branch-Train-Merge  an ensemble of the owners' models ({public, expert i}, and the public
-                   model): at each position, the next-token distributions are mixed with weights
-                   softmax(log-likelihood of the document prefix so far) over the top-k members
-  BTX              the merged MoE with its router rows re-initialised at random (no bias), then
+  soup_uniform, soup_weighted   model soup: one dense model whose FFN is the average of the public
+                   FFN and the experts' FFNs, uniform or weighted by each domain's training tokens
+                   (every other tensor is shared by all owners' models)
+  btm              Branch-Train-Merge: an ensemble of the owners' models ({public, expert i}, and
+                   the public model): at each position, the next-token distributions are mixed with
+                   weights softmax(log-likelihood of the document prefix so far) over the top-k
+  btx              the merged MoE with its router rows re-initialised at random (no bias), then
                    trained on public data only (router_tuning.train_router)
-  prompt routing   a hashed bag-of-words classifier (one-vs-rest, router_tuning's) sends each
+  prompt_routing   a hashed bag-of-words classifier (one-vs-rest, router_tuning's) sends each
                    sequence, from its first tokens, to one expert; the model runs {public, chosen}
+
+Every baseline is a `Baseline`: `get(name, options).build(parts)` returns a
+`scoring.BatchScorer`, which evaluate, launch/sweep and reproduce score exactly as they score a
+model (scoring.score_domains).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import itertools
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax import experts, router_tuning, scoring
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataConfig, corpus, make_pipeline
-from flexolmo_jax.model import Transformer
+from flexolmo_jax.data import corpus, load_manifest, load_tokenizer
 
-# ----------------------------------------------------------------------------- evaluation data
-
-
-def domain_batches(root: str, domain: str, split: str, *, batch_size: int, seq_len: int,
-                   max_batches: int | None = None):
-  """A domain's held-out split as pipeline batches, in order, at most `max_batches` of them; a
-  short last batch is padded with empty rows so every batch reuses one compiled shape."""
-  cfg = DataConfig(path=root, domains=(domain,), shuffle=False, seq_len=seq_len,
-                   batch_size=batch_size)
-  batches = make_pipeline(cfg, split, num_epochs=1, drop_remainder=False, shard_index=0,
-                          shard_count=1)
-  return [scoring.pad_rows(b, batch_size) for b in itertools.islice(batches, max_batches)]
+# ----------------------------------------------------------------------------- the interface
 
 
-def _nll_result(total: float, count: float) -> dict[str, float]:
-  mean = total / count
-  return {"nll": mean, "perplexity": float(np.exp(mean)), "tokens": int(count)}
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What every baseline is built from: the dense public model, the FlexOlmo model merged from the
+  same experts (expert 0 is the public FFN), and the prepared corpus the experts were trained on
+  (BTX, prompt routing and the token-weighted soup read it)."""
+  public: tuple[ModelConfig, Mapping]
+  merged: tuple[ModelConfig, Mapping, tuple[str, ...]]
+  data: str
+
+  @classmethod
+  def from_merged(cls, config: ModelConfig, params, names: Sequence[str], data: str) -> "Parts":
+    """Parts whose public model is the merged model's own expert 0 and shared tensors."""
+    dense, _ = experts.dense_public_params(params)
+    return cls((dense_config(config), dense), (config, params, tuple(names)), data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Settings of the baselines that have any."""
+  btm_top_k: int = 2  # ensemble members mixed per token
+  tune_steps: int = 100  # BTX router training steps
+  seed: int = 0  # BTX router init and data order, prompt-router documents
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+  """A model built from Parts, scored like any model: `build(parts)` is its BatchScorer."""
+  name: str
+  build: Callable[[Parts], scoring.BatchScorer]
+
+
+def _soup(parts: Parts, options: Options, weighted: bool) -> scoring.BatchScorer:
+  del options
+  config, params, names = parts.merged
+  weights = None
+  if weighted:
+    tokens = load_manifest(parts.data)["domains"]
+    weights = [tokens[n]["train"]["tokens"] for n in names]
+  return scoring.model_scorer(*soup_from_merged(config, params, weights))
+
+
+def _btm(parts: Parts, options: Options) -> scoring.BatchScorer:
+  config, params, names = parts.merged
+  members = [(*parts.public, None)] + [
+      (config.replace(top_k=2), params, np.isin(names, ["public", n])) for n in names[1:]]
+  return functools.partial(btm_perplexity, members, top_k=options.btm_top_k)
+
+
+def _btx(parts: Parts, options: Options) -> scoring.BatchScorer:
+  config, params, _ = parts.merged
+  steps = options.tune_steps
+  cfg = router_tuning.RouterTuningConfig(
+      merged="", data=parts.data, proxies="", out="", steps=steps,
+      warmup_steps=min(100, steps // 3), seed=options.seed, log_every=steps)
+  return scoring.model_scorer(*btx(config, params, parts.data, cfg))
+
+
+def _prompt_routing(parts: Parts, options: Options) -> scoring.BatchScorer:
+  config, params, names = parts.merged
+  router = train_prompt_router(parts.data, names, seed=options.seed)
+  return functools.partial(prompt_routing_perplexity, config.replace(top_k=2), params,
+                           list(names), router, load_tokenizer(parts.data))
+
+
+# A new baseline is one entry here: name -> builder(parts, options) -> scoring.BatchScorer.
+BUILDERS: dict[str, Callable[[Parts, Options], scoring.BatchScorer]] = {
+    "soup_uniform": functools.partial(_soup, weighted=False),
+    "soup_weighted": functools.partial(_soup, weighted=True),
+    "btm": _btm,
+    "btx": _btx,
+    "prompt_routing": _prompt_routing,
+}
+NAMES = tuple(BUILDERS)
+
+
+def get(name: str, options: Options = Options()) -> Baseline:
+  """The baseline called `name`; unknown names are refused with the known ones."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown baseline {name!r}; baselines: {', '.join(NAMES)}")
+  return Baseline(name, functools.partial(BUILDERS[name], options=options))
+
+
+def dense_config(config: ModelConfig) -> ModelConfig:
+  """The dense (public-model) config of a merged MoE config."""
+  return config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
 
 
 # ----------------------------------------------------------------------------- model soup
@@ -67,8 +141,7 @@ def soup_from_merged(config: ModelConfig, params, weights: Sequence[float] | Non
   """(dense config, soup params) from merged MoE parameters (expert 0 is the public FFN)."""
   dense, _ = experts.dense_public_params(params)
   trees = [experts.extract_expert(params, j) for j in range(1, config.num_experts)]
-  dense_config = config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
-  return dense_config, soup_params(dense, trees, weights)
+  return dense_config(config), soup_params(dense, trees, weights)
 
 
 # ----------------------------------------------------------------------------- Branch-Train-Merge
@@ -119,7 +192,7 @@ def btm_perplexity(members: Sequence[tuple[ModelConfig, Mapping, np.ndarray | No
     log_w = btm_log_weights(prefix_loglik(logp, batch["positions"], mask), top_k)
     mixed = mixture_logprobs(log_w, logp.astype(np.float64))
     total, count = total - float(np.sum(mixed * mask)), count + float(mask.sum())
-  return _nll_result(total, count)
+  return scoring.nll_result(total, count)
 
 
 # ----------------------------------------------------------------------------- BTX
@@ -186,17 +259,6 @@ def train_prompt_router(data_root: str, classes: Sequence[str], *, docs_per_clas
   return PromptRouter.fit(texts)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _nll_sum_rows(config: ModelConfig, params, batch, mask_BxE):
-  logits = Transformer(config).apply(
-      {"params": params}, batch["tokens"], positions=batch["positions"],
-      segment_ids=batch["segment_ids"], expert_mask=mask_BxE)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  target = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return -jnp.sum(target * mask), jnp.sum(mask)
-
-
 def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
                               router: PromptRouter, tokenizer,
                               batches: Iterable[Mapping[str, np.ndarray]], *,
@@ -214,9 +276,9 @@ def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
     mask[:, names.index("public")] = True
     for r, pick in enumerate(picks):
       mask[r, names.index(pick)] = True
-    nll, n = jax.device_get(_nll_sum_rows(config, params, batch, mask))
+    nll, n = jax.device_get(scoring.jitted_nll_sum(config)(params, batch, mask))
     real = batch["segment_ids"][:, 0] != 0  # Padding rows of a short final batch route nowhere.
     chosen += [p for p, ok in zip(picks, real) if ok]
     total, count = total + float(nll), count + float(n)
   shares = {c: chosen.count(c) / max(len(chosen), 1) for c in router.classes}
-  return {**_nll_result(total, count), "routed_to": shares}
+  return {**scoring.nll_result(total, count), "routed_to": shares}

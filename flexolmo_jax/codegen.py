@@ -1,50 +1,27 @@
 """HumanEval: greedy completions of the packaged problems, run in a sandboxed subprocess; pass@1.
 
 Completions come from `generate.generate` (KV-cached greedy decoding). Each program (prompt +
-completion + the problem's tests) runs in a fresh Python process in an empty temporary directory,
-with limits on address space, CPU time and file size, sockets disabled, network namespaces
-unshared where the system allows it, and its whole process group killed at the wall-clock
-timeout. This guards against accidents of generated code, not against a determined attacker.
+completion + the problem's tests) runs in flexolmo_jax/sandbox.py: under a fresh unprivileged uid in
+its own namespaces, or, only with `allow_unsandboxed=True` and never as root, unisolated.
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
-import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
 from flexolmo_jax import generate
+from flexolmo_jax import sandbox
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data import sources
 
 # Codex paper's stop sequences: a completion ends where the next top-level statement starts.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
-# Runs inside the sandbox process before the program: resource limits, then no sockets.
-_LAUNCHER = """\
-import resource, socket, sys
-memory, cpu, fsize = (int(v) for v in sys.argv[1:4])
-resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-def _no_network(*args, **kwargs):
-  raise OSError("network access is disabled in the sandbox")
-socket.socket = socket.create_connection = socket.socketpair = _no_network
-source = open("program.py", encoding="utf-8").read()
-exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
-"""
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -91,53 +68,6 @@ def _completion(tokenizer, tokens: list[int], eos: int, stop: Sequence[str]) -> 
   return tokenizer.decode(tokens)
 
 
-# ----------------------------------------------------------------------------- sandbox
-
-
-@functools.lru_cache(maxsize=1)
-def _network_isolation_prefix() -> tuple[str, ...]:
-  """`unshare` arguments that give the sandbox an empty network namespace, if permitted here."""
-  unshare = shutil.which("unshare")
-  if unshare is None:
-    return ()
-  for prefix in ((unshare, "--net"), (unshare, "--user", "--net")):
-    try:
-      if subprocess.run(prefix + ("true",), capture_output=True, timeout=10).returncode == 0:
-        return prefix + ("--",)
-    except (OSError, subprocess.TimeoutExpired):
-      continue
-  return ()
-
-
-def network_isolated() -> bool:
-  """Whether sandboxed programs run in their own (empty) network namespace on this machine."""
-  return bool(_network_isolation_prefix())
-
-
-def run_sandboxed(program: str, *, timeout: float = 10.0, memory_mb: int = 1024) -> dict:
-  """Runs a Python program in a limited subprocess: {"passed": exit status 0, "result": why}."""
-  with tempfile.TemporaryDirectory(prefix="flexolmo_sandbox_") as workdir:
-    with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
-      f.write(program)
-    limits = (memory_mb << 20, math.ceil(timeout) + 1, 16 << 20)
-    cmd = _network_isolation_prefix() + (sys.executable, "-I", "-B", "-c", _LAUNCHER,
-                                         *map(str, limits))
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-      _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)  # The whole group: the program may have forked.
-      proc.communicate()
-      return {"passed": False, "result": f"timed out after {timeout:g} s"}
-  if proc.returncode == 0:
-    return {"passed": True, "result": "passed"}
-  lines = stderr.decode("utf-8", "replace").strip().splitlines()
-  return {"passed": False, "result": "failed: " + (lines[-1] if lines else f"exit {proc.returncode}")}
-
-
 # ----------------------------------------------------------------------------- HumanEval
 
 
@@ -163,13 +93,16 @@ def humaneval_program(problem: dict, completion: str) -> str:
 def evaluate_humaneval(config: ModelConfig, params, tokenizer, *, problems: Sequence[dict] | None = None,
                        max_new_tokens: int = 256, timeout: float = 10.0, batch_size: int = 8,
                        max_len: int = 2048, expert_mask=None,
-                       data_root: str | None = None) -> dict:
+                       data_root: str | None = None, allow_unsandboxed: bool = False) -> dict:
   """pass@1 of greedy completions (one sample per problem, so pass@1 = share passed).
 
   With `data_root`, problems whose prompt + canonical solution are in that corpus's code training
   split are flagged, and pass@1 is also reported over the others: the built-in code domain
-  includes HumanEval solutions, so those problems measure memorisation.
+  includes HumanEval solutions, so those problems measure memorisation. Where the completions
+  could not be isolated it raises sandbox.SandboxUnavailable before generating anything, unless
+  `allow_unsandboxed`; the result's "sandbox" says which isolation was used.
   """
+  isolation = sandbox.require_isolation(allow_unsandboxed)
   problems = list(problems if problems is not None else load_humaneval())
   completions = greedy_generate(config, params, tokenizer, [p["prompt"] for p in problems],
                                 max_new_tokens=max_new_tokens, stop=HUMANEVAL_STOP,
@@ -177,7 +110,8 @@ def evaluate_humaneval(config: ModelConfig, params, tokenizer, *, problems: Sequ
   seen = _training_hashes(data_root)
   samples = []
   for problem, completion in zip(problems, completions):
-    outcome = run_sandboxed(humaneval_program(problem, completion), timeout=timeout)
+    outcome = sandbox.run_sandboxed(humaneval_program(problem, completion), timeout=timeout,
+                                    allow_unsandboxed=allow_unsandboxed)
     in_training = corpus.normalized_hash(problem["prompt"] + problem["canonical_solution"]) in seen
     samples.append({"task_id": problem["task_id"], "completion": completion,
                     "in_training_data": in_training, **outcome})
@@ -188,7 +122,7 @@ def evaluate_humaneval(config: ModelConfig, params, tokenizer, *, problems: Sequ
       "problems": len(samples),
       "in_training_data": len(samples) - len(clean),
       "pass@1_not_in_training": (sum(s["passed"] for s in clean) / len(clean)) if clean else None,
-      "network_isolated": network_isolated(),
+      "sandbox": isolation.describe(),
       "samples": samples,
   }
 

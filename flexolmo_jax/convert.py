@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from flexolmo_jax import checkpoint
+from flexolmo_jax import checkpoint, cli
 from flexolmo_jax import model
 from flexolmo_jax.config import ModelConfig
 
@@ -513,6 +513,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.default_verbosity()
   if FLAGS.from_hf:
     manifest = hf_to_artifact(FLAGS.from_hf, FLAGS.out, dtype=FLAGS.dtype)
     logging.info("wrote %s artifact %s (fingerprint %s)", manifest["kind"], FLAGS.out,

@@ -1,4 +1,4 @@
-r"""Router embeddings (METHOD.md section 4): one vector per domain, the only thing owners exchange.
+r"""Router embeddings (docs/method.md, section 4): one vector per domain, the only thing owners exchange.
 
   python -m flexolmo_jax.embed --data=runs/data --domain=math --embedder=minilm \
       --public=runs/public --out=runs/router_embeddings.npz [--num_docs=1000]
@@ -24,9 +24,9 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexolmo_jax import checkpoint, router_init, runs
+from flexolmo_jax import checkpoint, cli, router_init, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
@@ -151,7 +151,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   try:
     row = embed_domain(FLAGS.data, FLAGS.domain, FLAGS.embedder, FLAGS.public, FLAGS.out,
                        num_docs=FLAGS.num_docs, seed=FLAGS.seed,

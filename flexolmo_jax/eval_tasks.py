@@ -32,6 +32,8 @@ import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import flags
+
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data.sources import DataError
 
@@ -415,32 +417,46 @@ def domain_mc_task(root: str, domain: str, split: str = "test", **options) -> li
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Converts a public benchmark file into the task format."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="python -m flexolmo_jax.eval_tasks",
-                                   description=main.__doc__)
-  parser.add_argument("--format", required=True, choices=sorted(CONVERTERS))
-  parser.add_argument("--input", required=True, help="the benchmark file (MMLU: file or directory)")
-  parser.add_argument("--out", required=True, help="the task JSONL to write")
-  parser.add_argument("--fewshot_input", help="file (MMLU: dev file or directory) of solved examples")
-  parser.add_argument("--num_fewshot", type=int, default=0)
-  parser.add_argument("--style", default="rc", choices=("rc", "mc"), help="MMLU only")
-  args = parser.parse_args(argv)
-  if args.num_fewshot and not args.fewshot_input:
-    parser.error("--num_fewshot needs --fewshot_input")
-  options = dict(fewshot_path=args.fewshot_input, num_fewshot=args.num_fewshot)
-  if args.format == "mmlu":
-    options["style"] = args.style
+def _flag_values() -> flags.FlagValues:
+  """This command's flags, in their own FlagValues, so main() can be called with a list of
+  arguments (by tests, or other programs) whatever flags the caller has defined."""
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("format", None, sorted(CONVERTERS), "The benchmark's format.", flag_values=fv)
+  flags.DEFINE_string("input", None, "The benchmark file (MMLU: file or directory).",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "The task JSONL to write.", flag_values=fv)
+  flags.DEFINE_string("fewshot_input", None, "File (MMLU: dev file or directory) of solved "
+                      "examples.", flag_values=fv)
+  flags.DEFINE_integer("num_fewshot", 0, "Solved examples put before each item.", flag_values=fv)
+  flags.DEFINE_enum("style", "rc", ["rc", "mc"], "MMLU only: answer texts (rc) or letters (mc).",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["format", "input", "out"], flag_values=fv)
+  return fv
+
+
+def main(argv: Sequence[str]) -> int:
+  """Converts a public benchmark file into the task format; `argv` holds the arguments after the
+  program name. Returns the exit code."""
+  f = _flag_values()
   try:
-    items = CONVERTERS[args.format](args.input, **options)
+    f(["eval_tasks", *argv])
+    if f.num_fewshot and not f.fewshot_input:
+      raise flags.ValidationError("--num_fewshot needs --fewshot_input")
+  except flags.Error as err:
+    print(f"error: {err}\nflags:\n{f.get_help()}", file=sys.stderr)
+    return 2
+  options = dict(fewshot_path=f.fewshot_input, num_fewshot=f.num_fewshot)
+  if f.format == "mmlu":
+    options["style"] = f.style
+  try:
+    items = CONVERTERS[f.format](f.input, **options)
   except (DataError, FileNotFoundError, ValueError, KeyError, TypeError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
-  write_jsonl(items, args.out)
-  print(f"wrote {len(items)} items to {args.out}")
+  write_jsonl(items, f.out)
+  print(f"wrote {len(items)} items to {f.out}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))

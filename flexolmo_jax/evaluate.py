@@ -2,7 +2,11 @@
 routing analysis; writes results.json and results.md (plus samples and the routing heatmap).
 
   python -m flexolmo_jax.evaluate --model=DIR --data=CORPUS --out=DIR \
-      --tasks=perplexity,mc,humaneval,routing,file:arc.jsonl [--expert_mask=public,math]
+      --tasks=perplexity,mc,humaneval,routing,file:arc.jsonl [--expert_mask=public+math]
+  python -m flexolmo_jax.evaluate --model=MERGED --data=CORPUS --out=DIR --baseline=soup_uniform
+
+--expert_mask takes an expert subset (all, public+math, -code: flexolmo_jax/subsets.py);
+--baseline scores one of flexolmo_jax.baselines, built from the merged --model, by perplexity.
 
 Tasks (comma-separated):
   perplexity      exp(mean next-token NLL) on each domain's held-out split (--split)
@@ -14,32 +18,27 @@ Tasks (comma-separated):
   <format>:PATH   a public benchmark file converted on the fly: mmlu (CSV file or directory),
                   arc, hellaswag or gsm8k (JSONL), zero-shot
 Multiple-choice tasks report accuracy by the summed log-likelihood (acc), per token
-(acc_per_token) and per character (acc_per_char), as OLMES does.
+(acc_per_token) and per character (acc_per_char), as OLMES does. A new kind of task is one entry
+in TASKS.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
-from flexolmo_jax import codegen
-from flexolmo_jax import eval_tasks
-from flexolmo_jax import routing_analysis
-from flexolmo_jax import runs
-from flexolmo_jax import scoring
+from flexolmo_jax import baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
+from flexolmo_jax import subsets
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataConfig, DataError, load_manifest, load_tokenizer, make_pipeline
-
-_BUILTIN = ("perplexity", "mc", "humaneval", "routing")
-
+from flexolmo_jax.data import DataError, load_manifest, load_tokenizer
 
 def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]:
   """The experts' names: from the model manifest when it lists them, else public, expert_1, ..."""
@@ -47,47 +46,6 @@ def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]
   if names and len(names) == config.num_experts:
     return list(names)
   return ["public"] + [f"expert_{i}" for i in range(1, config.num_experts)] if config.is_moe else []
-
-
-def parse_expert_mask(spec: str, names: Sequence[str]) -> np.ndarray | None:
-  """An [E] bool mask from comma-separated expert names or indices; "" means every expert."""
-  if not spec:
-    return None
-  if not names:
-    raise ValueError("--expert_mask needs a mixture-of-experts model; this one is dense")
-  mask = np.zeros(len(names), bool)
-  for part in (p.strip() for p in spec.split(",") if p.strip()):
-    if part.isdigit() and int(part) < len(names):
-      mask[int(part)] = True
-    elif part in names:
-      mask[list(names).index(part)] = True
-    else:
-      raise ValueError(f"--expert_mask: unknown expert {part!r}; experts: "
-                       f"{', '.join(f'{i}={n}' for i, n in enumerate(names))}")
-  if not mask.any():
-    raise ValueError("--expert_mask allows no expert")
-  return mask
-
-
-def parse_tasks(spec: str, domains: Sequence[str]) -> list[str]:
-  """The task names in `spec`, with `mc` expanded to every domain; unknown names are refused with
-  the valid ones."""
-  tasks = []
-  for name in (t.strip() for t in spec.split(",") if t.strip()):
-    prefix = name.split(":", 1)[0]
-    if name == "mc":
-      tasks += [f"mc_{d}" for d in domains]
-    elif name in _BUILTIN or (name.startswith("mc_") and name[3:] in domains):
-      tasks.append(name)
-    elif ":" in name and (prefix == "file" or prefix in eval_tasks.CONVERTERS):
-      tasks.append(name)
-    else:
-      valid = list(_BUILTIN) + [f"mc_{d}" for d in domains] + ["file:PATH"] + [
-          f"{f}:PATH" for f in eval_tasks.CONVERTERS]
-      raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(valid)}")
-  if not tasks:
-    raise ValueError("--tasks names no task")
-  return list(dict.fromkeys(tasks))
 
 
 def run_multiple_choice(scorer: scoring.Scorer, items: Sequence[eval_tasks.Item]) -> dict:
@@ -139,20 +97,137 @@ def run_generation(config, params, tokenizer, items: Sequence[eval_tasks.Item], 
           "samples": samples}
 
 
-def _load_items(task: str, root: str | None, split: str, mc_items: int) -> list[eval_tasks.Item]:
-  kind, _, path = task.partition(":")
-  if task.startswith("mc_"):
-    return eval_tasks.domain_mc_task(root, task[3:], split, num_items=mc_items)
+# ----------------------------------------------------------------------------- the task registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Everything a task runs with: one model (or a baseline's scorer) and the evaluation options."""
+  config: ModelConfig
+  params: Any
+  tokenizer: Any
+  out_dir: str
+  data_root: str | None
+  domains: Sequence[str]
+  split: str
+  expert_mask: np.ndarray | None
+  names: Sequence[str]
+  batch_size: int
+  max_len: int
+  seq_len: int
+  mc_items: int
+  max_new_tokens: int
+  humaneval_limit: int | None
+  timeout: float
+  score_batches: scoring.BatchScorer  # the model's, or a baseline's
+  allow_unsandboxed_code: bool = False
+
+  def batches(self, domain: str):
+    return scoring.domain_batches(self.data_root, domain, self.split,
+                                  batch_size=self.batch_size, seq_len=self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A kind of task: how it is named, whether it reads the corpus, and how it runs. `run(ctx,
+  name)` gets the task's full name (e.g. "mc_math", "file:arc.jsonl") and returns its metrics."""
+  usage: str
+  needs_data: bool
+  run: Callable[[Context, str], dict]
+  takes_path: bool = False  # named KIND:PATH
+
+
+def _perplexity(ctx: Context, name: str) -> dict:
+  del name
+  return scoring.score_domains(ctx.score_batches, {d: ctx.batches(d) for d in ctx.domains})
+
+
+def _routing(ctx: Context, name: str) -> dict:
+  del name
+  by_domain = routing_analysis.domain_shares(ctx.config, ctx.params, ctx.data_root, ctx.domains,
+                                             split=ctx.split, batch_size=ctx.batch_size,
+                                             seq_len=ctx.seq_len, expert_mask=ctx.expert_mask)
+  paths = routing_analysis.write_report(by_domain, ctx.names, ctx.out_dir)
+  return {"tokens": {d: v["tokens"] for d, v in by_domain.items()}, **paths}
+
+
+def _humaneval(ctx: Context, name: str) -> dict:
+  problems = codegen.load_humaneval()[:ctx.humaneval_limit]
+  result = codegen.evaluate_humaneval(ctx.config, ctx.params, ctx.tokenizer, problems=problems,
+                                      max_new_tokens=ctx.max_new_tokens, timeout=ctx.timeout,
+                                      batch_size=ctx.batch_size, max_len=ctx.max_len,
+                                      expert_mask=ctx.expert_mask, data_root=ctx.data_root,
+                                      allow_unsandboxed=ctx.allow_unsandboxed_code)
+  return _with_samples_file(result, ctx.out_dir, name)
+
+
+def _load_items(ctx: Context, name: str) -> list[eval_tasks.Item]:
+  kind, _, path = name.partition(":")
+  if name.startswith("mc_"):
+    return eval_tasks.domain_mc_task(ctx.data_root, name[3:], ctx.split, num_items=ctx.mc_items)
   if kind == "file":
     return eval_tasks.load_jsonl(path)
   return eval_tasks.CONVERTERS[kind](path)
 
 
-def _domain_batches(root: str, domain: str, split: str, batch_size: int, seq_len: int):
-  cfg = DataConfig(path=root, domains=(domain,), shuffle=False, seq_len=seq_len,
-                   batch_size=batch_size)
-  return iter(make_pipeline(cfg, split, num_epochs=1, drop_remainder=False, shard_index=0,
-                            shard_count=1))
+def _items(ctx: Context, name: str) -> dict:
+  """Multiple-choice items scored by log-likelihood, generation items by greedy decoding."""
+  items = _load_items(ctx, name)
+  mc = [i for i in items if i.is_multiple_choice]
+  gen = [i for i in items if not i.is_multiple_choice]
+  result = {}
+  if mc:
+    scorer = scoring.Scorer(ctx.config, ctx.params, ctx.tokenizer, batch_size=ctx.batch_size,
+                            max_len=ctx.max_len, expert_mask=ctx.expert_mask)
+    result = run_multiple_choice(scorer, mc)
+  if gen:
+    result.update(run_generation(ctx.config, ctx.params, ctx.tokenizer, gen,
+                                 max_new_tokens=ctx.max_new_tokens, batch_size=ctx.batch_size,
+                                 max_len=ctx.max_len, expert_mask=ctx.expert_mask))
+    result = _with_samples_file(result, ctx.out_dir, name)
+  return result
+
+
+# A new kind of task is one entry here, keyed by task_kind: the task's name, "mc" for
+# mc_<domain>, or KIND for KIND:PATH.
+TASKS: dict[str, Task] = {
+    "perplexity": Task("perplexity", True, _perplexity),
+    "mc": Task("mc_<domain>", True, _items),
+    "humaneval": Task("humaneval", False, _humaneval),
+    "routing": Task("routing", True, _routing),
+    "file": Task("file:PATH", False, _items, takes_path=True),
+    **{kind: Task(f"{kind}:PATH", False, _items, takes_path=True)
+       for kind in eval_tasks.CONVERTERS},
+}
+# Tasks a baseline can run: baselines are scored by per-domain perplexity (flexolmo_jax.baselines).
+BASELINE_TASKS = ("perplexity",)
+
+
+def task_kind(name: str) -> str:
+  """The TASKS key of a task name."""
+  if ":" in name:
+    return name.split(":", 1)[0]
+  return "mc" if name.startswith("mc_") else name
+
+
+def parse_tasks(spec: str, domains: Sequence[str]) -> list[str]:
+  """The task names in `spec`, with `mc` expanded to every domain; unknown names are refused with
+  the valid ones."""
+  tasks = []
+  for name in (t.strip() for t in spec.split(",") if t.strip()):
+    task = TASKS.get(task_kind(name))
+    if name == "mc":
+      tasks += [f"mc_{d}" for d in domains]
+    elif task is not None and task.takes_path == (":" in name) and (
+        not name.startswith("mc_") or name[3:] in domains):
+      tasks.append(name)
+    else:
+      valid = [u for kind, t in TASKS.items()
+               for u in (["mc"] + [f"mc_{d}" for d in domains] if kind == "mc" else [t.usage])]
+      raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(valid)}")
+  if not tasks:
+    raise ValueError("--tasks names no task")
+  return list(dict.fromkeys(tasks))
 
 
 def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, out_dir: str,
@@ -160,50 +235,29 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
              expert_mask=None, names: Sequence[str] = (), batch_size: int = 8,
              max_len: int = 1024, seq_len: int = 512, mc_items: int = 200,
              max_new_tokens: int = 256, humaneval_limit: int | None = None,
-             timeout: float = 10.0) -> dict:
+             timeout: float = 10.0, baseline: baselines.Baseline | None = None,
+             allow_unsandboxed_code: bool = False) -> dict:
   """Runs `tasks` (names as parse_tasks returns them) and returns {task: metrics}; samples of
-  generation tasks and the routing report are written under `out_dir`."""
-  needs_data = [t for t in tasks if t in ("perplexity", "routing") or t.startswith("mc_")]
-  if needs_data and not data_root:
-    raise ValueError(f"tasks {needs_data} need a prepared corpus: pass --data")
+  generation tasks and the routing report are written under `out_dir`. With `baseline`, the
+  merged model (config, params, names) is the baseline's parts, and the baseline is scored."""
+  needs_data = [t for t in tasks if TASKS[task_kind(t)].needs_data]
+  if (needs_data or baseline) and not data_root:
+    raise ValueError(f"{needs_data or ['a baseline']} need a prepared corpus: pass --data")
+  score_batches = scoring.model_scorer(config, params, expert_mask)
+  if baseline is not None:
+    other = [t for t in tasks if t not in BASELINE_TASKS]
+    if other or expert_mask is not None or len(names) != config.num_experts or not names:
+      raise ValueError(f"baseline {baseline.name} needs a merged model with its expert names, "
+                       f"every expert, and only the tasks {list(BASELINE_TASKS)} (got tasks "
+                       f"{list(tasks)})")
+    score_batches = baseline.build(baselines.Parts.from_merged(config, params, names, data_root))
+  os.makedirs(out_dir, exist_ok=True)
+  ctx = Context(config, params, tokenizer, out_dir, data_root, list(domains), split, expert_mask,
+                list(names), batch_size, max_len, seq_len, mc_items, max_new_tokens,
+                humaneval_limit, timeout, score_batches, allow_unsandboxed_code)
   if "routing" in tasks and not config.is_moe:
     raise ValueError("the routing task needs a mixture-of-experts model; this one is dense")
-  os.makedirs(out_dir, exist_ok=True)
-  scorer = scoring.Scorer(config, params, tokenizer, batch_size=batch_size, max_len=max_len,
-                          expert_mask=expert_mask)
-  results = {}
-  for task in tasks:
-    if task == "perplexity":
-      per_domain = {d: scoring.perplexity(config, params,
-                                          _domain_batches(data_root, d, split, batch_size, seq_len),
-                                          expert_mask=expert_mask) for d in domains}
-      mean_nll = float(np.mean([r["nll"] for r in per_domain.values()]))
-      results[task] = {**per_domain, "average": {"nll": mean_nll, "perplexity": float(np.exp(mean_nll))}}
-    elif task == "routing":
-      by_domain = routing_analysis.domain_shares(config, params, data_root, domains, split=split,
-                                                 batch_size=batch_size, seq_len=seq_len,
-                                                 expert_mask=expert_mask)
-      paths = routing_analysis.write_report(by_domain, names, out_dir)
-      results[task] = {"tokens": {d: v["tokens"] for d, v in by_domain.items()}, **paths}
-    elif task == "humaneval":
-      problems = codegen.load_humaneval()[:humaneval_limit]
-      result = codegen.evaluate_humaneval(config, params, tokenizer, problems=problems,
-                                          max_new_tokens=max_new_tokens, timeout=timeout,
-                                          batch_size=batch_size, max_len=max_len,
-                                          expert_mask=expert_mask, data_root=data_root)
-      results[task] = _with_samples_file(result, out_dir, task)
-    else:
-      items = _load_items(task, data_root, split, mc_items)
-      mc = [i for i in items if i.is_multiple_choice]
-      gen = [i for i in items if not i.is_multiple_choice]
-      result = run_multiple_choice(scorer, mc) if mc else {}
-      if gen:
-        result.update(run_generation(config, params, tokenizer, gen, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, max_len=max_len,
-                                     expert_mask=expert_mask))
-        result = _with_samples_file(result, out_dir, task)
-      results[task] = result
-  return results
+  return {task: TASKS[task_kind(task)].run(ctx, task) for task in tasks}
 
 
 def _slug(task: str) -> str:
@@ -221,7 +275,8 @@ def _with_samples_file(result: dict, out_dir: str, task: str) -> dict:
 
 def markdown(report: dict) -> str:
   """A results table: one row per task and metric."""
-  lines = [f"# Evaluation of {report['model']}", "",
+  built = f"baseline {report['baseline']} built from " if report.get("baseline") else ""
+  lines = [f"# Evaluation of {built}{report['model']}", "",
            f"split: {report['split']}; experts: {', '.join(report['experts']) or 'dense'}"
            + (f"; allowed: {', '.join(report['allowed_experts'])}" if report["allowed_experts"]
               else ""), "", "| task | metric | value |", "| --- | --- | --- |"]
@@ -262,7 +317,14 @@ def define_flags():
                       "(default: the model directory if it has one, else --data).")
   flags.DEFINE_list("domains", None, "Domains for perplexity/routing (default: all).")
   flags.DEFINE_enum("split", "test", ["validation", "test"], "Held-out split.")
-  flags.DEFINE_string("expert_mask", "", "Experts allowed (names or indices).")
+  flags.DEFINE_string("expert_mask", subsets.ALL, "Experts allowed: all, public+math or -code "
+                      "(flexolmo_jax/subsets.py).")
+  flags.DEFINE_enum("baseline", None, list(baselines.NAMES), "Score this baseline, built from "
+                    "the merged --model, instead of the model (tasks: perplexity).")
+  flags.DEFINE_integer("btm_top_k", baselines.Options.btm_top_k, "--baseline=btm: members "
+                       "mixed per token.")
+  flags.DEFINE_integer("tune_steps", baselines.Options.tune_steps, "--baseline=btx: router steps.")
+  flags.DEFINE_integer("seed", baselines.Options.seed, "--baseline=btx / prompt_routing: seed.")
   flags.DEFINE_integer("batch_size", 8, "Rows per forward pass.")
   flags.DEFINE_integer("max_len", 1024, "Longest scored/generated sequence (tokens).")
   flags.DEFINE_integer("seq_len", 512, "Row length for perplexity and routing.")
@@ -270,12 +332,15 @@ def define_flags():
   flags.DEFINE_integer("max_new_tokens", 256, "Generation length limit.")
   flags.DEFINE_integer("humaneval_limit", None, "Only the first N HumanEval problems.")
   flags.DEFINE_float("timeout", 10.0, "Seconds per sandboxed HumanEval program.")
+  flags.DEFINE_bool("allow_unsandboxed_code", False,
+                    "Run HumanEval's generated code even where it cannot be isolated (never as "
+                    "root); see docs/sandbox.md.")
   flags.mark_flags_as_required(["model", "out"])
 
 
-def _tokenizer_path(model_dir: str, data_root: str | None) -> str:
-  if flags.FLAGS.tokenizer:
-    return flags.FLAGS.tokenizer
+def _tokenizer_path(tokenizer: str | None, model_dir: str, data_root: str | None) -> str:
+  if tokenizer:
+    return tokenizer
   for name in ("tokenizer.model", "tokenizer.json"):
     if os.path.exists(os.path.join(model_dir, name)):
       return model_dir
@@ -286,30 +351,34 @@ def _tokenizer_path(model_dir: str, data_root: str | None) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  cli.default_verbosity()
+  f = flags.FLAGS
   try:
-    config, params, manifest = runs.load_params(flags.FLAGS.model)
+    config, params, manifest = runs.load_params(f.model)
     names = expert_names(config, manifest)
-    mask = parse_expert_mask(flags.FLAGS.expert_mask, names)
-    domains = flags.FLAGS.domains or (sorted(load_manifest(flags.FLAGS.data)["domains"]) if flags.FLAGS.data else [])
-    tasks = parse_tasks(flags.FLAGS.tasks, domains)
-    tokenizer = load_tokenizer(_tokenizer_path(flags.FLAGS.model, flags.FLAGS.data))
+    mask = subsets.expert_mask(f.expert_mask, names)
+    baseline = None if f.baseline is None else baselines.get(
+        f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
+    domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
+    tasks = parse_tasks(f.tasks, domains)
+    tokenizer = load_tokenizer(_tokenizer_path(f.tokenizer, f.model, f.data))
     if tokenizer.vocab_size > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
-    results = evaluate(config, params, tokenizer, tasks, out_dir=flags.FLAGS.out, data_root=flags.FLAGS.data,
-                       domains=domains, split=flags.FLAGS.split, expert_mask=mask, names=names,
-                       batch_size=flags.FLAGS.batch_size, max_len=flags.FLAGS.max_len, seq_len=flags.FLAGS.seq_len,
-                       mc_items=flags.FLAGS.mc_items, max_new_tokens=flags.FLAGS.max_new_tokens,
-                       humaneval_limit=flags.FLAGS.humaneval_limit, timeout=flags.FLAGS.timeout)
+    results = evaluate(config, params, tokenizer, tasks, out_dir=f.out, data_root=f.data,
+                       domains=domains, split=f.split, expert_mask=mask, names=names,
+                       batch_size=f.batch_size, max_len=f.max_len, seq_len=f.seq_len,
+                       mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
+                       humaneval_limit=f.humaneval_limit, timeout=f.timeout,
+                       baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
   except (ValueError, FileNotFoundError, DataError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(1)
-  report = {"model": flags.FLAGS.model, "data": flags.FLAGS.data, "split": flags.FLAGS.split,
+  report = {"model": f.model, "baseline": f.baseline, "data": f.data, "split": f.split,
             "experts": names,
             "allowed_experts": [] if mask is None else [n for n, m in zip(names, mask) if m],
             "config": config.to_dict(), "tasks": results}
-  paths = write_results(report, flags.FLAGS.out)
+  paths = write_results(report, f.out)
   print(markdown(report))
   print(f"wrote {paths['json']} and {paths['md']}")
 

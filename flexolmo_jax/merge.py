@@ -1,4 +1,4 @@
-r"""Merging at load time, opt-out, and the merge command (METHOD.md section 5).
+r"""Merging at load time, opt-out, and the merge command (docs/method.md, section 5).
 
   python -m flexolmo_jax.merge --public=runs/public \
       --experts=math=runs/experts/math,code=runs/experts/code [--opt_out=code] [--top_k=K] \
@@ -24,9 +24,9 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexolmo_jax import checkpoint, distributed, experts, runs, sharding
+from flexolmo_jax import checkpoint, cli, distributed, experts, runs, sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import logical_axes
 
@@ -391,7 +391,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  cli.default_verbosity()
   try:
     if FLAGS.merged:
       if FLAGS.experts:

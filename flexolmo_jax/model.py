@@ -1,4 +1,4 @@
-"""The OLMo-2 / FlexOlmo transformer in Flax Linen (METHOD.md section 1).
+"""The OLMo-2 / FlexOlmo transformer in Flax Linen (docs/method.md, section 1).
 
 `Transformer(config).apply({"params": params}, tokens)` returns float32 logits [B, L, V].
 Parameters are a plain nested dict; layers are scanned, so every layer parameter carries a

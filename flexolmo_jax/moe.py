@@ -44,7 +44,7 @@ def route(
     bias_E: jax.Array | None = None,
     allowed_TxE: jax.Array | None = None,
 ) -> Routing:
-  """Softmax over all experts, then top-k (METHOD.md section 1).
+  """Softmax over all experts, then top-k (docs/method.md, section 1).
 
   `bias_E` is the learned negative bias: `min(b_e, 0)` is added to the logit of every expert but
   the public one (expert 0). `allowed_TxE` excludes experts per token before the softmax, exactly

@@ -1,12 +1,14 @@
 """Named expert policies for serving: which experts a request may route to.
 
-A policies file is JSON:
+A policies file is JSON; a policy is a list of expert names or an expert subset in the syntax of
+flexolmo_jax/subsets.py (`all`, `public+math`, `-news`):
 
-  {"policies": {"public-only": ["public"], "no-news": ["public", "math", "code"]}}
+  {"policies": {"public-only": ["public"], "no-news": "-news", "everyone": "all"}}
 
 Every policy must allow "public" (the shared expert every FlexOlmo token can fall back on) and
 name only experts the served model holds; both are checked when the file is loaded, so a bad file
-stops the server at start-up rather than on some later request.
+stops the server at start-up rather than on some later request. A request's "experts" takes the
+same two forms.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-PUBLIC = "public"
+from flexolmo_jax import subsets
+
+PUBLIC = subsets.PUBLIC
 
 
 class PolicyError(ValueError):
@@ -25,18 +29,23 @@ class PolicyError(ValueError):
 
 
 def check_experts(experts, expert_names: Sequence[str], where: str) -> tuple[str, ...]:
-  """`experts` as a tuple, refused unless it is a non-empty list of distinct known names that
-  includes the public expert."""
-  if not isinstance(experts, list) or not experts or not all(isinstance(e, str) for e in experts):
-    raise PolicyError(f"{where}: experts must be a non-empty list of names")
-  unknown = [e for e in experts if e not in expert_names]
-  if unknown:
-    raise PolicyError(f"{where}: unknown expert(s) {unknown}; the model has {list(expert_names)}")
-  if len(set(experts)) != len(experts):
-    raise PolicyError(f"{where}: an expert is listed twice in {experts}")
-  if PUBLIC not in experts:
+  """The experts allowed by `experts` (a list of names, or a subset string such as "-news"), in
+  the model's order; refused unless they are known, distinct and include the public expert."""
+  if isinstance(experts, str):
+    spec = experts
+  elif (isinstance(experts, list) and experts and all(isinstance(e, str) for e in experts)
+        and not any(e.startswith("-") or "+" in e for e in experts)):
+    spec = "+".join(experts)
+  else:
+    raise PolicyError(f'{where}: experts must be a non-empty list of names or one subset string '
+                      f'such as "-news"')
+  try:
+    allowed = subsets.parse_expert_subset(spec, expert_names)
+  except ValueError as err:
+    raise PolicyError(f"{where}: {err}") from None
+  if PUBLIC not in allowed:
     raise PolicyError(f"{where}: {PUBLIC!r} must always be allowed, got {experts}")
-  return tuple(experts)
+  return allowed
 
 
 def parse_policies(data, expert_names: Sequence[str]) -> dict[str, tuple[str, ...]]:

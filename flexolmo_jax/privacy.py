@@ -1,4 +1,4 @@
-"""Training-data extraction study (METHOD.md section 6): how much of a closed domain a model leaks.
+"""Training-data extraction study (docs/method.md, section 6): how much of a closed domain a model leaks.
 
   python -m flexolmo_jax.privacy --data=DIR --domain=math --public=DIR --expert=DIR \
       [--dense=DIR] [--dp_expert=DIR] [--train_docs=N] --out=DIR
@@ -26,9 +26,9 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexolmo_jax import checkpoint, experts, runs
+from flexolmo_jax import checkpoint, cli, experts, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus, load_tokenizer
 from flexolmo_jax.generate import Sampling, generate
@@ -175,7 +175,8 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
     models.append((f"dense fine-tuned on {domain}", *dense_model(dense, domain, train_docs),
                    None, None))
   models += [(f"FlexOlmo (public + {domain})", moe_config, moe_params, None, None),
-             (f"FlexOlmo, {domain} opted out", moe_config, moe_params, [True, False], None)]
+             (f"FlexOlmo, {domain} opted out", moe_config, moe_params,
+              subsets.expert_mask(f"-{domain}", ["public", domain]), None)]
   if dp_expert:
     dp_config, dp_params, dp_manifest = flexolmo_model(public_params, dp_expert)
     if "dp" not in dp_manifest:
@@ -263,7 +264,7 @@ def define_flags():
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  cli.default_verbosity()
   f = flags.FLAGS
   try:
     results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,

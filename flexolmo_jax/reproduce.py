@@ -4,7 +4,7 @@ ablation experts -> merge -> router tuning -> FlexOlmo, baselines, ablations and
 by per-domain held-out perplexity -> the routing plot -> results.json / results.md with the
 paper's findings checked against the numbers.
 
-  python -m flexolmo_jax.reproduce --runs=runs [--public_steps=300 --expert_steps=40 --seeds=0,1,2 ...]
+  python -m flexolmo_jax.reproduce --workdir=runs [--public_steps=300 --expert_steps=40 --seeds=0,1,2 ...]
 
 The defaults take about 20 minutes on a quiet 2-core CPU; every stage prints progress.
 
@@ -13,6 +13,7 @@ Every stage reuses finished work (a trained run, a merged artifact), so re-runni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -22,33 +23,61 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexolmo_jax import baselines, merge, router_init, router_tuning, routing_analysis, runs
+from flexolmo_jax import baselines, cli, merge, router_init, router_tuning, routing_analysis, runs
 from flexolmo_jax import scoring
-from flexolmo_jax.data import corpus, load_manifest, load_tokenizer
+from flexolmo_jax.data import corpus
 
-FLAGS = flags.FLAGS
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The reproduction's settings (the command's flags)."""
+  workdir: str = "runs"
+  domains: tuple[str, ...] = corpus.CLOSED_DOMAINS
+  public_steps: int = 300
+  expert_steps: int = 40
+  ablation_domains: tuple[str, ...] = ("math",)
+  tune_steps: int = 100
+  top_k: int = 4
+  btm_top_k: int = 2
+  eval_batches: int = 4
+  seeds: tuple[int, ...] = (0,)
+  # A smaller corpus for quick checks (the notebook's CI run); None keeps data prepare's defaults.
+  max_docs_per_domain: int | None = None
+  vocab_size: int | None = None
 
 
 def define_flags() -> None:
-  """Flags, defined only when run as a program."""
-  flags.DEFINE_string("runs", "runs", "Directory for every artifact and the results.")
-  flags.DEFINE_list("domains", list(corpus.CLOSED_DOMAINS), "Closed domains (experts).")
-  flags.DEFINE_integer("public_steps", 300, "Public pretraining steps.")
-  flags.DEFINE_integer("expert_steps", 40, "Steps per expert (and ablation).")
-  flags.DEFINE_list("ablation_domains", ["math"],
+  """Flags, defined only when run as a program; each sets the Options field of its name."""
+  d = Options()
+  flags.DEFINE_string("workdir", d.workdir, "Directory for every artifact and the results; a "
+                      "rerun reuses what is finished there.")
+  flags.DEFINE_alias("runs", "workdir")  # The name the README used before the --workdir rule.
+  flags.DEFINE_list("domains", list(d.domains), "Closed domains (experts).")
+  flags.DEFINE_integer("public_steps", d.public_steps, "Public pretraining steps.")
+  flags.DEFINE_integer("expert_steps", d.expert_steps, "Steps per expert (and ablation).")
+  flags.DEFINE_list("ablation_domains", list(d.ablation_domains),
                     "Domains whose experts are retrained for each ablation.")
-  flags.DEFINE_integer("tune_steps", 100, "Router-tuning (and BTX router) steps.")
-  flags.DEFINE_integer("top_k", 4, "Experts per token at inference (clamped).")
-  flags.DEFINE_integer("btm_top_k", 2, "Ensemble members mixed per token by BTM.")
-  flags.DEFINE_integer("eval_batches", 4, "Test batches (8 x 128 tokens) per domain.")
-  flags.DEFINE_list("seeds", ["0"], "Seeds of the seed-dependent stages (router tuning with its "
-                    "proxy sets, BTX, prompt routing): each is run per seed and the tables show "
-                    "the mean. The first also seeds the random-init ablation rows.")
-  # A smaller corpus for quick checks (the notebook's CI run); None keeps data prepare's defaults.
+  flags.DEFINE_integer("tune_steps", d.tune_steps, "Router-tuning (and BTX router) steps.")
+  flags.DEFINE_integer("top_k", d.top_k, "Experts per token at inference (clamped).")
+  flags.DEFINE_integer("btm_top_k", d.btm_top_k, "Ensemble members mixed per token by BTM.")
+  flags.DEFINE_integer("eval_batches", d.eval_batches, "Test batches (8 x 128 tokens) per domain.")
+  flags.DEFINE_list("seeds", [str(x) for x in d.seeds], "Seeds of the seed-dependent stages "
+                    "(router tuning with its proxy sets, BTX, prompt routing): each is run per "
+                    "seed and the tables show the mean. The first also seeds the random-init "
+                    "ablation rows.")
   flags.DEFINE_integer("max_docs_per_domain", None, "Corpus: cap on documents per domain.")
   flags.DEFINE_integer("vocab_size", None, "Corpus: tokenizer vocabulary size.")
+
+
+def options_from_flags() -> Options:
+  f = flags.FLAGS
+  return Options(workdir=f.workdir, domains=tuple(f.domains), public_steps=f.public_steps,
+                 expert_steps=f.expert_steps, ablation_domains=tuple(f.ablation_domains),
+                 tune_steps=f.tune_steps, top_k=f.top_k, btm_top_k=f.btm_top_k,
+                 eval_batches=f.eval_batches, seeds=tuple(int(x) for x in f.seeds),
+                 max_docs_per_domain=f.max_docs_per_domain, vocab_size=f.vocab_size)
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
@@ -70,58 +99,59 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
   return path.exists() and json.loads(path.read_text()).get("step", 0) >= steps
 
 
-def _train_expert(root, domain, workdir, *overrides, module="flexolmo_jax.train"):
-  if _finished(workdir, FLAGS.expert_steps):
+def _train_expert(opts: Options, root, domain, workdir, *overrides, module="flexolmo_jax.train"):
+  if _finished(workdir, opts.expert_steps):
     log(f"reusing {workdir}")
     return
   _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}",
        f"--config.data.path={root / 'data'}", f"--config.expert.public={root / 'public'}",
-       f"--config.steps={FLAGS.expert_steps}", f"--config.eval_every={FLAGS.expert_steps}",
-       f"--config.checkpoint_every={FLAGS.expert_steps}", *overrides)
+       f"--config.steps={opts.expert_steps}", f"--config.eval_every={opts.expert_steps}",
+       f"--config.checkpoint_every={opts.expert_steps}", *overrides)
 
 
-def train_everything(root: pathlib.Path) -> None:
+def train_everything(opts: Options) -> None:
   """Data, public model, experts and ablation experts, each in its own process."""
-  corpus_flags = [f"--{k}={getattr(FLAGS, k)}" for k in ("max_docs_per_domain", "vocab_size")
-                  if getattr(FLAGS, k) is not None]
+  root = pathlib.Path(opts.workdir)
+  corpus_flags = [f"--{k}={getattr(opts, k)}" for k in ("max_docs_per_domain", "vocab_size")
+                  if getattr(opts, k) is not None]
   _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}", *corpus_flags)
-  if _finished(root / "public", FLAGS.public_steps):
+  if _finished(root / "public", opts.public_steps):
     log("reusing the public model")
   else:
     _run("flexolmo_jax.train", "--config=configs/public.py", f"--workdir={root / 'public'}",
-         f"--config.data.path={root / 'data'}", f"--config.steps={FLAGS.public_steps}")
-  for domain in FLAGS.domains:
-    _train_expert(root, domain, root / "experts" / domain)
+         f"--config.data.path={root / 'data'}", f"--config.steps={opts.public_steps}")
+  for domain in opts.domains:
+    _train_expert(opts, root, domain, root / "experts" / domain)
   emb = root / "ablations" / "random_rows.npz"
   if not emb.exists():
     config, _, _ = runs.load_params(root / "public")
-    rng = np.random.default_rng(_seeds()[0])
+    rng = np.random.default_rng(opts.seeds[0])
     rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
-            for d in ["public"] + FLAGS.ablation_domains}
+            for d in ("public",) + opts.ablation_domains}
     emb.parent.mkdir(parents=True, exist_ok=True)
     router_init.save_embeddings(str(emb), rows)
-  for domain in FLAGS.ablation_domains:
-    _train_expert(root, domain, root / "ablations" / "solo" / domain,
+  for domain in opts.ablation_domains:
+    _train_expert(opts, root, domain, root / "ablations" / "solo" / domain,
                   module="flexolmo_jax.solo_expert")
-    _train_expert(root, domain, root / "ablations" / "random_init" / domain,
+    _train_expert(opts, root, domain, root / "ablations" / "random_init" / domain,
                   f"--config.expert.router_embeddings={emb}")
-    _train_expert(root, domain, root / "ablations" / "no_bias" / domain,
+    _train_expert(opts, root, domain, root / "ablations" / "no_bias" / domain,
                   "--config.expert.bias=false")
 
 
 class Evaluator:
-  """Per-domain test perplexity of any model, on batches read once."""
+  """Per-domain test perplexity of any model or baseline, on batches read once."""
 
-  def __init__(self, data: str, domains):
-    self.domains = list(domains)
-    self.batches = {d: baselines.domain_batches(data, d, "test", batch_size=EVAL_BATCH,
-                                                seq_len=EVAL_SEQ, max_batches=FLAGS.eval_batches)
-                    for d in self.domains}
+  def __init__(self, data: str, domains, eval_batches: int):
+    self.batches = {d: list(scoring.domain_batches(data, d, "test", batch_size=EVAL_BATCH,
+                                                   seq_len=EVAL_SEQ, max_batches=eval_batches))
+                    for d in domains}
 
-  def __call__(self, name, score) -> dict[str, float]:
-    """`score(batches) -> {"perplexity": ...}` on every domain; logs and returns perplexities."""
+  def __call__(self, name, score: scoring.BatchScorer) -> dict[str, float]:
+    """Scores every domain; logs and returns the perplexities."""
     t = time.perf_counter()
-    out = {d: score(self.batches[d])["perplexity"] for d in self.domains}
+    scores = scoring.score_domains(score, self.batches)
+    out = {d: scores[d]["perplexity"] for d in self.batches}
     log(f"{name}: " + " ".join(f"{d} {v:.2f}" for d, v in out.items())
         + f" ({time.perf_counter() - t:.0f}s)")
     return out
@@ -131,93 +161,76 @@ class Evaluator:
 SEEDED = ("flexolmo_router_tuned", "btx", "prompt_routing")
 
 
-def _seeds() -> list[int]:
-  return [int(s) for s in FLAGS.seeds]
-
-
-def seeded_models(ev, data, config, params, names, seed) -> dict[str, dict[str, float]]:
+def seeded_models(opts: Options, ev: Evaluator, parts: baselines.Parts,
+                  seed: int) -> dict[str, dict[str, float]]:
   """Router tuning (fresh proxy sets), BTX and prompt routing with one seed."""
+  config, params, _ = parts.merged
   tune_cfg = router_tuning.RouterTuningConfig(
-      merged="", data=data, proxies="", out="", steps=FLAGS.tune_steps,
-      warmup_steps=min(100, FLAGS.tune_steps // 3), seed=seed, log_every=FLAGS.tune_steps)
+      merged="", data=parts.data, proxies="", out="", steps=opts.tune_steps,
+      warmup_steps=min(100, opts.tune_steps // 3), seed=seed, log_every=opts.tune_steps)
   log(f"seed {seed}: proxy sets, then router tuning on them + a public slice")
-  proxies = {d: router_tuning.select_proxies(data, d, 200, seed=seed) for d in FLAGS.domains}
-  records = router_tuning.tuning_documents(data, proxies, tune_cfg.public_slice, seed)
+  proxies = {d: router_tuning.select_proxies(parts.data, d, 200, seed=seed) for d in opts.domains}
+  records = router_tuning.tuning_documents(parts.data, proxies, tune_cfg.public_slice, seed)
   tuned, _ = router_tuning.train_router(config, params, records, tune_cfg)
   out = {"flexolmo_router_tuned": ev(f"flexolmo + router tuning (seed {seed})",
-                                     _plain(config, tuned))}
+                                     scoring.model_scorer(config, tuned))}
+  options = baselines.Options(btm_top_k=opts.btm_top_k, tune_steps=opts.tune_steps, seed=seed)
   log(f"seed {seed}: BTX, random router rows trained on public data")
-  out["btx"] = ev(f"btx (seed {seed})", _plain(*baselines.btx(config, params, data, tune_cfg)))
-  router = baselines.train_prompt_router(data, names, seed=seed)
-  tokenizer = load_tokenizer(data)
-  two = config.replace(top_k=2)
-  out["prompt_routing"] = ev(f"prompt routing (seed {seed})",
-                             lambda b: baselines.prompt_routing_perplexity(
-                                 two, params, names, router, tokenizer, b))
+  for name in ("btx", "prompt_routing"):
+    out[name] = ev(f"{name} (seed {seed})", baselines.get(name, options).build(parts))
   return out
 
 
-def _plain(config, params, mask=None):
-  return lambda b: scoring.perplexity(config, params, b, expert_mask=mask)
-
-
-def _mask(names, allowed):
-  return np.array([n in allowed for n in names])
-
-
-def evaluate_everything(root: pathlib.Path) -> dict:
+def evaluate_everything(opts: Options) -> dict:
   """Every model's per-domain perplexity, the routing report, and the run settings."""
+  root = pathlib.Path(opts.workdir)
   data = str(root / "data")
-  domains = ["public"] + FLAGS.domains
-  ev = Evaluator(data, domains)
-  experts = {d: str(root / "experts" / d) for d in FLAGS.domains}
-  config, params, names = merge.assemble(root / "public", experts, top_k=FLAGS.top_k)
+  domains = ["public", *opts.domains]
+  ev = Evaluator(data, domains, opts.eval_batches)
+  experts = {d: str(root / "experts" / d) for d in opts.domains}
+  config, params, names = merge.assemble(root / "public", experts, top_k=opts.top_k)
   ppl = {}
   pub_config, pub_params, _ = runs.load_params(root / "public")
-  ppl["public"] = ev("public", _plain(pub_config, pub_params))
-  ppl["flexolmo"] = ev("flexolmo", _plain(config, params))
-
-  tokens = load_manifest(data)["domains"]
-  token_weights = [tokens[n]["train"]["tokens"] for n in names]
-  for label, weights in (("soup_uniform", None), ("soup_weighted", token_weights)):
-    ppl[label] = ev(label, _plain(*baselines.soup_from_merged(config, params, weights)))
-  members = [(pub_config, pub_params, None)] + [
-      (config.replace(top_k=2), params, _mask(names, {"public", d})) for d in FLAGS.domains]
-  ppl["btm"] = ev(f"btm (top-{FLAGS.btm_top_k})",
-                  lambda b: baselines.btm_perplexity(members, b, top_k=FLAGS.btm_top_k))
+  parts = baselines.Parts((pub_config, pub_params), (config, params, tuple(names)), data)
+  ppl["public"] = ev("public", scoring.model_scorer(pub_config, pub_params))
+  ppl["flexolmo"] = ev("flexolmo", scoring.model_scorer(config, params))
+  options = baselines.Options(btm_top_k=opts.btm_top_k, tune_steps=opts.tune_steps)
+  for name in ("soup_uniform", "soup_weighted", "btm"):
+    label = f"btm (top-{opts.btm_top_k})" if name == "btm" else name
+    ppl[name] = ev(label, baselines.get(name, options).build(parts))
 
   per_seed = {label: {} for label in SEEDED}
-  for seed in _seeds():
-    for label, values in seeded_models(ev, data, config, params, names, seed).items():
+  for seed in opts.seeds:
+    for label, values in seeded_models(opts, ev, parts, seed).items():
       per_seed[label][str(seed)] = values
   for label, by_seed in per_seed.items():
     ppl[label] = {d: float(np.mean([v[d] for v in by_seed.values()])) for d in domains}
 
-  ablated = {d: experts[d] for d in FLAGS.ablation_domains}
+  ablated = {d: experts[d] for d in opts.ablation_domains}
   ppl["flexolmo_ablation_subset"] = ev(
       "flexolmo on the ablation domains",
-      _plain(*merge.assemble(root / "public", ablated, top_k=FLAGS.top_k)[:2]))
+      scoring.model_scorer(*merge.assemble(root / "public", ablated, top_k=opts.top_k)[:2]))
   for label in ("solo", "random_init", "no_bias"):
-    paths = {d: str(root / "ablations" / label / d) for d in FLAGS.ablation_domains}
-    c, p, _ = merge.assemble(root / "public", paths, top_k=FLAGS.top_k,
+    paths = {d: str(root / "ablations" / label / d) for d in opts.ablation_domains}
+    c, p, _ = merge.assemble(root / "public", paths, top_k=opts.top_k,
                              keep_bias=label != "no_bias")
-    ppl[f"ablation_{label}"] = ev(f"ablation {label}", _plain(c, p))
+    ppl[f"ablation_{label}"] = ev(f"ablation {label}", scoring.model_scorer(c, p))
 
   opt_out = {}
-  for d in FLAGS.domains:
+  for d in opts.domains:
     c, p, _ = merge.opt_out(config, params, names, [d])
-    opt_out[d] = ev(f"opt out {d}", _plain(c, p))
+    opt_out[d] = ev(f"opt out {d}", scoring.model_scorer(c, p))
 
   log("routing analysis")
   shares = routing_analysis.domain_shares(config, params, data, domains, batch_size=EVAL_BATCH,
-                                          seq_len=EVAL_SEQ, max_batches=FLAGS.eval_batches)
+                                          seq_len=EVAL_SEQ, max_batches=opts.eval_batches)
   plot = routing_analysis.write_report(shares, names, str(root / "results"))
-  settings = {k: getattr(FLAGS, k) for k in (
-      "public_steps", "expert_steps", "btm_top_k", "tune_steps", "eval_batches",
-      "ablation_domains")}
-  settings["seeds"] = _seeds()
+  settings = {k: getattr(opts, k) for k in (
+      "public_steps", "expert_steps", "btm_top_k", "tune_steps", "eval_batches")}
+  settings["ablation_domains"] = list(opts.ablation_domains)
+  settings["seeds"] = list(opts.seeds)
   settings["top_k"] = config.top_k  # As clamped to the experts present.
-  settings["eval_tokens_per_domain"] = EVAL_BATCH * EVAL_SEQ * FLAGS.eval_batches
+  settings["eval_tokens_per_domain"] = EVAL_BATCH * EVAL_SEQ * opts.eval_batches
   return {"settings": settings, "domains": domains, "experts": names, "perplexity": ppl,
           "per_seed": per_seed, "opt_out": opt_out, "routing": plot}
 
@@ -307,13 +320,13 @@ def use_compilation_cache(root: pathlib.Path) -> None:
                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  root = pathlib.Path(FLAGS.runs)
+def reproduce(opts: Options) -> dict:
+  """Trains (or reuses) everything under opts.workdir, scores it, and writes
+  <workdir>/results/results.{json,md}; returns the report."""
+  root = pathlib.Path(opts.workdir)
   use_compilation_cache(root)
-  train_everything(root)
-  report = evaluate_everything(root)
+  train_everything(opts)
+  report = evaluate_everything(opts)
   report["wall_seconds"] = time.perf_counter() - _START
   report["findings"] = findings(report)
   out = root / "results"
@@ -322,6 +335,13 @@ def main(argv):
   (out / "results.md").write_text(markdown(report))
   print(markdown(report))
   log(f"done: {out / 'results.md'}, {out / 'results.json'}")
+  return report
+
+
+def main(argv):
+  del argv
+  cli.default_verbosity()
+  reproduce(options_from_flags())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Router rows for expert training (METHOD.md section 4).
+"""Router rows for expert training (docs/method.md, section 4).
 
 Owners exchange only vectors: an embeddings file is a .npz holding one array per domain, each
 [D] (the same row in every layer, as with an off-the-shelf embedder of width d_model) or [L, D].

@@ -1,4 +1,4 @@
-r"""Optional router tuning of a merged model (METHOD.md section 5).
+r"""Optional router tuning of a merged model (docs/method.md, section 5).
 
 Each owner, on its own machine, picks proxy documents: a logistic-regression classifier on
 hashed bag-of-words features, trained on the owner's documents against public documents,
@@ -37,7 +37,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint
+from flexolmo_jax import checkpoint, cli
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import check_keys
 from flexolmo_jax.data import corpus, pipeline
@@ -267,7 +267,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   if len(argv) != 2 or argv[1] not in ("select", "tune"):
     raise app.UsageError("usage: python -m flexolmo_jax.router_tuning select|tune [flags]")
   try:

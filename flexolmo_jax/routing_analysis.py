@@ -20,7 +20,6 @@ import numpy as np
 
 from flexolmo_jax import scoring
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataConfig, make_pipeline
 from flexolmo_jax.model import Transformer, routing_counts
 
 
@@ -62,12 +61,8 @@ def domain_shares(config: ModelConfig, params, data_root: str, domains: Sequence
   """{domain: {"shares": [L, E], "tokens": n}} over each domain's held-out split."""
   out = {}
   for domain in domains:
-    cfg = DataConfig(path=data_root, domains=(domain,), shuffle=False, seq_len=seq_len,
-                     batch_size=batch_size)
-    batches = iter(make_pipeline(cfg, split, num_epochs=1, drop_remainder=False,
-                                 shard_index=0, shard_count=1))
-    if max_batches is not None:
-      batches = (b for _, b in zip(range(max_batches), batches))
+    batches = scoring.domain_batches(data_root, domain, split, batch_size=batch_size,
+                                     seq_len=seq_len, max_batches=max_batches)
     shares, tokens = routing_shares(config, params, batches, expert_mask=expert_mask)
     out[domain] = {"shares": shares, "tokens": tokens}
   return out

@@ -1,5 +1,10 @@
 """Log-likelihood scoring of continuations, and perplexity, with jitted forwards on padded shapes.
 
+The evaluation side's one place for held-out domain batches (`domain_batches`) and per-domain loss
+(`perplexity`, `score_domains`): evaluate, the baselines, the sweep and the reproduction all
+score through it. A `BatchScorer` maps pipeline batches to {"nll", "perplexity", "tokens"}; a
+model is one (`model_scorer`), and so is every baseline (flexolmo_jax.baselines).
+
 Scoring follows lm-evaluation-harness: trailing whitespace of the context moves to the start of
 the continuation, the pair is tokenized as one string, and the continuation tokens are those after
 the context's own tokens. Requests are sorted by length and batched into rows right-padded to a
@@ -11,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data import DataConfig, make_pipeline
 from flexolmo_jax.model import Transformer
 
 MIN_BUCKET = 16
@@ -47,10 +54,11 @@ def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
 
 
 def full_expert_mask(expert_mask, batch: int):
-  """An [E] expert mask broadcast to [batch, E], or None."""
+  """An [E] expert mask broadcast to [batch, E] (a [batch, E] one as it is), or None."""
   if expert_mask is None:
     return None
-  return jnp.broadcast_to(jnp.asarray(expert_mask, bool), (batch, len(expert_mask)))
+  mask = jnp.asarray(expert_mask, bool)
+  return jnp.broadcast_to(mask, (batch, mask.shape[-1]))
 
 
 def target_logprobs(config: ModelConfig, params, tokens_BxL, targets_BxL, expert_mask_E=None,
@@ -128,16 +136,19 @@ class Scorer:
     return out
 
 
-def _nll_sum(config, params, batch, expert_mask_E):
-  logp, _ = target_logprobs(config, params, batch["tokens"], batch["targets"], expert_mask_E,
+def nll_sum(config: ModelConfig, params, batch, expert_mask=None):
+  """(summed next-token NLL, scored tokens) of one pipeline batch, with an [E] or per-row [B, E]
+  expert mask: the evaluation step every per-domain loss is built from."""
+  logp, _ = target_logprobs(config, params, batch["tokens"], batch["targets"], expert_mask,
                             batch["positions"], batch["segment_ids"])
   mask = batch["loss_mask"].astype(jnp.float32)
   return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_nll_sum(config: ModelConfig):
-  return jax.jit(functools.partial(_nll_sum, config))
+def jitted_nll_sum(config: ModelConfig):
+  """nll_sum of `config`, jitted once per config."""
+  return jax.jit(functools.partial(nll_sum, config))
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -147,18 +158,52 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
           else v for k, v in batch.items()}
 
 
+def domain_batches(root: str, domain: str, split: str, *, batch_size: int, seq_len: int,
+                   max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """A domain's held-out split of a prepared corpus as pipeline batches, in order, at most
+  `max_batches` of them; a short last batch is padded with empty rows (loss_mask 0), so every
+  batch reuses one compiled shape."""
+  cfg = DataConfig(path=root, domains=(domain,), shuffle=False, seq_len=seq_len,
+                   batch_size=batch_size)
+  batches = make_pipeline(cfg, split, num_epochs=1, drop_remainder=False, shard_index=0,
+                          shard_count=1)
+  return (pad_rows(b, batch_size) for b in itertools.islice(batches, max_batches))
+
+
+def nll_result(total: float, count: float) -> dict[str, float]:
+  """{"nll": mean NLL, "perplexity": exp(mean), "tokens": count} from a summed NLL."""
+  if not count:
+    raise ValueError("perplexity: the batches hold no scored tokens")
+  mean = total / count
+  return {"nll": mean, "perplexity": math.exp(mean), "tokens": int(count)}
+
+
 def perplexity(config: ModelConfig, params, batches: Iterable[Mapping[str, np.ndarray]], *,
                expert_mask=None) -> dict[str, float]:
   """Mean next-token NLL over every loss-masked token of `batches` (pipeline batches, see
   flexolmo_jax.data.pipeline), its perplexity exp(NLL), and the token count."""
-  fn = _jitted_nll_sum(config)
+  fn = jitted_nll_sum(config)
   mask = None if expert_mask is None else np.asarray(expert_mask, bool)
   total, count, rows = 0.0, 0.0, None
   for batch in batches:
     rows = rows or batch["tokens"].shape[0]
     nll, n = jax.device_get(fn(params, pad_rows(batch, rows), mask))
     total, count = total + float(nll), count + float(n)
-  if not count:
-    raise ValueError("perplexity: the batches hold no scored tokens")
-  mean = total / count
-  return {"nll": mean, "perplexity": math.exp(mean), "tokens": int(count)}
+  return nll_result(total, count)
+
+
+BatchScorer = Callable[[Iterable[Mapping[str, np.ndarray]]], dict]
+
+
+def model_scorer(config: ModelConfig, params, expert_mask=None) -> BatchScorer:
+  """The BatchScorer of one model (restricted to `expert_mask`'s experts when given)."""
+  return functools.partial(perplexity, config, params, expert_mask=expert_mask)
+
+
+def score_domains(score: BatchScorer,
+                  batches: Mapping[str, Iterable[Mapping[str, np.ndarray]]]) -> dict[str, dict]:
+  """{domain: score(its batches)} and "average": the mean over domains of their NLL (each domain
+  counts once, whatever its size) with its perplexity."""
+  per_domain = {d: score(b) for d, b in batches.items()}
+  mean_nll = float(np.mean([r["nll"] for r in per_domain.values()]))
+  return {**per_domain, "average": {"nll": mean_nll, "perplexity": math.exp(mean_nll)}}

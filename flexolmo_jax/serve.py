@@ -10,6 +10,8 @@ Endpoints (JSON bodies; each request names a "policy" from the policies file OR 
                   delimited JSON: one {"token", "text"} line per token, sent as each chunk of
                   `stream_chunk` tokens is decoded, then {"done": true, "tokens", "text", ...}.
   GET  /health    -> {"status": "ok", "experts": [...], "policies": {...}}
+Each POST endpoint is one entry of ENDPOINTS: the fields it takes, how a body becomes a Job, and
+the Engine method that runs a batch of its jobs; the app routes every entry.
 
 Requests that arrive within `batch_wait_ms` of each other are run as one batch whatever their
 policies: each row carries its own expert mask, so experts a request may not use are excluded
@@ -35,7 +37,7 @@ import datetime
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from flexolmo_jax import policies as policies_lib, runs, scoring
+from flexolmo_jax import cli, policies as policies_lib, runs, scoring
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data.tokenizer import load_tokenizer
 from flexolmo_jax.generate import Sampling, generate
@@ -152,18 +154,23 @@ class Engine:
   def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
     """Results of one batch of jobs sharing a key, in order; each finished one carries "routed"
     counts (a streamed generation is finished once its last chunk is decoded)."""
-    masks = self._masks(jobs)
-    if jobs[0].endpoint == "score":
-      logp, is_max, counts = self._route_rows([j.context + j.continuation for j in jobs], masks)
-      out = []
-      for r, job in enumerate(jobs):
-        n, m = len(job.context), len(job.continuation)
-        span = slice(n - 1, n - 1 + m)
-        out.append({"logprob": float(np.sum(logp[r, span], dtype=np.float64)), "num_tokens": m,
-                    "greedy": bool(np.all(is_max[r, span])), "tokens": job.continuation,
-                    "token_logprobs": [float(x) for x in logp[r, span]],
-                    "routed": self._routed(counts[r])})
-      return out
+    return ENDPOINTS[jobs[0].endpoint].run(self, jobs, self._masks(jobs))
+
+  def score(self, jobs: Sequence[Job], masks) -> list[dict[str, Any]]:
+    """The log-likelihood of each job's continuation after its context."""
+    logp, is_max, counts = self._route_rows([j.context + j.continuation for j in jobs], masks)
+    out = []
+    for r, job in enumerate(jobs):
+      n, m = len(job.context), len(job.continuation)
+      span = slice(n - 1, n - 1 + m)
+      out.append({"logprob": float(np.sum(logp[r, span], dtype=np.float64)), "num_tokens": m,
+                  "greedy": bool(np.all(is_max[r, span])), "tokens": job.continuation,
+                  "token_logprobs": [float(x) for x in logp[r, span]],
+                  "routed": self._routed(counts[r])})
+    return out
+
+  def generate(self, jobs: Sequence[Job], masks) -> list[dict[str, Any]]:
+    """Each job's generation, or for streamed jobs its next chunk."""
     if jobs[0].stream:
       return self._generate_chunk(jobs, masks)
     return self._generate(jobs, masks)
@@ -335,11 +342,6 @@ def _field(body: dict, name: str, kind, default=None, required=False):
   return value
 
 
-_FIELDS = {"score": {"policy", "experts", "context", "continuation"},
-           "generate": {"policy", "experts", "prompt", "max_new_tokens", "temperature", "top_k",
-                        "top_p", "seed", "stream"}}
-
-
 class Server:
   """The request handlers: parse and validate, submit to the batcher, audit refusals."""
 
@@ -365,29 +367,36 @@ class Server:
       raise Refused(400, "the body must be a JSON object")
     return data
 
-  def _job(self, endpoint: str, body: dict) -> Job:
-    unknown = sorted(set(body) - _FIELDS[endpoint])
+  def _job(self, endpoint: "Endpoint", body: dict) -> Job:
+    unknown = sorted(set(body) - endpoint.fields)
     if unknown:
-      raise Refused(400, f"unknown field(s) {unknown}; /{endpoint} takes "
-                    f"{sorted(_FIELDS[endpoint])}")
+      raise Refused(400, f"unknown field(s) {unknown}; /{endpoint.name} takes "
+                    f"{sorted(endpoint.fields)}")
     try:
       label, allowed, mask = policies_lib.resolve(
           self.policies, self.engine.expert_names, policy=body.get("policy"),
           experts=body.get("experts"))
     except policies_lib.PolicyError as err:
       raise Refused(400, str(err)) from None
-    job = Job(endpoint, label, allowed, mask, [])
+    job = Job(endpoint.name, label, allowed, mask, [])
+    endpoint.parse(self, body, job)
+    return job
+
+  def parse_score(self, body: dict, job: Job) -> None:
+    """A /score body: the context and continuation, tokenized together."""
     limit = self.limits.max_tokens
-    if endpoint == "score":
-      context = _field(body, "context", str, "")
-      continuation = _field(body, "continuation", str, required=True)
-      job.context, job.continuation = self.scorer.encode_pair(context, continuation)
-      if not job.continuation:
-        raise Refused(400, "the continuation encodes to no tokens")
-      if len(job.context) + len(job.continuation) > limit:
-        raise Refused(413, f"context + continuation is {len(job.context) + len(job.continuation)}"
-                      f" tokens; the limit is {limit}")
-      return job
+    context = _field(body, "context", str, "")
+    continuation = _field(body, "continuation", str, required=True)
+    job.context, job.continuation = self.scorer.encode_pair(context, continuation)
+    if not job.continuation:
+      raise Refused(400, "the continuation encodes to no tokens")
+    if len(job.context) + len(job.continuation) > limit:
+      raise Refused(413, f"context + continuation is {len(job.context) + len(job.continuation)}"
+                    f" tokens; the limit is {limit}")
+
+  def parse_generate(self, body: dict, job: Job) -> None:
+    """A /generate body: the prompt, length, sampling and streaming options."""
+    limit = self.limits.max_tokens
     prompt = _field(body, "prompt", str, required=True)
     job.context = self.engine.tokenizer.encode(prompt) or [self.engine.tokenizer.eos_id]
     if len(job.context) > limit:
@@ -405,14 +414,13 @@ class Server:
                               float(_field(body, "top_p", (int, float), 1.0)))
     except ValueError as err:
       raise Refused(400, str(err)) from None
-    return job
 
   async def _refuse(self, endpoint: str, status: int, message: str, job: Job | None):
     await asyncio.to_thread(self.audit.write, [audit_record(endpoint, status, job, error=message)])
     return JSONResponse({"error": message}, status_code=status)
 
-  async def handle(self, request: Request):
-    endpoint = request.url.path.strip("/")
+  async def handle(self, endpoint: "Endpoint", request: Request):
+    """Answers one POST to `endpoint`: refused (and audited) or run in a batch."""
     job = None
     try:
       body = await self._body(request)
@@ -423,12 +431,12 @@ class Server:
         return StreamingResponse(self._stream(job, chunks), media_type="application/x-ndjson")
       result = await self.batcher.submit(job)
     except Refused as err:
-      return await self._refuse(endpoint, err.status, err.message, job)
+      return await self._refuse(endpoint.name, err.status, err.message, job)
     except ValueError as err:  # The model refused the request's values.
-      return await self._refuse(endpoint, 400, str(err), job)
+      return await self._refuse(endpoint.name, 400, str(err), job)
     except Exception as err:  # pylint: disable=broad-except  (the server keeps serving)
       logging.exception("request failed")
-      return await self._refuse(endpoint, 500, f"internal error: {err}", job)
+      return await self._refuse(endpoint.name, 500, f"internal error: {err}", job)
     result = {k: v for k, v in result.items() if k != "routed"} | {"policy": job.policy}
     return JSONResponse(result)
 
@@ -462,6 +470,26 @@ class Server:
                          "policies": {k: list(v) for k, v in self.policies.items()}})
 
 
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+  """One POST endpoint, /<name>: the body fields it takes, how a body becomes a Job (raising
+  Refused), and how the engine runs a batch of its jobs."""
+  name: str
+  fields: frozenset[str]
+  parse: Callable[[Server, dict, Job], None]
+  run: Callable[[Engine, Sequence[Job], np.ndarray], list[dict[str, Any]]]
+
+
+# A new endpoint is one entry here (plus its Job.key if its jobs batch differently).
+ENDPOINTS = {e.name: e for e in (
+    Endpoint("score", frozenset({"policy", "experts", "context", "continuation"}),
+             Server.parse_score, Engine.score),
+    Endpoint("generate", frozenset({"policy", "experts", "prompt", "max_new_tokens",
+                                    "temperature", "top_k", "top_p", "seed", "stream"}),
+             Server.parse_generate, Engine.generate),
+)}
+
+
 def make_app(config: ModelConfig, params, expert_names: Sequence[str], tokenizer, policies,
              audit_path: str | os.PathLike, limits: Limits = Limits()) -> Starlette:
   """The Starlette app serving one merged model; the batching worker runs for the app's life."""
@@ -481,9 +509,9 @@ def make_app(config: ModelConfig, params, expert_names: Sequence[str], tokenizer
       server.batcher.executor.shutdown(wait=True)
       audit.close()
 
-  return Starlette(routes=[Route("/score", server.handle, methods=["POST"]),
-                           Route("/generate", server.handle, methods=["POST"]),
-                           Route("/health", server.health, methods=["GET"])],
+  routes = [Route(f"/{e.name}", functools.partial(server.handle, e), methods=["POST"])
+            for e in ENDPOINTS.values()]
+  return Starlette(routes=routes + [Route("/health", server.health, methods=["GET"])],
                    lifespan=lifespan)
 
 
@@ -514,7 +542,7 @@ def main(argv: Sequence[str]) -> None:
   import uvicorn  # pylint: disable=g-import-not-at-top  (only the program needs it)
   if len(argv) > 1:
     raise absl_app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   try:
     config, params, manifest = runs.load_params(FLAGS.model)
     if "expert_names" not in manifest:

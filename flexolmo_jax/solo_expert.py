@@ -1,4 +1,4 @@
-r"""The "no coordinated training" ablation (METHOD.md section 6): an owner trains its FFN alone, as
+r"""The "no coordinated training" ablation (docs/method.md, section 6): an owner trains its FFN alone, as
 a dense model (the public model with the FFN swapped for its own copy), on its own data only,
 never seeing the public expert; the FFN is then merged as an expert like any other.
 
@@ -23,9 +23,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from absl import app, logging
+from absl import app
 
-from flexolmo_jax import experts, runs
+from flexolmo_jax import cli, experts, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import train as train_lib
 from flexolmo_jax.train_config import to_dict, train_config
@@ -99,7 +99,7 @@ def main(argv, config_flag, workdir_flag, distributed_flag):
   del argv
   if distributed_flag.value:
     sys.exit("error: the solo-expert ablation runs in one process; --distributed is not supported")
-  logging.set_verbosity(logging.WARNING)
+  cli.default_verbosity()
   raw = config_flag.value.to_dict()
   workdir = workdir_flag.value or raw.get("workdir")
   raw.pop("workdir", None)

@@ -31,10 +31,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, distributed, dp, experts, router_init, runs, sharding
+from flexolmo_jax import checkpoint, cli, distributed, dp, experts, router_init, runs, sharding
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, init_params, logical_axes
@@ -505,7 +505,7 @@ def define_flags():
 
 def main(argv, config_flag, workdir_flag, distributed_flag):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  cli.default_verbosity()
   distributed.initialize(distributed_flag.value)  # Before anything touches a backend.
   raw = config_flag.value
   workdir = workdir_flag.value or raw.get("workdir")

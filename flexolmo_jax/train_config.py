@@ -45,7 +45,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-  """One data owner's expert, trained against a frozen public model (METHOD.md section 3)."""
+  """One data owner's expert, trained against a frozen public model (docs/method.md, section 3)."""
 
   name: str = ""  # The owner's domain; the run reads only this domain's data.
   public: str = ""  # Public model: a public training run's workdir or a converted HF checkpoint.

@@ -3,9 +3,9 @@ reproduction, (1) each expert's mean router logit on every domain's test text, a
 news experts retrained with other router rows / initial bias, merged with the public model and
 scored per domain.
 
-  python -m launch.router_variants --runs=runs      # after bash launch/small_demo.sh
+  python -m launch.router_variants --workdir=runs      # after bash launch/small_demo.sh
 
-Variant experts go to RUNS/router_variants/<variant>/<domain> (reused when finished); the
+Variant experts go to WORKDIR/router_variants/<variant>/<domain> (reused when finished); the
 default variant is the reproduction's own experts.
 """
 
@@ -16,13 +16,15 @@ import subprocess
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexolmo_jax import baselines, merge, runs, scoring
+from flexolmo_jax import cli, merge, runs, scoring
 from flexolmo_jax.model import Transformer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("runs", "runs", "A finished reproduction (launch/small_demo.sh).")
+flags.DEFINE_string("workdir", "runs", "A finished reproduction (launch/small_demo.sh); variant "
+                    "experts are trained under it, and reused when finished.")
+flags.DEFINE_alias("runs", "workdir")  # The name the README used before the --workdir rule.
 flags.DEFINE_integer("steps", 40, "Expert steps (the reproduction's default).")
 flags.DEFINE_integer("eval_batches", 2, "Test batches (8 x 128 tokens) per domain.")
 
@@ -71,10 +73,10 @@ def mean_router_logits(config, params, batch) -> np.ndarray:
 
 def main(argv) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)
-  root = pathlib.Path(FLAGS.runs)
-  batches = {d: baselines.domain_batches(str(root / "data"), d, "test", batch_size=8,
-                                         seq_len=128, max_batches=FLAGS.eval_batches)
+  cli.default_verbosity()
+  root = pathlib.Path(FLAGS.workdir)
+  batches = {d: list(scoring.domain_batches(str(root / "data"), d, "test", batch_size=8,
+                                            seq_len=128, max_batches=FLAGS.eval_batches))
              for d in DOMAINS}
   config, params, names = merge.assemble(
       root / "public", {d: str(root / "experts" / d) for d in

@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
-python -m flexolmo_jax.reproduce --runs="$RUNS" "$@"
+python -m flexolmo_jax.reproduce --workdir="$RUNS" "$@"

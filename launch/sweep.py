@@ -1,23 +1,26 @@
-r"""The evaluation sweep: models x expert subsets x tasks, resumable, spread over hosts.
+r"""The evaluation sweep: models x expert subsets x tasks, and baselines, resumable, spread over
+hosts.
 
-  python -m launch.sweep --data=runs/data --out=runs/sweep \
+  python -m launch.sweep --data=runs/data --workdir=runs/sweep \
       --models=flexolmo=runs/merged,public=runs/public \
-      --subsets=all,public,public+math,-math --tasks=perplexity,mc
+      --subsets=all,public,public+math,-math --tasks=perplexity,mc [--baselines=soup_uniform,btm]
 
 A subset is `all`, names joined by `+` (the experts allowed; `public` is expert 0), or `-name`
-(every expert but that one: opt-out, exactly as if it had never been merged). Dense models only
-get the `all` cell. Each cell (model, subset, task) has a stable id: a hash of the model's
-manifest, the subset, the task and the evaluation options, so a finished cell is never
-recomputed, and a changed model or option makes new cells. Results are appended, one record per
-finished cell, to results.jsonl and (one row per metric) results.csv; summary.md tabulates every
-finished cell. On a pod (run on every host with --distributed) each host takes the cells whose id hashes to its index
-(--host_index/--host_count, default jax.process_index()/process_count()) and appends to
-results.host<i>.jsonl / .csv, so hosts never write the same file; the summary reads them all.
+(every expert but that one: opt-out, exactly as if it had never been merged): the syntax of
+flexolmo_jax/subsets.py. Dense models only get the `all` cell. Each baseline of --baselines
+(flexolmo_jax.baselines) is built from every merged model of --models and scored on the
+perplexity task, as the model "<model>/<baseline>". Each cell (model, baseline, subset, task) has
+a stable id: a hash of the model's manifest, the subset, the task and the evaluation options, so
+a finished cell is never recomputed, and a changed model or option makes new cells. Results are
+appended, one record per finished cell, to results.jsonl and (one row per metric) results.csv
+under --workdir; summary.md tabulates every finished cell. On a pod (run on every host with
+--distributed) each host takes the cells whose id hashes to its index (--host_index/--host_count,
+default jax.process_index()/process_count()) and appends to results.host<i>.jsonl / .csv, so hosts
+never write the same file; the summary reads them all.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import glob
@@ -25,14 +28,14 @@ import hashlib
 import json
 import os
 import pathlib
-import sys
 import time
 from typing import Sequence
 
 import jax
-from absl import logging
+from absl import app, flags
 
-from flexolmo_jax import distributed, evaluate, runs
+from flexolmo_jax import baselines, cli, distributed, evaluate, runs, subsets
+from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import load_manifest, load_tokenizer
 
 SUMMARY_METRICS = ("acc", "acc_per_token", "acc_per_char", "exact_match", "pass@1")
@@ -45,6 +48,7 @@ class Cell:
   subset: str
   task: str
   id: str
+  baseline: str = ""  # a flexolmo_jax.baselines name: the baseline built from the model at path
 
 
 def _manifest_hash(path: str) -> str:
@@ -54,35 +58,34 @@ def _manifest_hash(path: str) -> str:
   return hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
-def make_cells(models: Sequence[tuple[str, str]], subsets: Sequence[str], tasks: Sequence[str],
-               options: dict) -> list[Cell]:
-  """Every (model, subset, task) cell with its stable id; dense models get only `all`."""
+def make_cells(models: Sequence[tuple[str, str]], subsets_: Sequence[str], tasks: Sequence[str],
+               options: dict, baseline_names: Sequence[str] = (),
+               baseline_options: baselines.Options = baselines.Options()) -> list[Cell]:
+  """Every (model, subset, task) cell with its stable id (dense models get only `all`), then a
+  perplexity cell per baseline and merged model; every subset is checked against the model's
+  experts first."""
   cells = []
   for name, path in models:
     manifest = json.loads((pathlib.Path(path) / runs.MANIFEST).read_text())
-    is_moe = manifest.get("config", {}).get("num_experts", 0) > 0
-    for subset in (subsets if is_moe else [s for s in subsets if s == "all"]):
+    experts = evaluate.expert_names(ModelConfig.from_dict(manifest["config"]), manifest)
+    for subset in subsets_ if experts else ():
+      subsets.parse_expert_subset(subset, experts)  # A typo stops the sweep before it starts.
+    for subset in (subsets_ if experts else [s for s in subsets_ if s == subsets.ALL]):
       for task in tasks:
         key = json.dumps([_manifest_hash(path), subset, task, options], sort_keys=True)
         cells.append(Cell(name, path, subset, task, hashlib.sha256(key.encode()).hexdigest()[:16]))
+    for baseline in (baseline_names if experts else ()):
+      baselines.get(baseline)  # Refuses an unknown name before anything runs.
+      key = json.dumps([_manifest_hash(path), subsets.ALL, "perplexity", options, baseline,
+                        dataclasses.asdict(baseline_options)], sort_keys=True)
+      cells.append(Cell(f"{name}/{baseline}", path, subsets.ALL, "perplexity",
+                        hashlib.sha256(key.encode()).hexdigest()[:16], baseline))
   return cells
 
 
 def mine(cells: Sequence[Cell], host_index: int, host_count: int) -> list[Cell]:
   """The cells this host runs: those whose id hashes to its index."""
   return [c for c in cells if int(c.id, 16) % host_count == host_index]
-
-
-def subset_mask(subset: str, names: Sequence[str]) -> str:
-  """The evaluate --expert_mask spec of a subset ("" allows every expert)."""
-  if subset == "all":
-    return ""
-  if subset.startswith("-"):
-    drop = subset[1:]
-    if drop not in names or drop == "public":
-      raise ValueError(f"subset {subset!r}: cannot drop {drop!r}; experts: {list(names)}")
-    return ",".join(n for n in names if n != drop)
-  return ",".join(subset.split("+"))
 
 
 def finished_ids(out: str) -> set[str]:
@@ -121,8 +124,10 @@ def _append(out: str, suffix: str, record: dict) -> None:
 
 
 def run(cells: Sequence[Cell], *, data: str, out: str, domains: Sequence[str], split: str,
-        host_index: int = 0, host_count: int = 1, **eval_options) -> list[str]:
-  """Evaluates this host's unfinished cells (each model loaded once); returns their ids."""
+        host_index: int = 0, host_count: int = 1,
+        baseline_options: baselines.Options = baselines.Options(), **eval_options) -> list[str]:
+  """Evaluates this host's unfinished cells (each model loaded once) into `out`; returns their
+  ids."""
   os.makedirs(out, exist_ok=True)
   suffix = "" if host_count == 1 else f".host{host_index}"
   done = finished_ids(out)
@@ -136,11 +141,12 @@ def run(cells: Sequence[Cell], *, data: str, out: str, domains: Sequence[str], s
     names = evaluate.expert_names(config, manifest)
     for cell in (c for c in todo if c.path == path):
       start = time.perf_counter()
-      mask = evaluate.parse_expert_mask(subset_mask(cell.subset, names), names)
+      baseline = baselines.get(cell.baseline, baseline_options) if cell.baseline else None
       results = evaluate.evaluate(config, params, tokenizer, [cell.task],
                                   out_dir=os.path.join(out, "cells", cell.id), data_root=data,
-                                  domains=domains, split=split, expert_mask=mask, names=names,
-                                  **eval_options)
+                                  domains=domains, split=split,
+                                  expert_mask=subsets.expert_mask(cell.subset, names),
+                                  names=names, baseline=baseline, **eval_options)
       record = {**dataclasses.asdict(cell), "split": split, "host": host_index,
                 "seconds": round(time.perf_counter() - start, 2),
                 "metrics": flatten(results[cell.task])}
@@ -173,48 +179,66 @@ def summary(out: str) -> str:
   return text
 
 
-def _pairs(spec: str) -> list[tuple[str, str]]:
+def _pairs(items: Sequence[str]) -> list[tuple[str, str]]:
   pairs = []
-  for item in filter(None, (s.strip() for s in spec.split(","))):
+  for item in items:
     name, sep, path = item.partition("=")
     if not sep:
-      raise SystemExit(f"error: --models entry {item!r} is not name=DIR")
+      raise ValueError(f"--models entry {item!r} is not name=DIR")
     pairs.append((name, path))
   return pairs
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--models", required=True, help="name=DIR,... (runs or params artifacts)")
-  p.add_argument("--subsets", default="all", help="all, a+b, -name; comma-separated")
-  p.add_argument("--tasks", default="perplexity", help="evaluate's task names, comma-separated")
-  p.add_argument("--data", required=True, help="the prepared corpus")
-  p.add_argument("--out", required=True, help="results directory (shared by every host)")
-  p.add_argument("--domains", default="", help="domains for perplexity/mc (default: all)")
-  p.add_argument("--split", default="test", choices=["validation", "test"])
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--seq_len", type=int, default=512)
-  p.add_argument("--mc_items", type=int, default=200)
-  p.add_argument("--host_index", type=int, default=None)
-  p.add_argument("--host_count", type=int, default=None)
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() first (a multi-host pod), so the host "
-                      "index and count come from JAX")
-  args = p.parse_args(argv)
-  logging.set_verbosity(logging.WARNING)
-  if args.distributed:
+def define_flags() -> None:
+  """Flags, defined only when run as a program."""
+  flags.DEFINE_list("models", None, "name=DIR,... (runs or params artifacts).")
+  flags.DEFINE_list("subsets", [subsets.ALL], "Expert subsets: all, a+b, -name.")
+  flags.DEFINE_string("tasks", "perplexity", "evaluate's task names, comma-separated.")
+  flags.DEFINE_list("baselines", [], f"Baselines built from each merged model, scored on "
+                    f"perplexity: {', '.join(baselines.NAMES)}.")
+  flags.DEFINE_string("data", None, "The prepared corpus.")
+  flags.DEFINE_string("workdir", None, "Results directory, shared by every host; a rerun "
+                      "computes only the cells not finished there.")
+  flags.DEFINE_alias("out", "workdir")  # The name the README used before the --workdir rule.
+  flags.DEFINE_list("domains", [], "Domains for perplexity/mc (default: all).")
+  flags.DEFINE_enum("split", "test", ["validation", "test"], "Held-out split.")
+  flags.DEFINE_integer("batch_size", 8, "Rows per forward pass.")
+  flags.DEFINE_integer("seq_len", 512, "Row length for perplexity and routing.")
+  flags.DEFINE_integer("mc_items", 200, "Items per domain multiple-choice task.")
+  flags.DEFINE_integer("btm_top_k", baselines.Options.btm_top_k, "btm: members mixed per token.")
+  flags.DEFINE_integer("tune_steps", baselines.Options.tune_steps, "btx: router steps.")
+  flags.DEFINE_integer("seed", baselines.Options.seed, "btx / prompt_routing: seed.")
+  flags.DEFINE_integer("host_index", None, "This host's index (default: jax.process_index()).")
+  flags.DEFINE_integer("host_count", None, "Hosts (default: jax.process_count()).")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (a multi-host "
+                    "pod), so the host index and count come from JAX.")
+  flags.mark_flags_as_required(["models", "data", "workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.default_verbosity()
+  f = flags.FLAGS
+  if f.distributed:
     distributed.initialize(True)  # Also reads JAX_NUM_PROCESSES / JAX_PROCESS_ID (multi-node GPU).
-  host_index = jax.process_index() if args.host_index is None else args.host_index
-  host_count = jax.process_count() if args.host_count is None else args.host_count
-  domains = args.domains.split(",") if args.domains else sorted(load_manifest(args.data)["domains"])
-  tasks = evaluate.parse_tasks(args.tasks, domains)
-  options = dict(batch_size=args.batch_size, seq_len=args.seq_len, mc_items=args.mc_items)
-  cells = make_cells(_pairs(args.models), args.subsets.split(","), tasks,
-                     {**options, "split": args.split, "domains": domains, "data": args.data})
-  run(cells, data=args.data, out=args.out, domains=domains, split=args.split,
-      host_index=host_index, host_count=host_count, **options)
-  print(summary(args.out))
+  host_index = jax.process_index() if f.host_index is None else f.host_index
+  host_count = jax.process_count() if f.host_count is None else f.host_count
+  try:
+    domains = f.domains or sorted(load_manifest(f.data)["domains"])
+    tasks = evaluate.parse_tasks(f.tasks, domains)
+    options = dict(batch_size=f.batch_size, seq_len=f.seq_len, mc_items=f.mc_items)
+    baseline_options = baselines.Options(f.btm_top_k, f.tune_steps, f.seed)
+    cells = make_cells(_pairs(f.models), f.subsets, tasks,
+                       {**options, "split": f.split, "domains": domains, "data": f.data},
+                       f.baselines, baseline_options)
+  except (ValueError, FileNotFoundError) as err:
+    raise SystemExit(f"error: {err}") from None
+  run(cells, data=f.data, out=f.workdir, domains=domains, split=f.split, host_index=host_index,
+      host_count=host_count, baseline_options=baseline_options, **options)
+  print(summary(f.workdir))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  define_flags()
+  app.run(main)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import baselines as B
-from flexolmo_jax import router_tuning, scoring
+from flexolmo_jax import evaluate, experts, router_tuning, scoring
+from flexolmo_jax.data import load_tokenizer
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, init_params
 
@@ -24,8 +25,8 @@ def moe():
 
 @pytest.fixture(scope="module")
 def batches(corpus_dir):
-  return B.domain_batches(corpus_dir, "math", "validation", batch_size=4, seq_len=32,
-                          max_batches=2)
+  return list(scoring.domain_batches(corpus_dir, "math", "validation", batch_size=4, seq_len=32,
+                                     max_batches=2))
 
 
 def test_soup_is_the_weighted_average_of_ffns_and_keeps_the_rest(moe):
@@ -124,6 +125,36 @@ def test_prompt_routing_runs_public_plus_the_chosen_expert(moe, batches):
   want = scoring.perplexity(config, params, batches, expert_mask=np.array([True, False, True]))
   np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-6)
   assert got["routed_to"] == {"public": 0.0, "math": 0.0, "code": 1.0}
+
+
+def test_evaluate_scores_a_soup_baseline_as_the_soup_model(moe, corpus_dir, tmp_path):
+  config, params = moe
+  results = evaluate.evaluate(config, params, load_tokenizer(corpus_dir), ["perplexity"],
+                              out_dir=str(tmp_path), data_root=corpus_dir, domains=["math"],
+                              split="validation", names=NAMES, batch_size=4, seq_len=32,
+                              baseline=B.get("soup_uniform"))
+  everything = scoring.domain_batches(corpus_dir, "math", "validation", batch_size=4, seq_len=32)
+  want = scoring.perplexity(*B.soup_from_merged(config, params), everything)
+  assert results["perplexity"]["math"] == want
+  assert results["perplexity"]["average"]["nll"] == want["nll"]
+  with pytest.raises(ValueError, match="baseline soup_uniform needs a merged model"):
+    evaluate.evaluate(config, params, None, ["perplexity", "mc_math"], out_dir=str(tmp_path),
+                      data_root=corpus_dir, domains=["math"], names=NAMES,
+                      baseline=B.get("soup_uniform"))
+
+
+def test_btm_baseline_is_the_ensemble_of_public_and_each_owner(moe, corpus_dir, batches):
+  config, params = moe
+  parts = B.Parts.from_merged(config, params, NAMES, corpus_dir)
+  public = (B.dense_config(config), experts.dense_public_params(params)[0], None)
+  members = [public] + [(config.replace(top_k=2), params, np.array([n in ("public", d) for n in NAMES]))
+                        for d in NAMES[1:]]
+  want = B.btm_perplexity(members, batches, top_k=2)
+  assert B.get("btm", B.Options(btm_top_k=2)).build(parts)(batches) == want
+  assert B.get("soup_weighted").name == "soup_weighted"
+  with pytest.raises(ValueError, match="unknown baseline 'bmt'; baselines: soup_uniform, "
+                     "soup_weighted, btm, btx, prompt_routing"):
+    B.get("bmt")
 
 
 class _Decoder:

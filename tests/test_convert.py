@@ -29,7 +29,7 @@ CASES = {
     "flexolmo_gqa_top2": (True, {}),
     "flexolmo_top_k_all": (True, {"num_experts_per_tok": 4}),
     # At eps 0.5 the post-FFN norm no longer divides out the routing weights' scale, so a
-    # renormalised top-k or a softmax after top-k shows in the logits (METHOD.md section 1).
+    # renormalised top-k or a softmax after top-k shows in the logits (docs/method.md, section 1).
     "flexolmo_large_eps": (True, {"rms_norm_eps": 0.5}),
     "flexolmo_norm_topk": (True, {"norm_topk_prob": True, "rms_norm_eps": 0.5}),
 }

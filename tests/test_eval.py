@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, scoring
+from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, sandbox, scoring, subsets
 from flexolmo_jax import config as config_lib
 from flexolmo_jax import train as train_lib
 from flexolmo_jax.train_config import LossConfig
@@ -201,23 +201,23 @@ def test_answer_matching(answer, text, match, ok):
 
 def test_sandbox_passes_correct_and_fails_wrong_code():
   problem = codegen.load_humaneval()[0]
-  good = codegen.run_sandboxed(codegen.humaneval_program(problem, problem["canonical_solution"]))
+  good = sandbox.run_sandboxed(codegen.humaneval_program(problem, problem["canonical_solution"]))
   assert good == {"passed": True, "result": "passed"}
-  bad = codegen.run_sandboxed(codegen.humaneval_program(problem, "    return False\n"))
+  bad = sandbox.run_sandboxed(codegen.humaneval_program(problem, "    return False\n"))
   assert not bad["passed"] and "AssertionError" in bad["result"]
 
 
 def test_sandbox_kills_an_infinite_loop_within_the_timeout():
   start = time.monotonic()
-  result = codegen.run_sandboxed("while True:\n  pass\n", timeout=1.0)
+  result = sandbox.run_sandboxed("while True:\n  pass\n", timeout=1.0)
   assert time.monotonic() - start < 5.0
   assert result == {"passed": False, "result": "timed out after 1 s"}
 
 
 def test_sandbox_has_no_network_and_limited_memory():
-  net = codegen.run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 80))\n")
+  net = sandbox.run_sandboxed("import socket\nsocket.create_connection(('127.0.0.1', 80))\n")
   assert not net["passed"] and "network" in net["result"]
-  mem = codegen.run_sandboxed("x = bytearray(2 << 30)\n", memory_mb=256)
+  mem = sandbox.run_sandboxed("x = bytearray(2 << 30)\n", memory_mb=256)
   assert not mem["passed"] and "MemoryError" in mem["result"]
 
 
@@ -229,6 +229,7 @@ def test_humaneval_reports_pass_rate_and_training_overlap(dense, tok, corpus_dir
   assert result["problems"] == 2 and result["passed"] == 0 and result["pass@1"] == 0.0
   assert [s["task_id"] for s in result["samples"]] == ["HumanEval/0", "HumanEval/1"]
   assert all(not s["passed"] for s in result["samples"])
+  assert result["sandbox"] == sandbox.isolation().describe()
 
 
 # ----------------------------------------------------------------------------- task format
@@ -270,9 +271,32 @@ def test_missing_task_file_and_unknown_task_name(tmp_path):
 
 def test_expert_mask_parsing():
   names = ["public", "math", "code"]
-  assert evaluate.parse_expert_mask("public,2", names).tolist() == [True, False, True]
-  with pytest.raises(ValueError, match="unknown expert 'news'"):
-    evaluate.parse_expert_mask("news", names)
+  assert subsets.expert_mask("public+code", names).tolist() == [True, False, True]
+  with pytest.raises(ValueError, match=r"unknown expert\(s\) \['news'\]"):
+    subsets.expert_mask("news", names)
+
+
+def test_task_registry_refuses_unknown_names_with_every_known_one():
+  with pytest.raises(ValueError) as err:
+    evaluate.parse_tasks("perplexity,bogus", ["math"])
+  message = str(err.value)
+  assert message.startswith("unknown task 'bogus'; valid tasks: perplexity, mc, mc_math, ")
+  for usage in ("humaneval", "routing", "file:PATH", "mmlu:PATH", "arc:PATH", "hellaswag:PATH",
+                "gsm8k:PATH"):
+    assert usage in message
+  for bad in ("file", "perplexity:x.jsonl", "mc_news"):  # No path, a path, an absent domain.
+    with pytest.raises(ValueError, match=f"unknown task '{bad}'"):
+      evaluate.parse_tasks(bad, ["math"])
+
+
+def test_a_registered_task_is_parsed_and_run(dense, tok, tmp_path, monkeypatch):
+  seen = []
+  task = evaluate.Task("tokens:PATH", False, lambda ctx, name: seen.append(name) or {"n": 7},
+                       takes_path=True)
+  monkeypatch.setitem(evaluate.TASKS, "tokens", task)
+  tasks = evaluate.parse_tasks("tokens:a.txt", [])
+  results = evaluate.evaluate(*dense, tok, tasks, out_dir=str(tmp_path))
+  assert results == {"tokens:a.txt": {"n": 7}} and seen == ["tokens:a.txt"]
 
 
 def test_converters(tmp_path):
@@ -360,7 +384,7 @@ def test_evaluate_writes_results(moe, tok, corpus_dir, tmp_path):
   results = evaluate.evaluate(config, params, tok, tasks, out_dir=str(tmp_path / "out"),
                               data_root=corpus_dir, domains=["math", "news"], names=names,
                               batch_size=4, max_len=128, seq_len=64, mc_items=5, max_new_tokens=3,
-                              expert_mask=evaluate.parse_expert_mask("public,expert_2", names))
+                              expert_mask=subsets.expert_mask("public+expert_2", names))
   assert set(results["perplexity"]) == {"math", "news", "average"}
   assert results["perplexity"]["math"]["perplexity"] > 1.0
   assert 0 < results["mc_news"]["items"] <= 5 and 0.0 <= results["mc_news"]["acc"] <= 1.0

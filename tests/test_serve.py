@@ -288,3 +288,30 @@ def test_policies_file_validated(tmp_path):
     policies.load_policies(path, NAMES)
   _, allowed, mask = policies.resolve({"a": ("public",)}, NAMES, experts=["public", "news"])
   assert allowed == ("public", "news") and mask.tolist() == [True, False, True]
+
+
+def test_policies_take_the_subset_syntax(tmp_path):
+  path = tmp_path / "p.json"
+  path.write_text(json.dumps({"policies": {"no-news": "-news", "everyone": "all",
+                                           "math": "public+math"}}))
+  assert policies.load_policies(path, NAMES) == {
+      "no-news": ("public", "math"), "everyone": ("public", "math", "news"),
+      "math": ("public", "math")}
+  for bad, message in [("-public", "cannot drop 'public'"), ("math", "must always be allowed"),
+                       ("public,math", r"join names with '\+'"), (["public", "-news"], "one subset")]:
+    with pytest.raises(policies.PolicyError, match=message):
+      policies.check_experts(bad, NAMES, "request")
+  _, allowed, mask = policies.resolve({}, NAMES, experts="-math")
+  assert allowed == ("public", "news") and mask.tolist() == [True, False, True]
+
+
+def test_the_app_routes_every_endpoint_of_the_table(tmp_path, monkeypatch):
+  echo = serve.Endpoint("echo", frozenset({"policy", "experts"}), lambda server, body, job: None,
+                        lambda engine, jobs, masks: [{"routed": {}} for _ in jobs])
+  monkeypatch.setitem(serve.ENDPOINTS, "echo", echo)
+  config = ModelConfig(**MODEL)
+  app = serve.make_app(config, init_params(config, jax.random.key(0)), NAMES, None,
+                       {"all": tuple(NAMES)}, tmp_path / "audit.jsonl")
+  assert {(r.path, tuple(sorted(r.methods))) for r in app.routes} == {
+      ("/score", ("POST",)), ("/generate", ("POST",)), ("/echo", ("POST",)),
+      ("/health", ("GET", "HEAD"))}

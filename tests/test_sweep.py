@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint
+from flexolmo_jax import checkpoint, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import init_params
 from launch import sweep
@@ -44,11 +44,30 @@ def test_cells_ids_subsets_and_hosts(models):
   split = [sweep.mine(cells, i, 3) for i in range(3)]
   assert sorted(c.id for part in split for c in part) == sorted(c.id for c in cells)
   names = ["public", "math", "code"]
-  assert sweep.subset_mask("all", names) == ""
-  assert sweep.subset_mask("public+math", names) == "public,math"
-  assert sweep.subset_mask("-code", names) == "public,math"
+  assert subsets.expert_mask("all", names) is None
+  assert subsets.parse_expert_subset("public+math", names) == ("public", "math")
+  assert subsets.parse_expert_subset("-code", names) == ("public", "math")
   with pytest.raises(ValueError, match="cannot drop"):
-    sweep.subset_mask("-public", names)
+    subsets.parse_expert_subset("-public", names)
+
+
+def test_bad_subset_and_unknown_baseline_refused_before_running(models):
+  with pytest.raises(ValueError, match=r"unknown expert\(s\) \['news'\]"):
+    sweep.make_cells(models, ["all", "-news"], ["perplexity"], OPTIONS)
+  with pytest.raises(ValueError, match="unknown baseline 'soup'; baselines: soup_uniform"):
+    sweep.make_cells(models, ["all"], ["perplexity"], OPTIONS, ["soup"])
+
+
+def test_baseline_cells_only_for_merged_models_and_keep_model_ids(models):
+  plain = sweep.make_cells(models, ["all"], ["perplexity"], OPTIONS)
+  cells = sweep.make_cells(models, ["all"], ["perplexity"], OPTIONS, ["soup_uniform", "btm"])
+  assert [c.id for c in cells if not c.baseline] == [c.id for c in plain]
+  extra = [c for c in cells if c.baseline]
+  assert [(c.model, c.subset, c.task) for c in extra] == [
+      ("flex/soup_uniform", "all", "perplexity"), ("flex/btm", "all", "perplexity")]
+  other = sweep.make_cells(models, ["all"], ["perplexity"], OPTIONS, ["btm"],
+                           sweep.baselines.Options(btm_top_k=3))
+  assert other[-1].id != extra[-1].id  # A changed baseline option makes a new cell.
 
 
 @pytest.mark.slow
