@@ -143,7 +143,8 @@ def _splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_BxL, scale, block):
 
   batch, length, heads, _ = q_BxLxHxDh.shape
   padded = -(-length // _SPLASH_LANES) * _SPLASH_LANES
-  tile = max(t for t in (block, 256, _SPLASH_LANES) if t <= padded and padded % t == 0)
+  tile = max(t for t in (block, 256, _SPLASH_LANES)
+             if t % _SPLASH_LANES == 0 and padded % t == 0)
   pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
   # Padding slots get their own segment (-1): they sit after every real token, so causality
   # already hides them from real queries, and no padded query is left without a key.
@@ -186,7 +187,7 @@ class _Tiles:
   """
 
   def __init__(self, q, k, q_seg, kv_seg, q_offset, scale, bq, bk, slots):
-    self.q, self.k, self.q_seg, self.kv_seg = q, k, q_seg, kv_seg
+    self.q_seg, self.kv_seg = q_seg, kv_seg
     self.offset, self.scale, self.bq, self.bk, self.slots = q_offset, scale, bq, bk, slots
     self.nq, self.nk = q.shape[1] // bq, k.shape[1] // bk
 
