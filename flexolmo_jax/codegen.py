@@ -1,48 +1,27 @@
 """HumanEval: greedy completions of the packaged problems, run in a sandboxed subprocess; pass@1.
 
-The decoder recomputes the whole padded sequence for every new token (no KV cache): simple and
-exact, and fast enough for small models and the 164 HumanEval problems. Each program (prompt +
+Completions come from `generate.generate` (KV-cached greedy decoding). Each program (prompt +
 completion + the problem's tests) runs in flexolmo_jax/sandbox.py: under a fresh unprivileged uid in
 its own namespaces, or, only with `allow_unsandboxed=True` and never as root, unisolated.
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import os
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from flexolmo_jax import generate
 from flexolmo_jax import sandbox
-from flexolmo_jax import scoring
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data import sources
-from flexolmo_jax.model import Transformer
 
 # Codex paper's stop sequences: a completion ends where the next top-level statement starts.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
-def _next_token(config: ModelConfig, params, tokens_BxL, lengths_B, active_B, expert_mask_E):
-  """Appends each active row's greedy next token at its length; returns (tokens, lengths, next)."""
-  logits = Transformer(config).apply(
-      {"params": params}, tokens_BxL,
-      expert_mask=scoring.full_expert_mask(expert_mask_E, tokens_BxL.shape[0]))
-  last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  next_B = jnp.argmax(last, axis=-1).astype(jnp.int32)
-  rows = jnp.arange(tokens_BxL.shape[0])
-  written = tokens_BxL.at[rows, lengths_B].set(jnp.where(active_B, next_B, tokens_BxL[rows, lengths_B]))
-  return written, lengths_B + active_B.astype(jnp.int32), next_B
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_next_token(config: ModelConfig):
-  return jax.jit(functools.partial(_next_token, config))
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -53,46 +32,40 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def greedy_generate(config: ModelConfig, params, tokenizer, prompts: Sequence[str], *,
                     max_new_tokens: int = 256, stop: Sequence[str] = (), batch_size: int = 8,
                     max_len: int = 2048, expert_mask=None) -> list[str]:
-  """Greedy continuations of `prompts`, each cut before its first stop string or EOS.
+  """Greedy continuations of `prompts` (`generate.generate`), each cut before its first stop
+  string or EOS.
 
-  Prompts lose their oldest tokens to fit `max_len - max_new_tokens`.
+  Prompts lose their oldest tokens to fit `max_len - max_new_tokens`. Prompts of similar length
+  share a batch of `batch_size` rows (short batches are filled with one-token prompts), so a
+  batch compiles once per prompt-length bucket.
   """
   if max_new_tokens < 1 or max_new_tokens >= max_len:
     raise ValueError(f"max_new_tokens must lie in [1, max_len={max_len}), got {max_new_tokens}")
-  step = _jitted_next_token(config)
-  mask = None if expert_mask is None else np.asarray(expert_mask, bool)
-  encoded = [(tokenizer.encode(p) or [tokenizer.eos_id])[-(max_len - max_new_tokens):]
-             for p in prompts]
+  eos = tokenizer.eos_id
+  mask = None if expert_mask is None else np.broadcast_to(
+      np.asarray(expert_mask, bool), (batch_size, config.num_experts))
+  encoded = [(tokenizer.encode(p) or [eos])[-(max_len - max_new_tokens):] for p in prompts]
   out: list[str] = [""] * len(prompts)
   order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
-    length = scoring.bucket_length(len(encoded[chunk[0]]) + max_new_tokens)
-    tokens = np.zeros((batch_size, length), np.int32)
-    lengths = np.ones((batch_size,), np.int32)
+    rows = [encoded[i] for i in chunk] + [[eos]] * (batch_size - len(chunk))
+    new = generate.generate(config, params, rows, max_new_tokens=max_new_tokens, eos_id=eos,
+                            expert_mask=mask)
     for r, i in enumerate(chunk):
-      tokens[r, :len(encoded[i])], lengths[r] = encoded[i], len(encoded[i])
-    active = np.zeros((batch_size,), bool)
-    active[:len(chunk)] = True
-    generated: list[list[int]] = [[] for _ in chunk]
-    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
-    for _ in range(max_new_tokens):
-      tokens, lengths, next_B = step(params, tokens, lengths, jnp.asarray(active), mask)
-      next_B = np.asarray(next_B)
-      for r in range(len(chunk)):
-        if not active[r]:
-          continue
-        if next_B[r] == tokenizer.eos_id:
-          active[r] = False
-          continue
-        generated[r].append(int(next_B[r]))
-        if stop and _cut_at_stop(tokenizer.decode(generated[r]), stop)[1]:
-          active[r] = False
-      if not active.any():
-        break
-    for r, i in enumerate(chunk):
-      out[i] = _cut_at_stop(tokenizer.decode(generated[r]), stop)[0]
+      out[i] = _completion(tokenizer, new[r].tolist(), eos, stop)
   return out
+
+
+def _completion(tokenizer, tokens: list[int], eos: int, stop: Sequence[str]) -> str:
+  """The text of `tokens` up to EOS, cut at the first stop string as decoding would have met it
+  token by token (a later token can complete an earlier stop string's prefix)."""
+  tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
+  for n in range(1, len(tokens) + 1 if stop else 0):
+    text, stopped = _cut_at_stop(tokenizer.decode(tokens[:n]), stop)
+    if stopped:
+      return text
+  return tokenizer.decode(tokens)
 
 
 # ----------------------------------------------------------------------------- HumanEval

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 MOE_BACKENDS = ("dense", "ragged", "blocked")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")  # attention.py
 EXPERT_PARALLEL = ("none", "allgather", "all_to_all", "ragged_all_to_all")
 
 
@@ -48,6 +49,10 @@ class ModelConfig:
   # Execution.
   scan_layers: bool = True  # False unrolls the same scanned layers (same parameter layout).
   remat: str = "none"
+  # attention.py: "xla" (the einsum reference), "chunked", "cudnn", "splash", or "auto" (per
+  # platform); attention_block_size is the chunked / splash tile (0: attention.DEFAULT_BLOCK).
+  attention_impl: str = "xla"
+  attention_block_size: int = 0
   dtype: str = "float32"  # Activations / matmul inputs.
   param_dtype: str = "float32"
   init_std: float = 0.02
@@ -78,6 +83,10 @@ class ModelConfig:
          f"expert_parallel {self.expert_parallel!r} not in {EXPERT_PARALLEL}")
     need(self.expert_capacity_factor >= 0.0,
          f"expert_capacity_factor must be >= 0 (0: dropless), got {self.expert_capacity_factor}")
+    need(self.attention_impl in ATTENTION_IMPLS,
+         f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+    need(self.attention_block_size >= 0,
+         f"attention_block_size must be >= 0 (0: default), got {self.attention_block_size}")
     need(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
     need(self.expert_bias_init <= 0.0 or not self.expert_bias,
          f"expert_bias_init must be <= 0 (the bias is applied as min(b, 0)), got {self.expert_bias_init}")

@@ -2,9 +2,9 @@
 
   tokens = generate(config, params, [[5, 6, 7], [8, 9]], max_new_tokens=32)
 
-Decoding runs on the same parameter tree as `model.Transformer` (dense or MoE), through a
-functional decode path that reuses model.py's pieces (`rms_norm`, `rope`, `Mlp`); tests check it
-token for token against full recomputation and against transformers' `generate`.
+Decoding runs `model.Transformer` itself (dense or MoE, any `attention_impl`) with its KV cache
+collection (`model.init_cache`, `cache_index`); tests check it token for token against full
+recomputation and against transformers' `generate`.
 
 Prompts are LEFT-padded to a length bucket, so every sequence writes its next token into the same
 cache slot; positions count only real tokens and padded key slots are masked out. The prompt is
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.model import Mlp, Transformer, rms_norm, rope
+from flexolmo_jax.model import Transformer, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,52 +74,6 @@ def _next_token(logits_BxV, rng, sampling: Sampling):
   return jax.random.categorical(rng, filter_logits(logits_BxV, sampling)).astype(jnp.int32)
 
 
-# ----------------------------------------------------------------------------- cached forward
-
-
-def _cached_forward(config: ModelConfig, params, tokens_BxT, positions_BxT, cache, index,
-                    key_valid_BxS, allowed_BxE):
-  """Logits [B, T, V] of T new tokens written at cache slots [index, index + T).
-
-  cache: {"k", "v"} of shape [L, B, S, K, Dh]. A new token at slot index + t attends to the
-  valid key slots <= index + t.
-  """
-  c = config
-  dtype, head_dim = jnp.dtype(c.dtype), c.resolved_head_dim
-  batch, length = tokens_BxT.shape
-  slots = cache["k"].shape[2]
-  query_slot_T = index + jnp.arange(length)
-  mask_BxTxS = (jnp.arange(slots)[None, None, :] <= query_slot_T[None, :, None]) & \
-      key_valid_BxS[:, None, :]
-  x = jnp.take(params["embed"], tokens_BxT, axis=0).astype(dtype)
-
-  def layer(x, inputs):
-    p, k_cache, v_cache = inputs
-    a = p["attn"]
-    q = rms_norm(x @ a["q_proj"].astype(dtype), a["q_norm"], c.rms_norm_eps)
-    k = rms_norm(x @ a["k_proj"].astype(dtype), a["k_norm"], c.rms_norm_eps)
-    v = (x @ a["v_proj"].astype(dtype)).reshape(batch, length, c.n_kv_heads, head_dim)
-    q = rope(q.reshape(batch, length, c.n_heads, head_dim), positions_BxT, c.rope_theta)
-    k = rope(k.reshape(batch, length, c.n_kv_heads, head_dim), positions_BxT, c.rope_theta)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-    q_BxTxKxGxDh = q.reshape(batch, length, c.n_kv_heads, c.n_heads // c.n_kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_cache,
-                        preferred_element_type=jnp.float32) * head_dim**-0.5
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(batch, length, -1)
-    h = x + rms_norm(out @ a["o_proj"].astype(dtype), p["post_attn_norm"], c.rms_norm_eps)
-    ffn = Mlp(c).apply({"params": p["mlp"]}, h, allowed_BxE)
-    return h + rms_norm(ffn, p["post_ffn_norm"], c.rms_norm_eps), (k_cache, v_cache)
-
-  x, (k, v) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
-  x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-  logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(dtype),
-                      preferred_element_type=jnp.float32)
-  return logits, {"k": k, "v": v}
-
-
 # ----------------------------------------------------------------------------- decode loop
 
 
@@ -133,13 +87,17 @@ def _decode(params, prompt_BxP, prompt_mask_BxP, rng, allowed_BxE, *, config, ma
   next_position_B = jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)
   key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((batch, max_new), bool)], axis=1)
 
+  model = Transformer(config)
   if use_cache:
-    head_dim, dtype = config.resolved_head_dim, jnp.dtype(config.dtype)
-    shape = (config.n_layers, batch, slots, config.n_kv_heads, head_dim)
-    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    logits, cache = _cached_forward(config, params, prompt_BxP, prompt_positions, cache, 0,
-                                    key_valid_BxS, allowed_BxE)
-    state = cache
+    # The model's own forward with its "cache" collection; segment 0 marks prompt padding, which
+    # real tokens (segment 1) never see.
+    def cached(tokens_BxT, positions_BxT, segments_BxT, cache, index):
+      return model.apply({"params": params, "cache": cache}, tokens_BxT, positions=positions_BxT,
+                         segment_ids=segments_BxT, expert_mask=allowed_BxE, cache_index=index,
+                         mutable=["cache"])
+
+    logits, state = cached(prompt_BxP, prompt_positions, prompt_mask_BxP.astype(jnp.int32),
+                           init_cache(config, batch, slots), 0)
   else:
     # Full recomputation: the whole [B, S] buffer every step; causal masking keeps the not yet
     # written slots from influencing earlier ones.
@@ -147,8 +105,8 @@ def _decode(params, prompt_BxP, prompt_mask_BxP, rng, allowed_BxE, *, config, ma
     positions = jnp.concatenate(
         [prompt_positions, next_position_B[:, None] + jnp.arange(max_new)[None]], axis=1)
     segments = key_valid_BxS.astype(jnp.int32)
-    full = lambda buf: Transformer(config).apply({"params": params}, buf, positions=positions,
-                                                 segment_ids=segments, expert_mask=allowed_BxE)
+    full = lambda buf: model.apply({"params": params}, buf, positions=positions,
+                                   segment_ids=segments, expert_mask=allowed_BxE)
     logits, state = full(buffer)[:, :prompt_len], buffer
 
   def cond(carry):
@@ -163,9 +121,8 @@ def _decode(params, prompt_BxP, prompt_mask_BxP, rng, allowed_BxE, *, config, ma
     done_B = done_B | (token == eos_id)
     slot = prompt_len + step
     if use_cache:
-      logits, state = _cached_forward(config, params, token[:, None],
-                                      (next_position_B + step)[:, None], state, slot,
-                                      key_valid_BxS, allowed_BxE)
+      logits, state = cached(token[:, None], (next_position_B + step)[:, None],
+                             jnp.ones((batch, 1), jnp.int32), state["cache"], slot)
       logits_BxV = logits[:, 0]
     else:
       state = state.at[:, slot].set(token)

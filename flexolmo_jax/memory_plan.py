@@ -46,7 +46,7 @@ from absl import app, flags
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from flexolmo_jax import experts, sharding, train
-from flexolmo_jax.config import PRESETS, ModelConfig
+from flexolmo_jax.config import ATTENTION_IMPLS, PRESETS, ModelConfig
 from flexolmo_jax.data.config import DataConfig
 from flexolmo_jax.model import init_params, logical_axes
 from flexolmo_jax.train_config import TrainConfig, train_config
@@ -170,7 +170,10 @@ def activation_bytes(config: ModelConfig, *, tokens_per_device: int, seq_len: in
   V are divided by the tensor axis):
     layer = a(2D + (H+2K)Dh + H Dh)          block input, q/k/v (post-RoPE), attention output
           + 4(H+K)Dh + 8D                     float32 QK-norm and output-norm inputs
-          + H L (4 + a)                       attention probabilities, float32 and activation dtype
+          + H L (4 + a)                       attention probabilities, float32 and activation
+                                              dtype (attention_impl "xla", the einsum); an
+          | 4H                                attention kernel keeps the float32 log-sum-exp per
+                                              query instead and recomputes its score blocks
           + 8E + k_eff a (2D + 3F)            router logits/probs; per expert: input copy,
                                               gate, up, silu(gate)*up, output
     head  = 8V + a D                          float32 logits and their gradient (inference: 4V),
@@ -194,7 +197,8 @@ def activation_bytes(config: ModelConfig, *, tokens_per_device: int, seq_len: in
   else:
     experts_, k_eff = 0, 1
   layer = (a * (2 * d + (heads + 2 * kv) * dh + heads * dh) + 4 * (heads + kv) * dh + 8 * d
-           + heads * length * (4 + a) + 8 * experts_ + k_eff * a * (2 * d + 3 * ffn))
+           + heads * (length * (4 + a) if c.attention_impl == "xla" else 4)
+           + 8 * experts_ + k_eff * a * (2 * d + 3 * ffn))
   head = 8 * vocab + a * d
   if mode == "inference":
     per_token = layer + head - 4 * vocab  # No logits gradient.
@@ -219,7 +223,7 @@ def batch_shards(mesh: AbstractMesh | jax.sharding.Mesh, batch: int) -> int:
 
 def plan(model: str | ModelConfig, mesh: str, mode: str, *, batch: int | None = None,
          seq_len: int = 4096, mesh_shape: Mapping[str, int] | None = None,
-         remat: str = "full") -> dict[str, Any]:
+         remat: str = "full", attention_impl: str = "xla") -> dict[str, Any]:
   """One row of the plan: per-device bytes of every part of `mode` on the named `mesh`."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -230,7 +234,7 @@ def plan(model: str | ModelConfig, mesh: str, mode: str, *, batch: int | None = 
     name, config = model, PRESETS[model]()
   else:
     name, config = "custom", model
-  config = config.replace(remat=remat)
+  config = config.replace(remat=remat, attention_impl=attention_impl)
   shape = dict(mesh_shape or default_mesh_shape(spec.devices, config, mode))
   if math.prod(shape.values()) != spec.devices:
     raise ValueError(f"mesh shape {shape} has {math.prod(shape.values())} devices; {mesh} has "
@@ -240,7 +244,8 @@ def plan(model: str | ModelConfig, mesh: str, mode: str, *, batch: int | None = 
   batch = batch or math.prod(amesh.shape[a] for a in sharding.batch_axes(amesh))
   return {"model": name, "mode": mode, "mesh": mesh, "devices": spec.devices,
           "hbm_gb": spec.hbm_gb, "mesh_shape": shape, "batch": batch, "seq_len": seq_len,
-          "remat": remat, **estimate(config, mode, amesh, batch=batch, seq_len=seq_len)}
+          "remat": remat, "attention_impl": attention_impl,
+          **estimate(config, mode, amesh, batch=batch, seq_len=seq_len)}
 
 
 def estimate(config: ModelConfig, mode: str, mesh, *, batch: int, seq_len: int
@@ -414,6 +419,9 @@ def define_flags() -> None:
   flags.DEFINE_string("mesh_shape", None, "AXIS=SIZE,... over data,fsdp,expert,tensor "
                       "(default: FSDP, plus an expert axis that divides the expert count).")
   flags.DEFINE_enum("remat", "full", ["none", "full", "dots"], "Rematerialisation policy.")
+  flags.DEFINE_enum("attention_impl", "xla", list(ATTENTION_IMPLS),
+                    "Attention (attention.py): xla keeps the [L, L] probabilities per layer; any "
+                    "other is a kernel that does not.")
   flags.DEFINE_bool("json", False, "Print JSON instead of markdown.")
   flags.DEFINE_string("config", None, "A training config file (configs/*.py): plan its run.")
 
@@ -435,7 +443,8 @@ def main(argv) -> None:
       modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
       for mesh in meshes:
         rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
-                      mesh_shape=shape, remat=FLAGS.remat) for mode in modes]
+                      mesh_shape=shape, remat=FLAGS.remat,
+                      attention_impl=FLAGS.attention_impl) for mode in modes]
   except ValueError as err:
     sys.exit(f"error: {err}")
   print(json.dumps(rows, indent=1) if FLAGS.json else markdown(rows))

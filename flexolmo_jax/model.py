@@ -3,7 +3,10 @@
 `Transformer(config).apply({"params": params}, tokens)` returns float32 logits [B, L, V].
 Parameters are a plain nested dict; layers are scanned, so every layer parameter carries a
 leading [n_layers] axis. Every parameter dimension has a logical axis name (see sharding.py).
-Routing statistics are sown into the "router_stats" collection when it is mutable.
+Routing statistics are sown into the "router_stats" collection when it is mutable, each token's
+routing decisions into "routing" (routing_counts). Attention runs through attention.py
+(`config.attention_impl`); KV-cached decoding is this same module with the "cache" collection
+(init_cache, Transformer's `cache_index`).
 
 Shape suffixes: B batch, L length, D d_model, H query heads, K kv heads, G = H // K, Dh head
 dim, F ffn hidden, E experts, V vocab.
@@ -17,13 +20,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flexolmo_jax import expert_parallel, moe
+from flexolmo_jax import attention, expert_parallel, moe
 from flexolmo_jax.config import ModelConfig
 
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+_NO_CACHE = ("cache_index needs a KV cache: apply with {'cache': model.init_cache(...)} and "
+             "mutable=['cache']")
 
 
 def rms_norm(x, weight, eps):
@@ -45,14 +51,6 @@ def rope(x_BxLxHxDh, positions_BxL, theta):
   return (x * cos + rotated * sin).astype(x_BxLxHxDh.dtype)
 
 
-def attention_mask(positions_BxL, segment_ids_BxL):
-  """Causal within each packed document: key m is visible to query l iff same segment, m <= l."""
-  length = positions_BxL.shape[1]
-  causal = jnp.tril(jnp.ones((length, length), bool))
-  same_doc = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return causal[None] & same_doc
-
-
 class _ParamMixin:
   """Declares parameters with logical axis names, in the configured parameter dtype."""
 
@@ -69,7 +67,9 @@ class Attention(nn.Module, _ParamMixin):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, kv_segment_ids=None,
+               cache_index=None):
+    """kv_segment_ids [B, S] and cache_index: decoding with a KV cache (see Transformer)."""
     c = self.config
     dtype, head_dim = jnp.dtype(c.dtype), c.resolved_head_dim
     q_width, kv_width = c.n_heads * head_dim, c.n_kv_heads * head_dim
@@ -81,7 +81,6 @@ class Attention(nn.Module, _ParamMixin):
     k_norm = self.norm_weight("k_norm", kv_width, "kv_heads")
 
     batch, length, _ = x_BxLxD.shape
-    groups = c.n_heads // c.n_kv_heads
     # QK-norm spans the whole projection (all heads together), before the split into heads.
     q = rms_norm(x_BxLxD @ q_proj.astype(dtype), q_norm, c.rms_norm_eps)
     k = rms_norm(x_BxLxD @ k_proj.astype(dtype), k_norm, c.rms_norm_eps)
@@ -89,14 +88,26 @@ class Attention(nn.Module, _ParamMixin):
     q_BxLxHxDh = rope(q.reshape(batch, length, c.n_heads, head_dim), positions_BxL, c.rope_theta)
     k_BxLxKxDh = rope(k.reshape(batch, length, c.n_kv_heads, head_dim), positions_BxL, c.rope_theta)
     v_BxLxKxDh = v.reshape(batch, length, c.n_kv_heads, head_dim)
-    # Query head h reads kv head h // G.
-    q_BxLxKxGxDh = q_BxLxHxDh.reshape(batch, length, c.n_kv_heads, groups, head_dim)
-    scores = jnp.einsum("blkgd,bmkd->bkglm", q_BxLxKxGxDh, k_BxLxKxDh,
-                        preferred_element_type=jnp.float32) * head_dim**-0.5
-    scores = jnp.where(mask_BxLxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkglm,bmkd->blkgd", probs, v_BxLxKxDh).reshape(batch, length, q_width)
-    return out @ o_proj.astype(dtype)
+    impl = attention.resolve(c.attention_impl, dtype)
+    keys_BxSxKxDh, values_BxSxKxDh, q_offset = k_BxLxKxDh, v_BxLxKxDh, 0
+    if cache_index is not None:
+      # Decoding: write this call's keys and values at [cache_index, cache_index + L) and attend
+      # over every slot of the cache (init_cache). Keys are cached after RoPE.
+      keys_BxSxKxDh = self._write_cache("k", k_BxLxKxDh, cache_index)
+      values_BxSxKxDh = self._write_cache("v", v_BxLxKxDh, cache_index)
+      q_offset, impl = cache_index, attention.for_cache(impl)
+    out = attention.attend(q_BxLxHxDh, keys_BxSxKxDh, values_BxSxKxDh, segment_ids_BxL,
+                           kv_segment_ids, q_offset=q_offset, impl=impl,
+                           block_size=c.attention_block_size)
+    return out.reshape(batch, length, q_width) @ o_proj.astype(dtype)
+
+  def _write_cache(self, name, new_BxLxKxDh, cache_index):
+    if not self.has_variable("cache", name):
+      raise ValueError(_NO_CACHE)
+    cached = self.variable("cache", name, lambda: None)
+    cached.value = jax.lax.dynamic_update_slice_in_dim(
+        cached.value, new_BxLxKxDh.astype(cached.value.dtype), cache_index, axis=1)
+    return cached.value
 
 
 class Mlp(nn.Module, _ParamMixin):
@@ -135,6 +146,13 @@ class Mlp(nn.Module, _ParamMixin):
     self.sow("router_stats", "z_loss", routing.z_loss)
     self.sow("router_stats", "load", routing.load_E)
     self.sow("router_stats", "mean_prob", routing.mean_prob_E)
+    if self.is_mutable_collection("routing"):
+      # Which experts each token is routed to: top-k slots of nonzero weight (slots beyond the
+      # allowed experts carry weight 0). routing_counts() sums them.
+      routed_TxE = jnp.any(jax.nn.one_hot(routing.top_experts_TxK, E, dtype=jnp.bool_), axis=1)
+      if allowed_TxE is not None:
+        routed_TxE &= allowed_TxE
+      self.sow("routing", "routed", routed_TxE.reshape(batch, length, E))
     out_TxD = expert_parallel.moe_ffn(h_TxD, routing, gate.astype(dtype), up.astype(dtype),
                                       down.astype(dtype), config=c)
     return out_TxD.reshape(batch, length, dim)
@@ -146,11 +164,13 @@ class Block(nn.Module, _ParamMixin):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, allowed_BxE):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, kv_segment_ids, cache_index,
+               allowed_BxE):
     c = self.config
     post_attn_norm = self.norm_weight("post_attn_norm", c.d_model, "embed")
     post_ffn_norm = self.norm_weight("post_ffn_norm", c.d_model, "embed")
-    attn = Attention(c, name="attn")(x_BxLxD, positions_BxL, mask_BxLxL)
+    attn = Attention(c, name="attn")(x_BxLxD, positions_BxL, segment_ids_BxL, kv_segment_ids,
+                                     cache_index)
     h = x_BxLxD + rms_norm(attn, post_attn_norm, c.rms_norm_eps)
     self.sow("intermediates", "ffn_input", h)  # What the router sees; used for router init.
     ffn = Mlp(c, name="mlp")(h, allowed_BxE)
@@ -163,43 +183,74 @@ class Transformer(nn.Module, _ParamMixin):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions=None, segment_ids=None, expert_mask=None):
+  def __call__(self, tokens_BxL, positions=None, segment_ids=None, expert_mask=None,
+               cache_index=None):
     """Logits [B, L, V] in float32.
 
     positions / segment_ids [B, L]: packed documents (positions restart at 0, attention never
     crosses a segment). expert_mask [B, E] bool: experts each sequence may use (opt-out per
     request); top-k slots beyond the allowed experts get weight zero.
+
+    Decoding: with the "cache" collection (init_cache) passed and mutable, `cache_index` (may be
+    traced) is the cache slot of tokens_BxL[:, 0]; the tokens' keys, values and segment ids are
+    written from there, and each token attends to the cache slots up to its own with its segment
+    id (so left-padding a prompt with segment 0 hides the padding).
     """
     c = self.config
     dtype = jnp.dtype(c.dtype)
     batch, length = tokens_BxL.shape
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      start = 0 if cache_index is None else cache_index
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     if segment_ids is None:
       segment_ids = jnp.ones((batch, length), jnp.int32)
     embed = self.weight("embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
     x = jnp.take(embed, tokens_BxL, axis=0).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    mask = attention_mask(positions, segment_ids)
+    kv_segment_ids = None
+    if cache_index is not None:
+      if not self.has_variable("cache", "segment_ids"):
+        raise ValueError(_NO_CACHE)
+      cached = self.variable("cache", "segment_ids", lambda: None)
+      cached.value = jax.lax.dynamic_update_slice_in_dim(cached.value, segment_ids, cache_index,
+                                                         axis=1)
+      kv_segment_ids = cached.value
 
     block = Block
     if c.remat != "none":
       block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
     layers = nn.scan(
         block,
-        variable_axes={"params": 0, "router_stats": 0, "intermediates": 0},
+        variable_axes={"params": 0, "router_stats": 0, "intermediates": 0, "routing": 0,
+                       "cache": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * 5,
         length=c.n_layers,
         unroll=1 if c.scan_layers else c.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(c, name="layers")
-    x, _ = layers(x, positions, mask, expert_mask)
+    x, _ = layers(x, positions, segment_ids, kv_segment_ids, cache_index, expert_mask)
 
     final_norm = self.norm_weight("final_norm", c.d_model, "embed")
     lm_head = self.weight("lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
     x = rms_norm(x, final_norm, c.rms_norm_eps)
     return jnp.einsum("bld,dv->blv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def init_cache(config: ModelConfig, batch: int, slots: int):
+  """An empty KV cache ("cache" collection) of `slots` token slots per sequence."""
+  shape = (config.n_layers, batch, slots, config.n_kv_heads, config.resolved_head_dim)
+  kv = jnp.zeros(shape, jnp.dtype(config.dtype))
+  return {"layers": {"attn": {"k": kv, "v": kv}},
+          "segment_ids": jnp.zeros((batch, slots), jnp.int32)}
+
+
+def routing_counts(state, valid_BxL):
+  """[n_layers, B, E] float32: the top-k token slots routed to each expert over the valid tokens,
+  from the decisions a forward pass with mutable=["routing"] sows (its returned state)."""
+  (routed_NxBxLxE,) = state["routing"]["layers"]["mlp"]["routed"]
+  return jnp.einsum("nble,bl->nbe", routed_NxBxLxE.astype(jnp.float32),
+                    jnp.asarray(valid_BxL, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -2,9 +2,9 @@
 written as JSON and as a heatmap PNG (one panel per layer, domains x experts).
 
 The model's sown `router_stats/load` counts every token slot of a batch, padding included, so the
-shares here re-run the model's own router (`moe.route`) on the FFN inputs it sows
-("intermediates/ffn_input") and count real tokens only. On a batch without padding the two agree
-exactly (tests/test_routing_analysis.py).
+shares here count the per-token routing decisions the model sows (`model.routing_counts`) over
+real tokens only. On a batch without padding the two agree exactly
+(tests/test_routing_analysis.py).
 """
 
 from __future__ import annotations
@@ -18,39 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax import moe
 from flexolmo_jax import scoring
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.model import Transformer
+from flexolmo_jax.model import Transformer, routing_counts
 
 
 def _slot_counts(config: ModelConfig, params, batch, expert_mask_E):
   """[L, E] top-k slots per expert over the real (segment_ids != 0) tokens of one batch."""
   tokens, segment_ids = batch["tokens"], batch["segment_ids"]
-  batch_size, length = tokens.shape
-  allowed_BxE = scoring.full_expert_mask(expert_mask_E, batch_size)
   _, state = Transformer(config).apply(
       {"params": params}, tokens, positions=batch["positions"], segment_ids=segment_ids,
-      expert_mask=allowed_BxE, mutable=["intermediates"])
-  (h_LxBxTxD,) = state["intermediates"]["layers"]["ffn_input"]
-  real_T = (segment_ids != 0).reshape(-1).astype(jnp.float32)
-  allowed_TxE = None if allowed_BxE is None else jnp.repeat(allowed_BxE, length, axis=0)
-  mlp = params["layers"]["mlp"]
-
-  def layer(h_BxTxD, router_ExD, bias_E):
-    routing = moe.route(h_BxTxD.reshape(batch_size * length, -1), router_ExD, config.top_k,
-                        norm_topk_prob=config.norm_topk_prob, bias_E=bias_E,
-                        allowed_TxE=allowed_TxE)
-    slots_TxKxE = jax.nn.one_hot(routing.top_experts_TxK, config.num_experts)
-    if allowed_TxE is not None:
-      # Slots beyond a token's allowed experts carry weight 0: nothing is routed through them.
-      slots_TxKxE = slots_TxKxE * allowed_TxE[:, None, :]
-    return jnp.einsum("tke,t->e", slots_TxKxE, real_T)
-
-  bias_LxE = mlp.get("expert_bias") if config.expert_bias else None
-  if bias_LxE is None:
-    return jax.vmap(lambda h, r: layer(h, r, None))(h_LxBxTxD, mlp["router"])
-  return jax.vmap(layer)(h_LxBxTxD, mlp["router"], bias_LxE)
+      expert_mask=scoring.full_expert_mask(expert_mask_E, tokens.shape[0]), mutable=["routing"])
+  return jnp.sum(routing_counts(state, segment_ids != 0), axis=1)
 
 
 @functools.lru_cache(maxsize=8)

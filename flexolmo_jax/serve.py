@@ -50,11 +50,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from flexolmo_jax import cli, moe, policies as policies_lib, runs, scoring
+from flexolmo_jax import cli, policies as policies_lib, runs, scoring
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.generate import Sampling, generate
-from flexolmo_jax.model import Transformer
+from flexolmo_jax.model import Transformer, routing_counts
 
 PROMPT_BUCKET = 16
 
@@ -85,29 +85,10 @@ def _score_and_route(config: ModelConfig, params, tokens_BxL, targets_BxL, valid
                      allowed_BxE):
   """log p(target) [B, L], target is the argmax [B, L], and routed token slots per expert [B, E]
   (top-k slots of nonzero weight over the valid tokens, summed over layers)."""
-  batch, length = tokens_BxL.shape
   logits, state = Transformer(config).apply({"params": params}, tokens_BxL,
-                                            expert_mask=allowed_BxE, mutable=["intermediates"])
+                                            expert_mask=allowed_BxE, mutable=["routing"])
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets_BxL[..., None], -1)[..., 0]
-  # The router is re-run on the FFN inputs the model sows, as routing_analysis does: the sown
-  # load statistics are batch totals, and the audit needs them per request.
-  (h_LxBxTxD,) = state["intermediates"]["layers"]["ffn_input"]
-  allowed_TxE = jnp.repeat(allowed_BxE, length, axis=0)
-  mlp = params["layers"]["mlp"]
-
-  def layer(h_BxTxD, router_ExD, bias_E):
-    routing = moe.route(h_BxTxD.reshape(batch * length, -1), router_ExD, config.top_k,
-                        norm_topk_prob=config.norm_topk_prob, bias_E=bias_E,
-                        allowed_TxE=allowed_TxE)
-    # Slots beyond a token's allowed experts carry weight 0: nothing is routed through them.
-    slots_TxKxE = jax.nn.one_hot(routing.top_experts_TxK, config.num_experts) * \
-        allowed_TxE[:, None, :]
-    slots_BxLxKxE = slots_TxKxE.reshape(batch, length, config.top_k, config.num_experts)
-    return jnp.einsum("blke,bl->be", slots_BxLxKxE, valid_BxL.astype(jnp.float32))
-
-  bias = mlp["expert_bias"] if config.expert_bias else None
-  counts_LxBxE = jax.vmap(layer, in_axes=(0, 0, None if bias is None else 0))(
-      h_LxBxTxD, mlp["router"], bias)
+  counts_LxBxE = routing_counts(state, valid_BxL)
   return logp, jnp.argmax(logits, -1) == targets_BxL, jnp.sum(counts_LxBxE, 0)
 
 

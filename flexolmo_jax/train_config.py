@@ -18,7 +18,7 @@ MODES = ("public", "expert")
 # Fields of ModelConfig an expert run may set: how to execute, never the architecture, which
 # comes from the public checkpoint.
 EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_capacity_factor",
-                    "scan_layers", "remat", "dtype")
+                    "scan_layers", "remat", "dtype", "attention_impl", "attention_block_size")
 
 
 @dataclasses.dataclass(frozen=True)

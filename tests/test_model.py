@@ -1,4 +1,5 @@
-"""Model options that must not change float32 results, and the per-sequence expert mask."""
+"""Model options that must not change float32 results, the per-sequence expert mask, the sown
+routing decisions, and decoding with the KV cache."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 
 from flexolmo_jax import config as C
 from flexolmo_jax import model as M
+from flexolmo_jax import moe
 
 MOE = C.tiny(num_experts=4, top_k=2, expert_bias=True, expert_bias_init=-0.5)
 
@@ -25,6 +27,8 @@ SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat="full"),
+                                    dict(attention_impl="chunked", attention_block_size=5,
+                                         remat="full"),
                                     pytest.param(dict(remat="dots"), marks=SLOW),
                                     pytest.param(dict(moe_backend="blocked"), marks=SLOW),
                                     pytest.param(dict(dtype="float32", param_dtype="float32"),
@@ -85,3 +89,47 @@ def test_rope_matches_rotate_half_formula():
   rot = np.concatenate([-x_np[..., 4:], x_np[..., :4]], -1)
   np.testing.assert_allclose(got, x_np * np.cos(ang) + rot * np.sin(ang), atol=1e-5)
   np.testing.assert_allclose(got[:, 0], x[:, 0], atol=1e-6)  # Position 0 is the identity.
+
+
+def test_routing_counts_equal_the_router_rerun_on_sown_ffn_inputs():
+  params = M.init_params(MOE, jax.random.key(0))
+  tokens = _tokens(batch=2)
+  mask = jnp.array([[1, 1, 1, 1], [1, 0, 1, 0]], bool)
+  valid = np.ones((2, 12), bool)
+  valid[1, 7:] = False
+  _, state = M.Transformer(MOE).apply({"params": params}, tokens, expert_mask=mask,
+                                      mutable=["routing", "intermediates"])
+  got = M.routing_counts(state, valid)
+  (h_LxBxTxD,) = state["intermediates"]["layers"]["ffn_input"]
+  mlp = params["layers"]["mlp"]
+  for layer in range(MOE.n_layers):
+    routing = moe.route(h_LxBxTxD[layer].reshape(24, -1), mlp["router"][layer], MOE.top_k,
+                        bias_E=mlp["expert_bias"][layer], allowed_TxE=jnp.repeat(mask, 12, 0))
+    top = np.asarray(routing.top_experts_TxK).reshape(2, 12, MOE.top_k)
+    for row in range(2):
+      want = np.zeros(4)
+      for t in np.flatnonzero(valid[row]):
+        for e in top[row, t]:
+          want[e] += bool(mask[row, e])  # Slots past the allowed experts carry weight 0.
+      np.testing.assert_array_equal(got[layer, row], want)
+  assert got[:, 1, 1].sum() == got[:, 1, 3].sum() == 0
+  np.testing.assert_array_equal(got[:, 0].sum(-1), 12 * MOE.top_k)
+
+
+def test_kv_cache_prefill_then_steps_equal_one_full_forward():
+  params = M.init_params(MOE, jax.random.key(0))
+  tokens = _tokens(batch=2, length=10)
+  want = M.Transformer(MOE).apply({"params": params}, tokens)
+  model = M.Transformer(MOE)
+  cache = M.init_cache(MOE, batch=2, slots=16)
+  segments = jnp.ones((2, 10), jnp.int32)
+  got, state = model.apply({"params": params, "cache": cache}, tokens[:, :6], segment_ids=
+                           segments[:, :6], cache_index=0, mutable=["cache"])
+  logits = [got]
+  for i in range(6, 10):
+    got, state = model.apply({"params": params, "cache": state["cache"]}, tokens[:, i:i + 1],
+                             positions=jnp.full((2, 1), i), segment_ids=segments[:, i:i + 1],
+                             cache_index=i, mutable=["cache"])
+    logits.append(got)
+  np.testing.assert_allclose(jnp.concatenate(logits, 1), want, atol=1e-5)
+  assert state["cache"]["segment_ids"][:, 10:].sum() == 0  # slots past the last write are empty
