@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.model import Transformer, init_cache
+from flexolmo_jax.model import Transformer, decode_step, init_cache, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +98,11 @@ def _decode(params, prompt_BxP, prompt_mask_BxP, rng, allowed_BxE, *, config, ma
 
     logits, state = cached(prompt_BxP, prompt_positions, prompt_mask_BxP.astype(jnp.int32),
                            init_cache(config, batch, slots), 0)
+    # The steps run layer by layer on per-layer weights and caches (model.decode_step): sliced
+    # once here, outside the loop, not on every step.
+    layer_params = unstack_layers(params["layers"], config.n_layers)
+    state = (unstack_layers(state["cache"]["layers"], config.n_layers),
+             state["cache"]["segment_ids"])
   else:
     # Full recomputation: the whole [B, S] buffer every step; causal masking keeps the not yet
     # written slots from influencing earlier ones.
@@ -121,8 +126,13 @@ def _decode(params, prompt_BxP, prompt_mask_BxP, rng, allowed_BxE, *, config, ma
     done_B = done_B | (token == eos_id)
     slot = prompt_len + step
     if use_cache:
-      logits, state = cached(token[:, None], (next_position_B + step)[:, None],
-                             jnp.ones((batch, 1), jnp.int32), state["cache"], slot)
+      layer_caches, kv_segments_BxS = state
+      ones = jnp.ones((batch, 1), jnp.int32)
+      kv_segments_BxS = jax.lax.dynamic_update_slice_in_dim(kv_segments_BxS, ones, slot, axis=1)
+      logits, layer_caches = decode_step(config, params, layer_params, layer_caches, token[:, None],
+                                         (next_position_B + step)[:, None], ones, kv_segments_BxS,
+                                         slot, allowed_BxE)
+      state = (layer_caches, kv_segments_BxS)
       logits_BxV = logits[:, 0]
     else:
       state = state.at[:, slot].set(token)

@@ -116,7 +116,8 @@ class Mlp(nn.Module, _ParamMixin):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, h_BxLxD, allowed_BxE=None):
+  def __call__(self, h_BxLxD, allowed_BxE=None, decode=False):
+    """decode: a KV-cached call; MoE FFNs use moe.dispatch_decode (same sum, no weight copies)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     if not c.is_moe:
@@ -153,8 +154,11 @@ class Mlp(nn.Module, _ParamMixin):
       if allowed_TxE is not None:
         routed_TxE &= allowed_TxE
       self.sow("routing", "routed", routed_TxE.reshape(batch, length, E))
-    out_TxD = expert_parallel.moe_ffn(h_TxD, routing, gate.astype(dtype), up.astype(dtype),
-                                      down.astype(dtype), config=c)
+    weights = (gate.astype(dtype), up.astype(dtype), down.astype(dtype))
+    if decode:
+      out_TxD = moe.dispatch_decode(h_TxD, routing, *weights)
+    else:
+      out_TxD = expert_parallel.moe_ffn(h_TxD, routing, *weights, config=c)
     return out_TxD.reshape(batch, length, dim)
 
 
@@ -173,7 +177,7 @@ class Block(nn.Module, _ParamMixin):
                                      cache_index)
     h = x_BxLxD + rms_norm(attn, post_attn_norm, c.rms_norm_eps)
     self.sow("intermediates", "ffn_input", h)  # What the router sees; used for router init.
-    ffn = Mlp(c, name="mlp")(h, allowed_BxE)
+    ffn = Mlp(c, name="mlp")(h, allowed_BxE, cache_index is not None)
     return h + rms_norm(ffn, post_ffn_norm, c.rms_norm_eps), None
 
 
@@ -205,8 +209,7 @@ class Transformer(nn.Module, _ParamMixin):
     if segment_ids is None:
       segment_ids = jnp.ones((batch, length), jnp.int32)
     embed = self.weight("embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
-    x = jnp.take(embed, tokens_BxL, axis=0).astype(dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(_embed(embed, tokens_BxL, dtype), ("batch", "length", "embed"))
     kv_segment_ids = None
     if cache_index is not None:
       if not self.has_variable("cache", "segment_ids"):
@@ -233,8 +236,17 @@ class Transformer(nn.Module, _ParamMixin):
 
     final_norm = self.norm_weight("final_norm", c.d_model, "embed")
     lm_head = self.weight("lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
-    x = rms_norm(x, final_norm, c.rms_norm_eps)
-    return jnp.einsum("bld,dv->blv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
+    return _logits(x, final_norm, lm_head, c)
+
+
+def _embed(embed_VxD, tokens_BxL, dtype):
+  return jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dtype)
+
+
+def _logits(x_BxLxD, final_norm, lm_head_DxV, c: ModelConfig):
+  x = rms_norm(x_BxLxD, final_norm, c.rms_norm_eps)
+  return jnp.einsum("bld,dv->blv", x, lm_head_DxV.astype(jnp.dtype(c.dtype)),
+                    preferred_element_type=jnp.float32)
 
 
 def init_cache(config: ModelConfig, batch: int, slots: int):
@@ -243,6 +255,35 @@ def init_cache(config: ModelConfig, batch: int, slots: int):
   kv = jnp.zeros(shape, jnp.dtype(config.dtype))
   return {"layers": {"attn": {"k": kv, "v": kv}},
           "segment_ids": jnp.zeros((batch, slots), jnp.int32)}
+
+
+def unstack_layers(tree, n_layers: int):
+  """A list of n_layers per-layer trees from a tree whose leaves carry a leading [n_layers] axis
+  (params["layers"], a cache's "layers")."""
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n_layers)]
+
+
+def decode_step(config: ModelConfig, params, layer_params, layer_caches, tokens_BxL, positions_BxL,
+                segment_ids_BxL, kv_segment_ids_BxS, cache_index, expert_mask=None):
+  """`Transformer` with its KV cache, for a decoding loop: (logits [B, L, V], new layer caches).
+
+  The same Blocks as Transformer.__call__ with cache_index, layer by layer over per-layer
+  parameters and caches (unstack_layers) rather than a scan over the stacked ones: inside a
+  decoding loop a scan copies every layer's weights out of the stacked arrays (a dynamic slice)
+  and writes every layer's cache back into a stacked output on every step, about three times the
+  bytes a step needs to read. kv_segment_ids_BxS: the cache's segment ids with this call's
+  already written (the caller keeps them; they are the same for every layer).
+  """
+  c = config
+  x = _embed(params["embed"], tokens_BxL, jnp.dtype(c.dtype))
+  block = Block(c)
+  new_caches = []
+  for weights, cache in zip(layer_params, layer_caches):
+    (x, _), state = block.apply({"params": weights, "cache": cache}, x, positions_BxL,
+                                segment_ids_BxL, kv_segment_ids_BxS, cache_index, expert_mask,
+                                mutable=["cache"])
+    new_caches.append(state["cache"])
+  return _logits(x, params["final_norm"], params["lm_head"], c), new_caches
 
 
 def routing_counts(state, valid_BxL):

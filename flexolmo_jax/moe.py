@@ -132,6 +132,23 @@ def _dense_oracle(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
   return jnp.einsum("ted,te->td", y_TxExD, combine_TxE)
 
 
+def dispatch_decode(x_TxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+  """`dispatch` for the few tokens of a decoding step: the dense back end's sum, with the expert
+  as the matmuls' leading batch dimension. The dense einsum "td,edf->tef" makes XLA:CPU
+  transpose every expert's weights into one [D, E*F] operand on every call, a copy of the whole
+  FFN per step; here each expert's weights are read where they lie. Every expert runs: with top-k
+  of E, skipping the unchosen ones would need a gather of the chosen weights (a copy), which only
+  pays when 2 * tokens * k < E (docs/performance.md, Decoding)."""
+  num_experts = w_gate_ExDxF.shape[0]
+  combine_TxE = jnp.sum(jax.nn.one_hot(routing.top_experts_TxK, num_experts, dtype=x_TxD.dtype)
+                        * routing.top_weights_TxK.astype(x_TxD.dtype)[..., None], axis=1)
+  x_ExTxD = jnp.broadcast_to(x_TxD, (num_experts,) + x_TxD.shape)
+  h_ExTxF = jax.nn.silu(jnp.einsum("etd,edf->etf", x_ExTxD, w_gate_ExDxF)) * jnp.einsum(
+      "etd,edf->etf", x_ExTxD, w_up_ExDxF)
+  y_ExTxD = jnp.einsum("etf,efd->etd", h_ExTxF, w_down_ExFxD)
+  return jnp.einsum("etd,te->td", y_ExTxD, combine_TxE)
+
+
 def sort_by_expert(experts_TxK):
   """Token-slot order grouped by expert, each sorted slot's token and its expert."""
   flat_experts = experts_TxK.reshape(-1)
