@@ -18,6 +18,9 @@ at all gets zeros.
   auto     splash on TPU, cudnn on GPU for 16-bit compute (else xla), chunked on CPU (the faster
            of chunked and xla at every measured length, docs/attention.md).
 
+A KV cache (model.init_cache) goes through `attend_cache`: a decoding step's few queries attend in
+the cache's heads-major layout with the xla einsums; a prefill uses the implementations above.
+
 Shape suffixes: B batch, T queries, S keys, H query heads, K kv heads, G = H // K, Dh head dim.
 """
 
@@ -85,6 +88,39 @@ def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, kv_segment_BxS=Non
     out = _splash(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, scale, block)
   if self_attention:
     return out
+  has_key_BxT = _has_visible_key(q_segment_BxT, kv_segment_BxS, q_offset)
+  return jnp.where(has_key_BxT[:, :, None, None], out, 0).astype(out.dtype)
+
+
+# attend_cache: calls with at most this many queries (a decoding step) attend in the cache's own
+# layout; longer ones (a prefill) transpose it once and run their implementation.
+DECODE_QUERIES = 16
+
+
+def attend_cache(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, q_segment_BxT, kv_segment_BxS, *, q_offset,
+                 impl: str = "xla", block_size: int = 0):
+  """`attend` over a KV cache stored heads-major, k and v [B, K, S, Dh] (model.init_cache).
+
+  A decoding step (at most DECODE_QUERIES queries) runs the xla einsums on that layout
+  whatever `impl` says: their score matrix is a few rows, and in the [B, S, K, Dh] layout XLA
+  transposes the whole cache for both matmuls on every step. Longer calls transpose once and use
+  `for_cache(impl)`.
+  """
+  batch, length, heads, head_dim = q_BxTxHxDh.shape
+  if length > DECODE_QUERIES:
+    k_BxSxKxDh, v_BxSxKxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxKxSxDh, v_BxKxSxDh))
+    return attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, kv_segment_BxS,
+                  q_offset=q_offset, impl=for_cache(impl), block_size=block_size)
+  q_offset = jnp.asarray(q_offset, jnp.int32)
+  kv_heads = k_BxKxSxDh.shape[1]
+  q_BxKxGxTxDh = q_BxTxHxDh.reshape(batch, length, kv_heads, heads // kv_heads,
+                                    head_dim).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxDh, k_BxKxSxDh,
+                      preferred_element_type=jnp.float32) * head_dim ** -0.5
+  visible_BxTxS = visible(q_segment_BxT, kv_segment_BxS, q_offset)
+  scores = jnp.where(visible_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxHxDh.dtype)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxDh).reshape(batch, length, heads, head_dim)
   has_key_BxT = _has_visible_key(q_segment_BxT, kv_segment_BxS, q_offset)
   return jnp.where(has_key_BxT[:, :, None, None], out, 0).astype(out.dtype)
 

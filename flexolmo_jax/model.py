@@ -89,24 +89,26 @@ class Attention(nn.Module, _ParamMixin):
     k_BxLxKxDh = rope(k.reshape(batch, length, c.n_kv_heads, head_dim), positions_BxL, c.rope_theta)
     v_BxLxKxDh = v.reshape(batch, length, c.n_kv_heads, head_dim)
     impl = attention.resolve(c.attention_impl, dtype)
-    keys_BxSxKxDh, values_BxSxKxDh, q_offset = k_BxLxKxDh, v_BxLxKxDh, 0
-    if cache_index is not None:
+    if cache_index is None:
+      out = attention.attend(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, impl=impl,
+                             block_size=c.attention_block_size)
+    else:
       # Decoding: write this call's keys and values at [cache_index, cache_index + L) and attend
       # over every slot of the cache (init_cache). Keys are cached after RoPE.
-      keys_BxSxKxDh = self._write_cache("k", k_BxLxKxDh, cache_index)
-      values_BxSxKxDh = self._write_cache("v", v_BxLxKxDh, cache_index)
-      q_offset, impl = cache_index, attention.for_cache(impl)
-    out = attention.attend(q_BxLxHxDh, keys_BxSxKxDh, values_BxSxKxDh, segment_ids_BxL,
-                           kv_segment_ids, q_offset=q_offset, impl=impl,
-                           block_size=c.attention_block_size)
+      keys_BxKxSxDh = self._write_cache("k", k_BxLxKxDh, cache_index)
+      values_BxKxSxDh = self._write_cache("v", v_BxLxKxDh, cache_index)
+      out = attention.attend_cache(q_BxLxHxDh, keys_BxKxSxDh, values_BxKxSxDh, segment_ids_BxL,
+                                   kv_segment_ids, q_offset=cache_index, impl=impl,
+                                   block_size=c.attention_block_size)
     return out.reshape(batch, length, q_width) @ o_proj.astype(dtype)
 
   def _write_cache(self, name, new_BxLxKxDh, cache_index):
     if not self.has_variable("cache", name):
       raise ValueError(_NO_CACHE)
     cached = self.variable("cache", name, lambda: None)
-    cached.value = jax.lax.dynamic_update_slice_in_dim(
-        cached.value, new_BxLxKxDh.astype(cached.value.dtype), cache_index, axis=1)
+    new_BxKxLxDh = new_BxLxKxDh.transpose(0, 2, 1, 3).astype(cached.value.dtype)
+    cached.value = jax.lax.dynamic_update_slice_in_dim(cached.value, new_BxKxLxDh, cache_index,
+                                                       axis=2)
     return cached.value
 
 
@@ -250,8 +252,11 @@ def _logits(x_BxLxD, final_norm, lm_head_DxV, c: ModelConfig):
 
 
 def init_cache(config: ModelConfig, batch: int, slots: int):
-  """An empty KV cache ("cache" collection) of `slots` token slots per sequence."""
-  shape = (config.n_layers, batch, slots, config.n_kv_heads, config.resolved_head_dim)
+  """An empty KV cache ("cache" collection) of `slots` token slots per sequence.
+
+  Keys and values are heads-major, [n_layers, B, K, slots, Dh], the layout a decoding step's
+  attention matmuls read in place (attention.attend_cache)."""
+  shape = (config.n_layers, batch, config.n_kv_heads, slots, config.resolved_head_dim)
   kv = jnp.zeros(shape, jnp.dtype(config.dtype))
   return {"layers": {"attn": {"k": kv, "v": kv}},
           "segment_ids": jnp.zeros((batch, slots), jnp.int32)}
