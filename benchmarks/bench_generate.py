@@ -51,6 +51,9 @@ _RECOMPUTE_MAX = flags.DEFINE_integer(
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "flexolmo_jax serving dtype (weights, activations and KV cache); "
                            "transformers always runs float32.")
+_TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads", 1, "torch intra-op threads for transformers (0: torch's default). On this "
+    "shared 2-core machine 2 threads ran transformers' generate 10x slower than 1.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls per decoder (best is kept).")
 _JSON = flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
 
@@ -107,6 +110,8 @@ def _best(fn, repeats):
 def _hf_runner(hf_dir, attn, prompts, new):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+  if _TORCH_THREADS.value:
+    torch.set_num_threads(_TORCH_THREADS.value)
   hf = transformers.FlexOlmoForCausalLM.from_pretrained(hf_dir, attn_implementation=attn,
                                                         dtype=torch.float32).eval()
   tokens = torch.as_tensor(prompts, dtype=torch.long)
@@ -201,7 +206,7 @@ def main(argv):
     rows += bench_size(size, peak)
   load_after = os.getloadavg()
   print(f"\nflexolmo_jax {_DTYPE.value}, transformers float32; greedy; best of {_REPEATS.value}; "
-        f"{os.cpu_count()} CPUs; measured peak read bandwidth {peak:.1f} GB/s; 1-min load "
+        f"{os.cpu_count()} CPUs, torch threads {_TORCH_THREADS.value or 'default'}; measured peak read bandwidth {peak:.1f} GB/s; 1-min load "
         f"average {load[0]:.1f} before, {load_after[0]:.1f} after\n")
   print(table(rows))
   if _JSON.value:
