@@ -162,6 +162,14 @@ def bench_size(size, peak):
             prefill, _ = _best(lambda: ours(1, True), _REPEATS.value)
             step = (row["seconds"]["cache"] - prefill) / max(new - 1, 1)
             nbytes = step_bytes(config, params, batch, prompt, new, itemsize)
+            if _DTYPE.value != "float32":
+              # Accuracy of the serving dtype: greedy tokens equal to float32 decoding's.
+              exact = generate(config, params, prompts.tolist(), max_new_tokens=new,
+                               stop_at_eos=False, prompt_bucket=prompt)
+              row["agree_float32"] = float(np.mean(exact == outs["cache"]))
+              first = np.argmax(np.concatenate([exact != outs["cache"], np.ones((batch, 1), bool)],
+                                               1), axis=1)
+              row["first_diff_mean"] = float(np.mean(first))
             row.update(step_ms=1e3 * step, step_mb=nbytes / 1e6, achieved_gbs=nbytes / step / 1e9,
                        peak_gbs=peak, x_bound=step / (nbytes / (peak * 1e9)))
           rows.append(row)
@@ -209,6 +217,11 @@ def main(argv):
         f"{os.cpu_count()} CPUs, torch threads {_TORCH_THREADS.value or 'default'}; measured peak read bandwidth {peak:.1f} GB/s; 1-min load "
         f"average {load[0]:.1f} before, {load_after[0]:.1f} after\n")
   print(table(rows))
+  for r in rows:
+    if "agree_float32" in r:
+      print(f"{r['size']} b{r['batch']} p{r['prompt']} n{r['new']} {r['dtype']}: "
+            f"{100 * r['agree_float32']:.1f}% of greedy tokens equal float32's; first "
+            f"difference at token {r['first_diff_mean']:.1f} on average ({r['new']}: none)")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(dict(peak_gbs=peak, load_before=load, load_after=load_after, rows=rows), f,

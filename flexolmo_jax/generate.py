@@ -9,7 +9,10 @@ recomputation and against transformers' `generate`.
 Prompts are LEFT-padded to a length bucket, so every sequence writes its next token into the same
 cache slot; positions count only real tokens and padded key slots are masked out. The prompt is
 prefilled in one call, then one token per step inside `jax.lax.while_loop`, all in one jit: one
-compilation per (batch, prompt bucket, max_new_tokens, sampling settings).
+compilation per (batch, prompt bucket, max_new_tokens, sampling settings), no host round trip per
+token. The steps run `model.decode_step` on per-layer weights and caches, so a step reads each
+weight once, in place, and writes its keys and values into the cache in place
+(docs/performance.md, Decoding).
 """
 
 from __future__ import annotations

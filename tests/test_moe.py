@@ -57,6 +57,14 @@ def test_dense_oracle_matches_explicit_sum():
     np.testing.assert_allclose(y[t], want, **TOL)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_decode_dispatch_matches_dense_oracle(top_k):
+  x, router, weights = _problem(num_tokens=4, num_experts=3)
+  routing = moe.route(x, router, top_k)
+  np.testing.assert_allclose(moe.dispatch_decode(x, routing, *weights),
+                             moe.dispatch(x, routing, *weights, backend="dense"), **TOL)
+
+
 def test_route_softmax_before_topk_not_renormalised():
   logits = jnp.array([[2.0, 1.0, 0.5, -1.0]])
   routing = moe.route(jnp.eye(4)[:1] * 0 + logits, jnp.eye(4), 2)
