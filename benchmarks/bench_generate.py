@@ -12,15 +12,17 @@ decode the same weights. Prompts are random tokens, all of the full prompt lengt
 eos stop, every row generates exactly `new` tokens.
 
 tokens/s: batch x new / wall time of one whole `generate` call (prefill included), best of
---repeats after one warm-up call (compilation excluded). "same" checks the greedy tokens of every
+--repeats after one warm-up call each (compilation excluded). "same" checks the greedy tokens of every
 implementation against the KV-cache decoder's.
 
 Roofline (KV cache only): a step must read every weight it multiplies by once (embedding rows
 aside; lm_head and both experts included) plus the filled part of the KV cache (mean over the
 steps: prompt + new / 2 slots). step ms = (time(new) - time(1 new)) / (new - 1), i.e. prefill
 excluded; achieved GB/s = bytes per step / step time; peak GB/s = the best of a timed
-jnp.sum over a 512 MiB float32 array in this same process; "x bound" = step time / (bytes /
-peak), 1.0 being as fast as memory allows.
+jnp.sum over a 512 MiB float32 array, timed between the decoders' calls in this same process;
+"x bound" = step time / (bytes / peak), 1.0 being as fast as memory allows (a model whose bytes
+fit in the CPU caches can go below 1). Timed calls rotate over the decoders (and the bandwidth
+probe), so that the load of a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -77,13 +79,21 @@ def _model(size):
   return config, jax.tree.map(lambda x: x * 4 if x.ndim > 2 else x, params)
 
 
-def peak_bandwidth(repeats=5):
-  """Best GB/s of a jitted sum over a 512 MiB float32 array (read once)."""
-  x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
-  total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(repeats))
-  return x.nbytes / best / 1e9
+class Bandwidth:
+  """Best GB/s seen of a jitted sum over a 512 MiB float32 array (read once); `probe` is timed
+  between the decoders' calls, so the peak is taken under the same load as they are."""
+
+  def __init__(self):
+    self.x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
+    self.total = jax.jit(jnp.sum)
+    self.total(self.x).block_until_ready()
+    self.peak = 0.0
+    for _ in range(3):
+      self.probe()
+
+  def probe(self):
+    seconds = _timed(lambda: self.total(self.x).block_until_ready())
+    self.peak = max(self.peak, self.x.nbytes / seconds / 1e9)
 
 
 def step_bytes(config, params, batch, prompt, new, itemsize):
@@ -100,11 +110,6 @@ def _timed(fn):
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
-
-
-def _best(fn, repeats):
-  out = fn()  # Warm-up: compilation.
-  return min(_timed(fn) for _ in range(repeats)), np.asarray(out)
 
 
 def _hf_runner(hf_dir, attn, prompts, new):
@@ -124,7 +129,7 @@ def _hf_runner(hf_dir, attn, prompts, new):
   return run
 
 
-def bench_size(size, peak):
+def bench_size(size, bandwidth):
   config, params = _model(size)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -145,21 +150,32 @@ def bench_size(size, peak):
                                            prompt_bucket=prompt)
           row = dict(size=size, batch=batch, prompt=prompt, new=new, dtype=_DTYPE.value,
                      seconds={}, tokens_per_s={}, same={})
-          outs = {}
+          runners = {}
           for impl in _IMPLS.value:
             if impl == "recompute" and 0 < _RECOMPUTE_MAX.value < prompt + new:
               continue
             if impl.startswith("hf_"):
-              fn = _hf_runner(hf_dir, impl[3:], prompts, new)
+              runners[impl] = _hf_runner(hf_dir, impl[3:], prompts, new)
             else:
-              fn = lambda cache=(impl == "cache"): ours(new, cache)
-            seconds, outs[impl] = _best(fn, _REPEATS.value)
+              runners[impl] = lambda cache=(impl == "cache"): ours(new, cache)
+          if "cache" in runners:
+            runners["prefill"] = lambda: ours(1, True)
+          # Warm-up (compilation), then the timed calls in rotation, so that a change of load on
+          # this shared machine hits every decoder alike; best of --repeats.
+          outs = {impl: np.asarray(fn()) for impl, fn in runners.items()}
+          best = {impl: float("inf") for impl in runners}
+          for _ in range(_REPEATS.value):
+            for impl, fn in runners.items():
+              best[impl] = min(best[impl], _timed(fn))
+              bandwidth.probe()
+          prefill = best.pop("prefill", None)
+          for impl, seconds in best.items():
             row["seconds"][impl] = seconds
             row["tokens_per_s"][impl] = batch * new / seconds
             print(f"  {size} b{batch} p{prompt} n{new} {impl}: {seconds:.3f} s", flush=True)
           if "cache" in outs:
-            row["same"] = {k: bool(np.array_equal(v, outs["cache"])) for k, v in outs.items()}
-            prefill, _ = _best(lambda: ours(1, True), _REPEATS.value)
+            row["same"] = {k: bool(np.array_equal(v, outs["cache"])) for k, v in outs.items()
+                           if k != "prefill"}
             step = (row["seconds"]["cache"] - prefill) / max(new - 1, 1)
             nbytes = step_bytes(config, params, batch, prompt, new, itemsize)
             if _DTYPE.value != "float32":
@@ -170,8 +186,7 @@ def bench_size(size, peak):
               first = np.argmax(np.concatenate([exact != outs["cache"], np.ones((batch, 1), bool)],
                                                1), axis=1)
               row["first_diff_mean"] = float(np.mean(first))
-            row.update(step_ms=1e3 * step, step_mb=nbytes / 1e6, achieved_gbs=nbytes / step / 1e9,
-                       peak_gbs=peak, x_bound=step / (nbytes / (peak * 1e9)))
+            row.update(step_ms=1e3 * step, step_mb=nbytes / 1e6, achieved_gbs=nbytes / step / 1e9)
           rows.append(row)
   return rows
 
@@ -207,11 +222,15 @@ def main(argv):
   for impl in _IMPLS.value:
     if impl not in IMPL_NAMES:
       raise app.UsageError(f"unknown decoder {impl!r}; choose from {sorted(IMPL_NAMES)}")
-  peak = peak_bandwidth()
+  bandwidth = Bandwidth()
   load = os.getloadavg()
   rows = []
   for size in _SIZES.value:
-    rows += bench_size(size, peak)
+    rows += bench_size(size, bandwidth)
+  peak = bandwidth.peak
+  for r in rows:
+    if "step_ms" in r:
+      r.update(peak_gbs=peak, x_bound=r["step_ms"] / 1e3 / (r["step_mb"] * 1e6 / (peak * 1e9)))
   load_after = os.getloadavg()
   print(f"\nflexolmo_jax {_DTYPE.value}, transformers float32; greedy; best of {_REPEATS.value}; "
         f"{os.cpu_count()} CPUs, torch threads {_TORCH_THREADS.value or 'default'}; measured peak read bandwidth {peak:.1f} GB/s; 1-min load "
