@@ -119,7 +119,8 @@ class Mlp(nn.Module, _ParamMixin):
 
   @nn.compact
   def __call__(self, h_BxLxD, allowed_BxE=None, decode=False):
-    """decode: a KV-cached call; MoE FFNs use moe.dispatch_decode (same sum, no weight copies)."""
+    """decode: a decoding step (a cached call of at most attention.DECODE_QUERIES tokens per
+    sequence); MoE FFNs then use moe.dispatch_decode (the same sum, no weight copies)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     if not c.is_moe:
@@ -179,7 +180,8 @@ class Block(nn.Module, _ParamMixin):
                                      cache_index)
     h = x_BxLxD + rms_norm(attn, post_attn_norm, c.rms_norm_eps)
     self.sow("intermediates", "ffn_input", h)  # What the router sees; used for router init.
-    ffn = Mlp(c, name="mlp")(h, allowed_BxE, cache_index is not None)
+    decode = cache_index is not None and x_BxLxD.shape[1] <= attention.DECODE_QUERIES
+    ffn = Mlp(c, name="mlp")(h, allowed_BxE, decode)
     return h + rms_norm(ffn, post_ffn_norm, c.rms_norm_eps), None
 
 
