@@ -109,9 +109,13 @@ def server(tmp_path_factory):
 
 
 def audited(server, status, body, path="/score", raw=None):
-  """Sends an audited request and counts it."""
+  """Sends an audited request, counts it, and waits for its closing audit line (a stream's comes
+  just after its last byte)."""
   got = request(server["port"], "POST", path, body, raw)
   server["audited"] += 1
+  deadline = time.time() + 10
+  while len(audit_lines(server)) < server["audited"] and time.time() < deadline:
+    time.sleep(0.05)
   assert got[0] == status, got
   return got[1]
 
