@@ -546,6 +546,8 @@ class Server:
     headers = {"X-Request-Id": request_id}
     if status == 401:
       headers["WWW-Authenticate"] = "Bearer"
+    if status == 503:
+      headers["Retry-After"] = "1"
     if status != 200:
       return JSONResponse({"error": error}, status_code=status, headers=headers)
     result = {k: v for k, v in result.items() if k not in ("routed", "batch")}

@@ -181,6 +181,7 @@ def test_full_queue_is_503_and_deadline_is_504(model, tmp_path, monkeypatch):
     assert started.wait(30)
     got = post(c, "/block", {"policy": "all"})
     assert got.status_code == 503 and "--max_queue" in got.json()["error"]
+    assert got.headers["retry-after"] == "1"
     thread.join()
     assert first["r"].status_code == 504 and "--request_timeout_s" in first["r"].json()["error"]
     release.set()
