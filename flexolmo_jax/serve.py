@@ -685,7 +685,8 @@ def define_flags() -> None:
                       "every request then needs 'Authorization: Bearer <key>'.")
   flags.DEFINE_bool("insecure_no_auth", False, "Serve without API keys (every policy and expert "
                     "list open to anyone who can connect); loopback addresses only.")
-  flags.DEFINE_list("allowed_hosts", list(LOOPBACK), "Host header values accepted (others: 400).")
+  flags.DEFINE_list("allowed_hosts", list(LOOPBACK), "Host header names accepted (others: 400); "
+                    "on a network address, add the names clients use.")
   flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory (default: --model).")
   flags.DEFINE_string("audit_log", "audit.jsonl", "The audit log, appended to (mode 0600); "
                       "reopened on SIGHUP.")

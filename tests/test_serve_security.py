@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from flexolmo_jax import api_keys, audit, serve
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data.tokenizer import load_tokenizer
+from flexolmo_jax.generate import Sampling, filter_logits
 from flexolmo_jax.model import init_params
 import test_serve
 
@@ -248,6 +249,23 @@ def test_keys_file_validated(tmp_path):
     api_keys.Keys(path, POLICIES, NAMES)
 
 
+def test_sampling_values_are_traced_and_capped():
+  traced = Sampling(0.7, 10**30, 0.9).traced(512)
+  assert traced.top_k == 512 and traced.top_k.dtype == np.int32
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+  filtered = jax.jit(filter_logits)
+  for sampling, kept in [(Sampling(1.0, top_p=0.8), [True, True, False, False]),
+                         (Sampling(1.0, top_k=3), [True, True, True, False]),
+                         # top-p on the renormalised top-k: 0.5 / 0.8 >= 0.6 leaves one token.
+                         (Sampling(1.0, top_k=2, top_p=0.6), [True, False, False, False]),
+                         (Sampling(0.5, top_k=10**9), [True] * 4)]:
+    got = filtered(logits, sampling.traced(4))
+    assert np.isfinite(np.asarray(got)).tolist() == [kept], sampling
+  assert filtered._cache_size() == 1  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="finite"):
+    Sampling(float("nan"))
+
+
 # ----------------------------------------------------------------------------- with the model
 
 
@@ -269,19 +287,19 @@ def test_new_sampling_values_never_compile(model_client, keys_file):
     if "backend_compile" in event:
       compiles.append(event)
 
-  def sample(temperature, top_p, top_k):
+  def sample(temperature, top_p, top_k, seed):
     got = post(model_client, "/generate", {"policy": "all", "prompt": "Hello", "max_new_tokens": 8,
                                            "temperature": temperature, "top_p": top_p,
-                                           "top_k": top_k, "seed": 1}, bob)
+                                           "top_k": top_k, "seed": seed}, bob)
     assert got.status_code == 200, got.text
     return got.json()["tokens"]
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    sample(0.7, 0.9, 0)  # Warm-up: compiles the decode and routing buckets.
+    sample(0.7, 0.9, 0, 0)  # Warm-up: compiles the decode and routing buckets.
     assert compiles, "the listener saw no compile at all"
     compiles.clear()
-    outputs = [sample(0.5 + 0.01 * i, 0.5 + 0.025 * i, i * 20) for i in range(20)]
+    outputs = [sample(0.5 + 0.01 * i, 0.5 + 0.025 * i, i * 20, i) for i in range(20)]
     assert compiles == []
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
