@@ -1,4 +1,4 @@
-"""API keys for the policy server: who may call it, and which policies and experts each caller may use.
+"""API keys for the policy server: who may call it, and which policies and experts each may use.
 
 A keys file is JSON, written by `python -m flexolmo_jax.serve add-key` (never by hand):
 
@@ -8,7 +8,8 @@ A keys file is JSON, written by `python -m flexolmo_jax.serve add-key` (never by
 A key is `<key id>.<secret>`, sent as `Authorization: Bearer <key>`; the file holds only a salted
 scrypt hash of the secret (compared in constant time), so a leaked file grants nothing. "policies"
 lists the named policies the key may ask for; "experts" is null when the key may not send explicit
-expert lists, else the experts such a list may stay within (an expert subset, flexolmo_jax/subsets.py).
+expert lists, else the experts such a list may stay within (an expert subset,
+flexolmo_jax/subsets.py).
 Both are checked against the policies file and the model when the server starts.
 """
 
@@ -26,7 +27,7 @@ from typing import Mapping, Sequence
 from flexolmo_jax import policies as policies_lib
 
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# Interactive-login scrypt cost; each entry stores its own, so a later default leaves old keys valid.
+# Interactive-login scrypt cost; each entry stores its own, so a new default keeps old keys valid.
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _CACHE_SIZE = 1024
 

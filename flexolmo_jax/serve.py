@@ -510,7 +510,7 @@ class Server:
     """Answers one POST to `endpoint`: refused, or run in a batch; audited either way."""
     request_id = uuid.uuid4().hex
     grant = job = None
-    admitted = False
+    admitted = streaming = False  # A stream, once started, leaves the queue through _Stream.
     try:
       grant = await self._grant(request)
       job = self._job(endpoint, await self._body(request), grant, request_id)
@@ -521,7 +521,9 @@ class Server:
       admitted = True
       job.deadline = asyncio.get_running_loop().time() + self.limits.request_timeout_s
       if job.stream:
-        return await self._start_stream(job, grant)
+        response = await self._start_stream(job, grant)
+        streaming = True
+        return response
       future = asyncio.get_running_loop().create_future()
       await self.batcher.queue.put((job, future))
       try:
@@ -538,7 +540,7 @@ class Server:
       logging.exception("request failed")
       status, error = 500, f"internal error: {err}"
     finally:
-      if admitted and not (job and job.stream):
+      if admitted and not streaming:
         self.pending -= 1
     routed, batch = (result["routed"], result["batch"]) if status == 200 else (None, None)
     await asyncio.to_thread(self.audit.write, [self._record(
@@ -607,7 +609,7 @@ class Server:
         return
 
   async def health(self, request: Request):
-    """Says only that the server is up: no experts, policies or keys to an unauthenticated caller."""
+    """Says only that the server is up: nothing about experts, policies or keys."""
     del request
     return JSONResponse({"status": "ok"})
 

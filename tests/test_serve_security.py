@@ -101,7 +101,8 @@ def test_outside_the_grant_is_403(client, keys_file):
       (alice, {"policy": "all", "continuation": "x"}, "may not use policy 'all'"),
       (alice, {"experts": ["public"], "continuation": "x"}, "may not list experts"),
       (bob, {"policy": "no-news", "continuation": "x"}, "may not use policy 'no-news'"),
-      (bob, {"experts": ["public", "news"], "continuation": "x"}, r"may not use experts \['news'\]"),
+      (bob, {"experts": ["public", "news"], "continuation": "x"},
+       r"may not use experts \['news'\]"),
       (bob, {"experts": "-math", "continuation": "x"}, r"may not use experts \['news'\]"),
       (bob, {"experts": "all", "prompt": "x"}, "may not use experts")]:
     path = "/generate" if "prompt" in body else "/score"
