@@ -4,6 +4,8 @@ A run directory (`--workdir`) holds
   manifest.json           kind (public / expert), model config, provenance, last saved step
   public_router.npy       expert runs: the public router row r_pub [L, D] it trained against
   checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta
+  metrics.jsonl, tb/      logged metrics (JSON lines, TensorBoard events)
+  dp_noise_key.npy        DP runs: the secret noise key (owner-readable only)
 An expert run's `params` item holds ONLY its expert subtree (experts.py), so it is restorable on
 its own and small; merging takes r_pub from public_router.npy, checked against the manifest's
 public_router_fingerprint. Orbax writes each step into a
@@ -12,20 +14,28 @@ temporary directory and renames it when complete, so a half-written step is neve
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
+import secrets
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexolmo_jax import checkpoint
+from flexolmo_jax import checkpoint, distributed
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model import init_params
+from flexolmo_jax.train_config import EXECUTION_FIELDS
 
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 PUBLIC_ROUTER = "public_router.npy"
+METRICS = "metrics.jsonl"
+NOISE_KEY_FILE = "dp_noise_key.npy"
 
 
 def write_manifest(workdir: str | os.PathLike, manifest: dict) -> None:
@@ -39,6 +49,7 @@ def write_manifest(workdir: str | os.PathLike, manifest: dict) -> None:
 def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
   """Stores the public router row an expert run trains against, atomically (temp file + rename)."""
   path = pathlib.Path(workdir) / PUBLIC_ROUTER
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".npy.tmp")
   with open(tmp, "wb") as f:
     np.save(f, np.asarray(row_LxD, np.float32))
@@ -131,10 +142,113 @@ def restore_params_sharded(path: str | os.PathLike, abstract_tree) -> tuple[dict
 def check_shapes(config: ModelConfig, params, where,
                  hint: str = "the checkpoint does not match its manifest") -> None:
   """Refuses parameters that do not fit `config`, naming the first mismatching tensor."""
-  from flexolmo_jax import convert  # pylint: disable=g-import-not-at-top  (avoids a cycle)
-  want = convert.param_shapes(config)
+  abstract = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+  want = {k: tuple(v.shape) for k, v in checkpoint.flatten(abstract).items()}
   got = {k: tuple(v.shape) for k, v in checkpoint.flatten(params).items()}
   for key in sorted(set(want) | set(got)):
     if want.get(key) != got.get(key):
       raise ValueError(f"{where}: parameter {key} has shape {got.get(key)} but its config "
                        f"expects {want.get(key)}; {hint}")
+
+
+def check_resumable(workdir: str | os.PathLike, manifest: dict) -> None:
+  """Refuses to resume a workdir that belongs to a different run."""
+  path = pathlib.Path(workdir) / MANIFEST
+  if not path.exists():
+    return
+  old = json.loads(path.read_text())
+  for key in ("kind", "name", "config", "public_fingerprint", "init_fingerprint"):
+    before, now = old.get(key), manifest.get(key)
+    if key == "config":  # How the model executes may change between sessions; what it is may not.
+      before, now = _architecture(before), _architecture(now)
+    if before != now:
+      raise ValueError(f"{workdir} holds another run ({key} differs: {before!r} vs {now!r}); "
+                       "use a new --workdir")
+
+
+def _architecture(config_dict):
+  if config_dict is None:
+    return None
+  full = ModelConfig.from_dict(config_dict).to_dict()  # Fields added since the run started get defaults.
+  return {k: v for k, v in full.items() if k not in EXECUTION_FIELDS}
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, state, data_iter_states: list[str]):
+  """Checkpoints a training state {params, opt_state, step} with every host's data-iterator
+  position (JSON items are written by the primary alone, so it saves every host's)."""
+  data_iter = {"state": data_iter_states[0],
+               **({"per_host": data_iter_states} if len(data_iter_states) > 1 else {})}
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state["params"]),
+      opt_state=ocp.args.StandardSave(state["opt_state"]),
+      meta=ocp.args.JsonSave({"step": step}),
+      data_iter=ocp.args.JsonSave(data_iter)))
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, state_template):
+  """(state, this host's data-iterator JSON) saved by `save_state` at `step`, laid out like
+  `state_template`."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract["params"]),
+      opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+      data_iter=ocp.args.JsonRestore()))
+  state = {"params": restored["params"], "opt_state": restored["opt_state"],
+           "step": jnp.int32(step)}
+  saved = restored["data_iter"]
+  hosts = len(saved.get("per_host", [None]))
+  if hosts != jax.process_count():
+    raise ValueError(f"step {step} was saved by {hosts} host(s) and this run has "
+                     f"{jax.process_count()}; each host's data position cannot be carried over: "
+                     "resume with the same number of hosts")
+  return state, saved["per_host"][jax.process_index()] if hosts > 1 else saved["state"]
+
+
+class Metrics:
+  """TensorBoard event files plus a metrics.jsonl that tests and scripts can read; written by
+  the primary host only (every host computes the same global metrics)."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self._enabled = distributed.is_primary()
+    if not self._enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+    self._jsonl = open(pathlib.Path(workdir) / METRICS, "a", encoding="utf-8")
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
+    flat = {}
+    for k, v in values.items():
+      v = np.asarray(v)
+      if v.ndim == 0:
+        flat[k] = float(v)
+      else:
+        flat.update({f"{k}/{i}": float(x) for i, x in enumerate(v.ravel())})
+    for k, v in flat.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": step, **flat}) + "\n")
+    self._jsonl.flush()
+
+  def close(self):
+    if self._enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def dp_noise_key(workdir: str | os.PathLike) -> jax.Array:
+  """The run's secret DP noise key, created from the OS's randomness on first use.
+
+  Noise drawn from a known seed could be subtracted again, so the key is neither the config's
+  seed nor in the manifest; it lives in a file only the owner can read, and a resumed run reuses it
+  (so resuming stays exact).
+  """
+  path = pathlib.Path(workdir) / NOISE_KEY_FILE
+  if not path.exists():
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, np.frombuffer(secrets.token_bytes(8), np.uint32))
+    os.replace(tmp, path)
+  return jax.random.wrap_key_data(np.load(path), impl="threefry2x32")

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint, runs
+from flexolmo_jax import checkpoint, objective, partition, runs
 from flexolmo_jax import config as C
 from flexolmo_jax import train as T
 from flexolmo_jax.data import DataError
+from flexolmo_jax.model import Transformer
 from flexolmo_jax.train_config import train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -71,13 +72,13 @@ def test_expert_step_freezes_public_and_optimizes_only_the_expert(corpus_dir, pu
   config = _expert_config(corpus_dir, public_dir)
   model_config, trainable, frozen, _ = T.setup(config)
   frozen_before = jax.tree.map(np.array, frozen)
-  tx, schedule = T.make_optimizer(config, trainable)
+  tx, schedule = objective.make_optimizer(config, trainable)
   opt_state = tx.init(trainable)
   size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   # AdamW moments for the trainable expert only: 2x its parameters (+ scalar step counters).
   assert size(trainable) < size(frozen) / 3
   assert 2 * size(trainable) <= size(opt_state) <= 2 * size(trainable) + 8
-  step = jax.jit(T.make_train_step(config, model_config, tx, schedule))
+  step = jax.jit(objective.make_train_step(config, model_config, partition.EXPERT, tx, schedule))
   state = {"params": trainable, "opt_state": opt_state, "step": jnp.int32(0)}
   batches = iter(T.data_lib.make_pipeline(T._domain_data(config), "train"))
   for _ in range(3):
@@ -106,9 +107,9 @@ def test_upcycled_model_equals_public_model(corpus_dir, public_dir):
       name="math", public=str(public_dir), embed_batches=1, bias=False))
   model_config, trainable, frozen, _ = T.setup(config)
   tokens = jnp.arange(64, dtype=jnp.int32).reshape(2, 32)
-  full = T.build_full_params("expert", trainable, frozen, False)
-  got = T.Transformer(model_config).apply({"params": full}, tokens)
-  want = T.Transformer(model_config.replace(num_experts=0, expert_bias=False)).apply(
+  full = partition.EXPERT.join(trainable, frozen)
+  got = Transformer(model_config).apply({"params": full}, tokens)
+  want = Transformer(model_config.replace(num_experts=0, expert_bias=False)).apply(
       {"params": frozen["public"]}, tokens)
   np.testing.assert_allclose(got, want, atol=1e-5)  # Top-2 of 2 identical experts: weights sum to 1.
 
@@ -214,8 +215,8 @@ def test_resume_check_ignores_execution_settings_but_not_the_architecture(tmp_pa
   (tmp_path / runs.MANIFEST).write_text(json.dumps(old))
   faster = {**old, "config": {**cfg, "moe_backend": "blocked", "expert_parallel": "allgather",
                               "remat": "full"}}
-  T._check_resumable(tmp_path, faster)  # A field added later, or a new back end: same run.
+  runs.check_resumable(tmp_path, faster)  # A field added later, or a new back end: same run.
   with pytest.raises(ValueError, match="holds another run.*use a new --workdir"):
-    T._check_resumable(tmp_path, {**old, "config": {**cfg, "d_model": cfg["d_model"] * 2}})
+    runs.check_resumable(tmp_path, {**old, "config": {**cfg, "d_model": cfg["d_model"] * 2}})
   with pytest.raises(ValueError, match="name differs"):
-    T._check_resumable(tmp_path, {**faster, "name": "code"})
+    runs.check_resumable(tmp_path, {**faster, "name": "code"})

@@ -1,0 +1,155 @@
+"""The one training loop: sharding, checkpoint/resume with the data-iterator state, metrics,
+progress bar, NaN guard and the DP noise key, for every kind of run (partition.py).
+
+A killed run resumes from its last complete checkpoint, data iterator included, and reproduces
+the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from flexolmo_jax import distributed, objective, runs, sharding
+from flexolmo_jax import data as data_lib
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.partition import Partition
+from flexolmo_jax.train_config import TrainConfig
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm became NaN or Inf."""
+
+
+def on_mesh(mesh, fn):
+  """`fn` called with `mesh` set, so that the model's expert-parallel shard_map finds it."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
+
+
+def evaluate_domains(data_cfg, eval_fn, trainable, frozen, domains: Sequence[str],
+                     eval_batches: int, batch_sharding) -> dict[str, float]:
+  """Validation loss per domain over up to eval_batches batches of its validation split.
+
+  On several hosts every host must run the same number of steps with full batches (each step
+  is one global computation), so the split repeats and exactly eval_batches batches are read.
+  """
+  multi_host = jax.process_count() > 1
+  out = {}
+  for domain in domains:
+    cfg = data_cfg.replace(domains=(domain,), shuffle=False)
+    total, count = 0.0, 0.0
+    batches = iter(data_lib.make_pipeline(
+        cfg, "validation", num_epochs=None if multi_host else 1,
+        drop_remainder=multi_host, batch_size=distributed.host_batch_size(cfg.batch_size)))
+    for _, batch in zip(range(eval_batches), batches):
+      batch = (distributed.global_batch(batch, batch_sharding) if multi_host
+               else {k: jnp.asarray(v) for k, v in batch.items()})
+      loss_sum, n = eval_fn(trainable, frozen, batch)
+      total, count = total + float(loss_sum), count + float(n)
+    if count:
+      out[f"val_loss/{domain}"] = total / count
+  return out
+
+
+def _dp_key(workdir: pathlib.Path):
+  """The run's secret DP noise key: the primary host reads (or creates) it; every host uses
+  its copy."""
+  primary = distributed.is_primary()
+  key_data = (jax.random.key_data(runs.dp_noise_key(workdir)) if primary
+              else np.zeros(2, np.uint32))
+  return jax.random.wrap_key_data(distributed.from_primary(np.asarray(key_data)),
+                                  impl="threefry2x32")
+
+
+def fit(config: TrainConfig, workdir: str | os.PathLike, model_config: ModelConfig,
+        part: Partition, trainable, frozen, batches, *, manifest: dict[str, Any],
+        eval_domains: Sequence[str] = (), label: str = "train") -> tuple[Any, dict[str, float]]:
+  """Trains (or resumes) `trainable` for config.steps steps on host `batches` (a grain
+  iterator); writes `manifest` (with the resumed step), checkpoints and metrics to `workdir`.
+
+  Returns (the trained trainable tree, the last logged metrics as floats).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  primary = distributed.is_primary()  # On a pod, the workdir is shared: one host writes files.
+  mesh = sharding.make_mesh(config.mesh)
+  tx, schedule = objective.make_optimizer(config, trainable, part.fixed)
+  trainable_axes, frozen_axes = part.axes(model_config, trainable)
+  trainable = distributed.put(trainable, sharding.tree_shardings(trainable, trainable_axes, mesh))
+  if frozen is not None:
+    frozen = distributed.put(frozen, sharding.tree_shardings(frozen, frozen_axes, mesh))
+  state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)})(trainable)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = sharding.batch_sharding(mesh)
+  dp_key = _dp_key(workdir) if config.dp.enabled else None
+  step_fn = on_mesh(mesh, jax.jit(
+      objective.make_train_step(config, model_config, part, tx, schedule, dp_key),
+      in_shardings=(state_shardings, None, batch_sharding),
+      out_shardings=(state_shardings, None), donate_argnums=0))
+  eval_fn = on_mesh(mesh, jax.jit(objective.make_eval_step(model_config, part)))
+  evaluate = lambda params: evaluate_domains(config.data, eval_fn, params, frozen, eval_domains,
+                                             config.eval_batches, batch_sharding)
+
+  manager = runs.checkpoint_manager(workdir, keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpoint)
+  start = manager.latest_step() or 0
+  if start:
+    state, data_state = runs.restore_state(manager, start, state)
+    data_lib.iterator_state_from_json(batches, data_state)
+    print(f"resumed from step {start} in {workdir}", flush=True)
+  if primary:
+    runs.write_manifest(workdir, {**manifest, "step": start})
+
+  metrics_out = runs.Metrics(workdir)
+  last: dict[str, Any] = {}
+  if start == 0:
+    last = evaluate(state["params"])
+    metrics_out.write(0, last)
+  bar = tqdm.tqdm(total=config.steps, initial=start, disable=not config.progress,
+                  desc=label, unit="step", file=sys.stdout)
+  tokens_since, time_since = 0.0, time.perf_counter()
+  try:
+    for step in range(start + 1, config.steps + 1):
+      host_batch = next(batches)
+      # Counted on the host, no sync (scaled by the host count: hosts see similar counts).
+      tokens_since += float(np.sum(host_batch["loss_mask"])) * jax.process_count()
+      state, metrics = step_fn(state, frozen, distributed.global_batch(host_batch, batch_sharding))
+      # One transfer per step: the NaN guard needs the loss and gradient norm.
+      loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteError(
+            f"non-finite loss ({loss}) or gradient norm at step {step}; the last good checkpoint "
+            f"(step {manager.latest_step()}) in {workdir} is kept. Lower optim.lr, check the "
+            "data, or resume from it after changing the config")
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.3f}")
+      if step % config.log_every == 0 or step == config.steps:
+        elapsed = time.perf_counter() - time_since
+        last = {k: np.asarray(v) for k, v in metrics.items()}
+        last["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
+        tokens_since, time_since = 0.0, time.perf_counter()
+        if step % config.eval_every == 0 or step == config.steps:
+          last.update(evaluate(state["params"]))
+        metrics_out.write(step, last)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        # Each host reads its own documents, so each has its own iterator position.
+        runs.save_state(manager, step, state,
+                        distributed.gather_strings(data_lib.iterator_state_to_json(batches)))
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    metrics_out.close()
+  return state["params"], {k: float(np.mean(v)) for k, v in last.items()}
