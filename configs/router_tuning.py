@@ -27,4 +27,6 @@ def get_config():
   c.batch_size = 16
   c.seed = 0
   c.log_every = 50
+  c.checkpoint_every = 100
+  c.workdir = ""  # Checkpoints of a resumable run; default: OUT.run (here runs/merged_router_tuned.run).
   return c

@@ -176,7 +176,8 @@ def _batches(records: Sequence[bytes], seq_len: int, batch_size: int, seed: int)
 
 def _train_config(model_config, cfg: RouterTuningConfig) -> TrainConfig:
   """The training core's settings for `cfg`: AdamW (b2 0.999) with clipping, warmup and cosine
-  decay to lr / 10; token cross-entropy plus the router z-loss, no output z-loss; one device."""
+  decay to lr / 10; token cross-entropy plus the router z-loss, no output z-loss; one device.
+  Checkpoints are written synchronously: the trainable tree is a few router rows."""
   return TrainConfig(
       mode="public", model=model_config, mesh={"data": 1},
       data=DataConfig(path=cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size),
@@ -184,7 +185,7 @@ def _train_config(model_config, cfg: RouterTuningConfig) -> TrainConfig:
                         weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm),
       loss=LossConfig(z_loss=0.0, router_z_loss=cfg.router_z_loss, load_balancing=0.0),
       steps=cfg.steps, seed=cfg.seed, log_every=cfg.log_every, eval_every=cfg.steps,
-      checkpoint_every=cfg.checkpoint_every, progress=False)
+      checkpoint_every=cfg.checkpoint_every, async_checkpoint=False, progress=False)
 
 
 def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConfig,
