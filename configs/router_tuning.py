@@ -28,5 +28,5 @@ def get_config():
   c.seed = 0
   c.log_every = 50
   c.checkpoint_every = 100
-  c.workdir = ""  # Checkpoints of a resumable run; default: OUT.run (here runs/merged_router_tuned.run).
+  c.workdir = ""  # Checkpoints, so a killed run resumes; default: OUT.run.
   return c
