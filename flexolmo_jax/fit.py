@@ -22,6 +22,7 @@ import tqdm
 from flexolmo_jax import distributed, objective, runs, sharding
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.manifest import Manifest
 from flexolmo_jax.partition import Partition
 from flexolmo_jax.train_config import TrainConfig
 
@@ -74,7 +75,7 @@ def _dp_key(workdir: pathlib.Path):
 
 
 def fit(config: TrainConfig, workdir: str | os.PathLike, model_config: ModelConfig,
-        part: Partition, trainable, frozen, batches, *, manifest: dict[str, Any],
+        part: Partition, trainable, frozen, batches, *, manifest: Manifest,
         eval_domains: Sequence[str] = (), label: str = "train") -> tuple[Any, dict[str, float]]:
   """Trains (or resumes) `trainable` for config.steps steps on host `batches` (a grain
   iterator); writes `manifest` (with the resumed step), checkpoints and metrics to `workdir`.
@@ -110,7 +111,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, model_config: ModelConf
     data_lib.iterator_state_from_json(batches, data_state)
     print(f"resumed from step {start} in {workdir}", flush=True)
   if primary:
-    runs.write_manifest(workdir, {**manifest, "step": start})
+    runs.write_manifest(workdir, manifest.replace(step=start))
 
   metrics_out = runs.Metrics(workdir)
   last: dict[str, Any] = {}

@@ -42,6 +42,7 @@ from flexolmo_jax import data as data_lib
 from flexolmo_jax import fit as fit_lib
 from flexolmo_jax.config import check_keys
 from flexolmo_jax.data import DataConfig, corpus, pipeline
+from flexolmo_jax.manifest import Manifest
 from flexolmo_jax.train_config import LossConfig, OptimConfig, TrainConfig
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -198,9 +199,10 @@ def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConf
       return train_router(config, params, records, cfg, tmp)
   model_config = config.replace(top_k=config.num_experts)  # Every expert sees every token.
   trainable, frozen = partition.split_router(jax.tree.map(np.asarray, params))
-  manifest = {"kind": "router_tuning", "config": model_config.to_dict(),
-              "init_fingerprint": checkpoint.fingerprint(params),
-              "router_tuning": dataclasses.asdict(cfg), "versions": checkpoint.library_versions()}
+  manifest = Manifest(kind="router_tuning", config=model_config.to_dict(),
+                      init_fingerprint=checkpoint.fingerprint(params),
+                      versions=checkpoint.library_versions(),
+                      extra={"router_tuning": dataclasses.asdict(cfg)})
   runs.check_resumable(workdir, manifest)
   trained, metrics = fit_lib.fit(_train_config(model_config, cfg), workdir, model_config,
                          partition.ROUTER, trainable, frozen,

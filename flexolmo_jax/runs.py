@@ -27,23 +27,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flexolmo_jax import checkpoint, distributed
+from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import init_params
 from flexolmo_jax.train_config import EXECUTION_FIELDS
 
-MANIFEST = "manifest.json"
+MANIFEST = manifest_lib.FILE
+write_manifest = manifest_lib.write  # The run's manifest.json (manifest.py), written atomically.
 CHECKPOINTS = "checkpoints"
 PUBLIC_ROUTER = "public_router.npy"
 METRICS = "metrics.jsonl"
 NOISE_KEY_FILE = "dp_noise_key.npy"
-
-
-def write_manifest(workdir: str | os.PathLike, manifest: dict) -> None:
-  """Writes the run manifest atomically (temp file + rename)."""
-  path = pathlib.Path(workdir) / MANIFEST
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
 
 
 def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
@@ -151,14 +145,13 @@ def check_shapes(config: ModelConfig, params, where,
                        f"expects {want.get(key)}; {hint}")
 
 
-def check_resumable(workdir: str | os.PathLike, manifest: dict) -> None:
+def check_resumable(workdir: str | os.PathLike, manifest: manifest_lib.Manifest | dict) -> None:
   """Refuses to resume a workdir that belongs to a different run."""
-  path = pathlib.Path(workdir) / MANIFEST
-  if not path.exists():
+  if not (pathlib.Path(workdir) / MANIFEST).exists():
     return
-  old = json.loads(path.read_text())
+  old, manifest = manifest_lib.read(workdir), manifest_lib.of(manifest)
   for key in ("kind", "name", "config", "public_fingerprint", "init_fingerprint"):
-    before, now = old.get(key), manifest.get(key)
+    before, now = getattr(old, key), getattr(manifest, key)
     if key == "config":  # How the model executes may change between sessions; what it is may not.
       before, now = _architecture(before), _architecture(now)
     if before != now:

@@ -33,7 +33,7 @@ def train_solo(config, workdir: str) -> dict[str, float]:
   model_config, trainable, frozen, manifest = train_lib.setup(config)
   dense_config = model_config.replace(num_experts=0, top_k=1, expert_bias=False,
                                       expert_bias_init=0.0)
-  manifest.update(ablation="solo", train_config=to_dict(config))
+  manifest = manifest.replace(ablation="solo", train_config=to_dict(config))
   runs.check_resumable(workdir, manifest)
   runs.write_public_router(workdir, frozen["public_router"])
   # A small dense run in one process, on one device as it always was.
@@ -42,7 +42,7 @@ def train_solo(config, workdir: str) -> dict[str, float]:
   _, last = fit(config, workdir, dense_config, partition.FFN_ONLY, trainable, frozen,
                 iter(data_lib.make_pipeline(data_cfg, "train")), manifest=manifest,
                 eval_domains=(config.expert.name, "public"), label=f"solo {config.expert.name}")
-  runs.write_manifest(workdir, {**manifest, "step": config.steps})
+  runs.write_manifest(workdir, manifest.replace(step=config.steps))
   return last
 
 

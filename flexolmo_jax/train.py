@@ -28,6 +28,7 @@ from flexolmo_jax import checkpoint, distributed, dp, experts, partition, router
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.fit import NonFiniteError, fit
+from flexolmo_jax.manifest import Manifest
 from flexolmo_jax.model import init_params
 from flexolmo_jax.train_config import TrainConfig, check_override_keys, to_dict, train_config
 
@@ -65,12 +66,12 @@ def setup(config: TrainConfig):
   data_lib.pipeline.ensure_domains(data_cfg)  # Unknown domains fail here, listing the known ones.
   if config.mode == "public":
     _vocab_check(config.model, config.data.path)
-    manifest = {"kind": "public", "config": config.model.to_dict()}
+    manifest = Manifest(kind="public", config=config.model.to_dict())
     if not config.init_from:
       return config.model, init_params(config.model, jax.random.key(config.seed)), None, manifest
     params = _init_from(config.model, config.init_from)
-    manifest.update(init_from=str(config.init_from),
-                    init_fingerprint=checkpoint.fingerprint(params))
+    manifest = manifest.replace(init_from=str(config.init_from),
+                                init_fingerprint=checkpoint.fingerprint(params))
     return config.model, params, None, manifest
 
   e = config.expert
@@ -85,11 +86,10 @@ def setup(config: TrainConfig):
   frozen = {"public": public_params, "public_router": rows["public"]}
   trainable = experts.upcycle_expert(public_params, rows[e.name],
                                      bias_init=e.bias_init if e.bias else None)
-  manifest = {
-      "kind": "expert", "name": e.name, "config": model_config.to_dict(),
-      "public_path": str(e.public), "public_fingerprint": checkpoint.fingerprint(public_params),
-      "public_router_fingerprint": checkpoint.fingerprint({"r": rows["public"]}),
-  }
+  manifest = Manifest(
+      kind="expert", name=e.name, config=model_config.to_dict(), public_path=str(e.public),
+      public_fingerprint=checkpoint.fingerprint(public_params),
+      public_router_fingerprint=checkpoint.fingerprint({"r": rows["public"]}))
   return model_config, trainable, frozen, manifest
 
 
@@ -127,8 +127,8 @@ def _router_rows(config: TrainConfig, public_config: ModelConfig, public_params)
 def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   """Runs (or resumes) training; returns the last logged metrics."""
   model_config, trainable, frozen, manifest = setup(config)
-  manifest.update(train_config=to_dict(config), data_manifest_hash=_data_manifest_hash(
-      config.data.path), versions=checkpoint.library_versions())
+  manifest = manifest.replace(train_config=to_dict(config), versions=checkpoint.library_versions(),
+                              data_manifest_hash=_data_manifest_hash(config.data.path))
   runs.check_resumable(workdir, manifest)
   if frozen is not None and distributed.is_primary():
     runs.write_public_router(workdir, frozen["public_router"])  # Merging needs r_pub itself.
@@ -141,12 +141,13 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
       data_cfg.domains + (("public",) if config.mode == "expert" else ()))
   _, last = fit(config, workdir, model_config, partition.BY_MODE[config.mode], trainable, frozen,
                 batches, manifest=manifest, eval_domains=eval_domains,
-                label=f"train {manifest.get('name', 'public')}")
+                label=f"train {manifest.name or 'public'}")
   if config.dp.enabled:
-    manifest["dp"] = dp.report(config.dp, batch_size=data_cfg.batch_size, steps=config.steps,
-                               num_examples=_num_examples(data_cfg))
+    manifest = manifest.replace(dp=dp.report(config.dp, batch_size=data_cfg.batch_size,
+                                             steps=config.steps,
+                                             num_examples=_num_examples(data_cfg)))
   if distributed.is_primary():
-    runs.write_manifest(workdir, {**manifest, "step": config.steps})
+    runs.write_manifest(workdir, manifest.replace(step=config.steps))
   return last
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import checkpoint
+from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax import config as config_lib
 
 
@@ -65,3 +66,17 @@ def test_modified_artifact_is_refused(tmp_path):
 def test_unknown_kind_is_refused(tmp_path):
   with pytest.raises(ValueError, match="kind"):
     checkpoint.save_params_artifact(tmp_path / "a", config_lib.tiny(), _tree(), "shared")
+
+
+def test_manifest_versions_today_and_unknown(tmp_path):
+  """A manifest without a version (written before the field) reads as version 1 and keeps every
+  key through a read and a write; an unknown version is refused, naming it and the fix."""
+  old = {"kind": "expert", "config": {"d_model": 8}, "name": "math", "expert_names": ["a"]}
+  (tmp_path / manifest_lib.FILE).write_text(json.dumps(old))
+  read = manifest_lib.read(tmp_path)
+  assert read.version == 1 and read.name == "math" and read.extra == {"expert_names": ["a"]}
+  manifest_lib.write(tmp_path, read.replace(step=3))
+  assert json.loads((tmp_path / manifest_lib.FILE).read_text()) == {**old, "version": 1, "step": 3}
+  (tmp_path / manifest_lib.FILE).write_text(json.dumps({**old, "version": 99}))
+  with pytest.raises(ValueError, match="manifest version 99 is not one this flexolmo_jax reads"):
+    checkpoint.read_manifest(tmp_path)

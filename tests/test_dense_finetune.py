@@ -41,8 +41,8 @@ def _finetune_config(corpus_dir, init_from, **model):
 def test_init_from_starts_at_the_loaded_params(corpus_dir, tmp_path):
   source, params = _source(tmp_path)
   _, start, frozen, manifest = T.setup(_finetune_config(corpus_dir, source))
-  assert frozen is None and manifest["init_from"] == source
-  assert manifest["init_fingerprint"] == checkpoint.fingerprint(params)
+  assert frozen is None and manifest.init_from == source
+  assert manifest.init_fingerprint == checkpoint.fingerprint(params)
   jax.tree.map(np.testing.assert_array_equal, start, params)
 
 
