@@ -39,6 +39,18 @@ def on_mesh(mesh, fn):
   return call
 
 
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _non_finite(what: str, step: int, manager, workdir) -> NonFiniteError:
+  return NonFiniteError(
+      f"non-finite {what} at step {step}; the last good checkpoint (step "
+      f"{manager.latest_step()}) in {workdir} is kept. Lower optim.lr, check the data, or "
+      "resume from it after changing the config")
+
+
 def evaluate_domains(data_cfg, eval_fn, trainable, frozen, domains: Sequence[str],
                      eval_batches: int, batch_sharding) -> dict[str, float]:
   """Validation loss per domain over up to eval_batches batches of its validation split.
@@ -130,10 +142,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, model_config: ModelConf
       # One transfer per step: the NaN guard needs the loss and gradient norm.
       loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
       if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise NonFiniteError(
-            f"non-finite loss ({loss}) or gradient norm at step {step}; the last good checkpoint "
-            f"(step {manager.latest_step()}) in {workdir} is kept. Lower optim.lr, check the "
-            "data, or resume from it after changing the config")
+        raise _non_finite(f"loss ({loss}) or gradient norm", step, manager, workdir)
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.3f}")
       if step % config.log_every == 0 or step == config.steps:
@@ -145,6 +154,10 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, model_config: ModelConf
           last.update(evaluate(state["params"]))
         metrics_out.write(step, last)
       if step % config.checkpoint_every == 0 or step == config.steps:
+        # A finite gradient can still overflow the parameters: never save those.
+        if not bool(_all_finite(state["params"])):
+          raise _non_finite("parameters (after a finite loss and gradient)", step, manager,
+                            workdir)
         # Each host reads its own documents, so each has its own iterator position.
         runs.save_state(manager, step, state,
                         distributed.gather_strings(data_lib.iterator_state_to_json(batches)))

@@ -220,3 +220,14 @@ def test_resume_check_ignores_execution_settings_but_not_the_architecture(tmp_pa
     runs.check_resumable(tmp_path, {**old, "config": {**cfg, "d_model": cfg["d_model"] * 2}})
   with pytest.raises(ValueError, match="name differs"):
     runs.check_resumable(tmp_path, {**faster, "name": "code"})
+
+
+@pytest.mark.slow
+def test_nan_guard_checks_the_parameters_before_a_save(corpus_dir, tmp_path):
+  # lr overflows float32: step 1's loss and gradient are finite, the parameters after it are not.
+  config = _public_config(corpus_dir, steps=3, checkpoint_every=1, eval_every=100,
+                          optim=dict(lr=1e39, warmup_steps=0))
+  with pytest.raises(T.NonFiniteError, match="non-finite parameters .* at step 1"):
+    T.train(config, str(tmp_path))
+  with pytest.raises(ValueError, match="no complete checkpoint"):
+    runs.load_params(tmp_path)
