@@ -43,7 +43,7 @@ from flexolmo_jax import fit as fit_lib
 from flexolmo_jax.config import check_keys
 from flexolmo_jax.data import DataConfig, corpus, pipeline
 from flexolmo_jax.manifest import Manifest
-from flexolmo_jax.train_config import LossConfig, OptimConfig, TrainConfig
+from flexolmo_jax.train_config import LossConfig, OptimConfig, TrainConfig, to_dict
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 # Hashed bag-of-words width: 4096 buckets separate these domains as well as 16k did at a quarter
@@ -199,12 +199,13 @@ def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConf
       return train_router(config, params, records, cfg, tmp)
   model_config = config.replace(top_k=config.num_experts)  # Every expert sees every token.
   trainable, frozen = partition.split_router(jax.tree.map(np.asarray, params))
+  train_config = _train_config(model_config, cfg)
   manifest = Manifest(kind="router_tuning", config=model_config.to_dict(),
                       init_fingerprint=checkpoint.fingerprint(params),
-                      versions=checkpoint.library_versions(),
+                      train_config=to_dict(train_config), versions=checkpoint.library_versions(),
                       extra={"router_tuning": dataclasses.asdict(cfg)})
   runs.check_resumable(workdir, manifest)
-  trained, metrics = fit_lib.fit(_train_config(model_config, cfg), workdir, model_config,
+  trained, metrics = fit_lib.fit(train_config, workdir, model_config,
                          partition.ROUTER, trainable, frozen,
                          _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed),
                          manifest=manifest, label="router tuning")

@@ -30,7 +30,7 @@ from flexolmo_jax import checkpoint, distributed
 from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import init_params
-from flexolmo_jax.train_config import EXECUTION_FIELDS
+from flexolmo_jax.train_config import EXECUTION_FIELDS, RESUME_MAY_CHANGE
 
 MANIFEST = manifest_lib.FILE
 write_manifest = manifest_lib.write  # The run's manifest.json (manifest.py), written atomically.
@@ -157,6 +157,22 @@ def check_resumable(workdir: str | os.PathLike, manifest: manifest_lib.Manifest 
     if before != now:
       raise ValueError(f"{workdir} holds another run ({key} differs: {before!r} vs {now!r}); "
                        "use a new --workdir")
+  changed = _changed_settings(old, manifest)
+  if changed:
+    raise ValueError(f"{workdir} was started with other settings: " + "; ".join(
+        f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) + ". A resumed run may change "
+        f"only {', '.join(RESUME_MAY_CHANGE)}; restore the others or use a new --workdir")
+
+
+def _changed_settings(old: manifest_lib.Manifest, new: manifest_lib.Manifest) -> dict:
+  """dotted key -> (before, now) of the training settings and data that differ. Keys only one
+  side has (a setting added since the run started) are not compared."""
+  flat = lambda m: {k.replace("/", "."): v for k, v in checkpoint.flatten(json.loads(json.dumps(
+      {"data_manifest_hash": m.data_manifest_hash, **(m.train_config or {})}))).items()}
+  before, now = flat(old), flat(new)
+  may_change = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+  return {k: (before[k], now[k]) for k in sorted(set(before) & set(now))
+          if before[k] != now[k] and not may_change(k)}
 
 
 def _architecture(config_dict):

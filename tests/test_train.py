@@ -1,6 +1,7 @@
 """Training: frozen public weights, trainable-only optimizer state, exact resume after SIGKILL,
 1 vs 8 devices, the NaN guard, and bad input."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,8 +19,9 @@ from flexolmo_jax import checkpoint, objective, partition, runs
 from flexolmo_jax import config as C
 from flexolmo_jax import train as T
 from flexolmo_jax.data import DataError
+from flexolmo_jax.manifest import Manifest
 from flexolmo_jax.model import Transformer
-from flexolmo_jax.train_config import train_config
+from flexolmo_jax.train_config import to_dict, train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
@@ -231,3 +233,21 @@ def test_nan_guard_checks_the_parameters_before_a_save(corpus_dir, tmp_path):
     T.train(config, str(tmp_path))
   with pytest.raises(ValueError, match="no complete checkpoint"):
     runs.load_params(tmp_path)
+
+
+def test_resume_refuses_changed_training_settings_naming_them(corpus_dir, tmp_path):
+  config = _expert_config(corpus_dir, tmp_path / "public",
+                          dp=dict(enabled=True, noise_multiplier=1.0))
+  manifest = Manifest(
+      kind="expert", name="math", config=C.tiny(num_experts=2).to_dict(),
+      train_config=to_dict(config), data_manifest_hash="abc")
+  runs.write_manifest(tmp_path, manifest)
+  faster = to_dict(dataclasses.replace(config, mesh={"data": 2}, log_every=5, progress=True))
+  runs.check_resumable(tmp_path, manifest.replace(train_config=faster))  # How it runs: allowed.
+  noisier = to_dict(dataclasses.replace(config, dp=dataclasses.replace(config.dp,
+                                                                         noise_multiplier=2.0)))
+  with pytest.raises(ValueError, match=r"dp\.noise_multiplier 1\.0 -> 2\.0.*new --workdir"):
+    runs.check_resumable(tmp_path, manifest.replace(train_config=noisier))
+  with pytest.raises(ValueError, match=r"data_manifest_hash 'abc' -> 'def'; steps 30 -> 60"):
+    runs.check_resumable(tmp_path, manifest.replace(
+        data_manifest_hash="def", train_config=to_dict(dataclasses.replace(config, steps=60))))
