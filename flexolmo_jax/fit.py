@@ -7,6 +7,7 @@ the uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
@@ -86,17 +87,26 @@ def _dp_key(workdir: pathlib.Path):
                                   impl="threefry2x32")
 
 
-def fit(config: TrainConfig, workdir: str | os.PathLike, model_config: ModelConfig,
-        part: Partition, trainable, frozen, batches, *, manifest: Manifest,
-        eval_domains: Sequence[str] = (), label: str = "train") -> tuple[Any, dict[str, float]]:
-  """Trains (or resumes) `trainable` for config.steps steps on host `batches` (a grain
-  iterator); writes `manifest` (with the resumed step), checkpoints and metrics to `workdir`.
+def fit(config: TrainConfig, workdir: str | os.PathLike, *args, **kwargs
+        ) -> tuple[Any, dict[str, float]]:
+  """Trains (or resumes) a partition's trainable tree for config.steps steps; see `_fit` for
+  the arguments. The run holds `workdir`'s lock (runs.locked) throughout.
 
   Returns (the trained trainable tree, the last logged metrics as floats).
   """
-  workdir = pathlib.Path(workdir)
+  # On a pod the workdir is shared and one host writes files: the primary holds the lock.
+  with runs.locked(workdir) if distributed.is_primary() else contextlib.nullcontext():
+    return _fit(config, pathlib.Path(workdir), *args, **kwargs)
+
+
+def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, part: Partition,
+         trainable, frozen, batches, *, manifest: Manifest, eval_domains: Sequence[str] = (),
+         label: str = "train") -> tuple[Any, dict[str, float]]:
+  """Trains `trainable` on host `batches` (a grain iterator) under `part` with `frozen`;
+  writes `manifest` (with the resumed step), checkpoints and metrics to `workdir`, validation
+  loss on `eval_domains` at the start, every eval_every steps and at the end."""
   workdir.mkdir(parents=True, exist_ok=True)
-  primary = distributed.is_primary()  # On a pod, the workdir is shared: one host writes files.
+  primary = distributed.is_primary()
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = objective.make_optimizer(config, trainable, part.fixed)
   trainable_axes, frozen_axes = part.axes(model_config, trainable)

@@ -5,6 +5,7 @@ A run directory (`--workdir`) holds
   public_router.npy       expert runs: the public router row r_pub [L, D] it trained against
   checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta
   metrics.jsonl, tb/      logged metrics (JSON lines, TensorBoard events)
+  run.lock                held (flock) by the process training in it, whose pid it names
   dp_noise_key.npy        DP runs: the secret noise key (owner-readable only)
 An expert run's `params` item holds ONLY its expert subtree (experts.py), so it is restorable on
 its own and small; merging takes r_pub from public_router.npy, checked against the manifest's
@@ -14,12 +15,16 @@ temporary directory and renames it when complete, so a half-written step is neve
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
 import pathlib
 import secrets
-from typing import Any
+import socket
+import time
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 PUBLIC_ROUTER = "public_router.npy"
 METRICS = "metrics.jsonl"
 NOISE_KEY_FILE = "dp_noise_key.npy"
+LOCK = "run.lock"
 
 
 def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
@@ -180,6 +186,30 @@ def _architecture(config_dict):
     return None
   full = ModelConfig.from_dict(config_dict).to_dict()  # Fields added since the run started get defaults.
   return {k: v for k, v in full.items() if k not in EXECUTION_FIELDS}
+
+
+@contextlib.contextmanager
+def locked(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds `workdir`'s lock for the block; a second run on it is refused, naming the holder.
+
+  The lock is an flock, which the OS drops when its holder dies, so the lock file a killed run
+  leaves behind is taken over by the next run, never mistaken for a live one.
+  """
+  path = pathlib.Path(workdir) / LOCK
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a+", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      raise ValueError(f"{workdir} is in use by another run ({f.read().strip() or 'unknown'}); "
+                       "wait for it to end or stop it, or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    yield  # Closing the file releases the lock.
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state, data_iter_states: list[str]):

@@ -1,12 +1,15 @@
 """Params artifacts: exact round trip, stable fingerprints, atomic writes, refusals."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint
+from flexolmo_jax import checkpoint, runs
 from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax import config as config_lib
 
@@ -80,3 +83,21 @@ def test_manifest_versions_today_and_unknown(tmp_path):
   (tmp_path / manifest_lib.FILE).write_text(json.dumps({**old, "version": 99}))
   with pytest.raises(ValueError, match="manifest version 99 is not one this flexolmo_jax reads"):
     checkpoint.read_manifest(tmp_path)
+
+
+def test_a_locked_run_directory_refuses_a_second_run_until_its_holder_dies(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom flexolmo_jax import runs\n"
+       "with runs.locked(sys.argv[1]):\n  print('locked', flush=True)\n  time.sleep(600)",
+       str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid} on .*"
+                                         "use another --workdir"):
+      with runs.locked(tmp_path):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with runs.locked(tmp_path):  # The dead holder's lock file is taken over.
+    assert (tmp_path / runs.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
