@@ -2,7 +2,9 @@
 progress bar, NaN guard and the DP noise key, for every kind of run (partition.py).
 
 A killed run resumes from its last complete checkpoint, data iterator included, and reproduces
-the uninterrupted run exactly.
+the uninterrupted run exactly. On SIGTERM (a preemption notice) the run saves a checkpoint at the
+step it is on and exits with status 0 (`Preempted`), so a supervisor that restarts it resumes
+exactly and loses nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import contextlib
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from flexolmo_jax import distributed, objective, runs, sharding
 from flexolmo_jax import data as data_lib
@@ -29,7 +34,22 @@ from flexolmo_jax.train_config import TrainConfig
 
 
 class NonFiniteError(RuntimeError):
-  """The loss or gradient norm became NaN or Inf."""
+  """The loss, gradient norm or parameters became NaN or Inf."""
+
+
+class Preempted(SystemExit):
+  """SIGTERM arrived; the step it came at is saved. Exit status 0: resuming continues exactly."""
+
+  def __init__(self, step: int):
+    super().__init__(0)
+    self.step = step
+
+
+def _sigterm_seen(flag: list) -> bool:
+  """Whether any host was sent SIGTERM (all hosts must save the same step together)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.array([bool(flag)]))))
 
 
 def on_mesh(mesh, fn):
@@ -143,6 +163,10 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
   bar = tqdm.tqdm(total=config.steps, initial=start, disable=not config.progress,
                   desc=label, unit="step", file=sys.stdout)
   tokens_since, time_since = 0.0, time.perf_counter()
+  terminated = []
+  on_main_thread = threading.current_thread() is threading.main_thread()  # Where handlers live.
+  if on_main_thread:
+    previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
   try:
     for step in range(start + 1, config.steps + 1):
       host_batch = next(batches)
@@ -163,7 +187,8 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
         if step % config.eval_every == 0 or step == config.steps:
           last.update(evaluate(state["params"]))
         metrics_out.write(step, last)
-      if step % config.checkpoint_every == 0 or step == config.steps:
+      stop = _sigterm_seen(terminated)
+      if step % config.checkpoint_every == 0 or step == config.steps or stop:
         # A finite gradient can still overflow the parameters: never save those.
         if not bool(_all_finite(state["params"])):
           raise _non_finite("parameters (after a finite loss and gradient)", step, manager,
@@ -171,7 +196,12 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
         # Each host reads its own documents, so each has its own iterator position.
         runs.save_state(manager, step, state,
                         distributed.gather_strings(data_lib.iterator_state_to_json(batches)))
+      if stop and step < config.steps:
+        print(f"SIGTERM: saved step {step} in {workdir}; rerun the command to resume", flush=True)
+        raise Preempted(step)
   finally:
+    if on_main_thread:
+      signal.signal(signal.SIGTERM, previous)
     bar.close()
     manager.wait_until_finished()
     manager.close()

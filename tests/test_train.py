@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import killing
 from flexolmo_jax import checkpoint, objective, partition, runs
 from flexolmo_jax import config as C
 from flexolmo_jax import train as T
@@ -251,3 +252,22 @@ def test_resume_refuses_changed_training_settings_naming_them(corpus_dir, tmp_pa
   with pytest.raises(ValueError, match=r"data_manifest_hash 'abc' -> 'def'; steps 30 -> 60"):
     runs.check_resumable(tmp_path, manifest.replace(
         data_manifest_hash="def", train_config=to_dict(dataclasses.replace(config, steps=60))))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_exits_zero_and_resumes_exactly(corpus_dir, tmp_path):
+  config = _public_config(corpus_dir, steps=8, eval_every=100, checkpoint_every=100,
+                          async_checkpoint=True)
+  T.train(config, str(tmp_path / "straight"))
+  status = killing.run_signalled_after(
+      5, signal.SIGTERM, "import json, sys\nfrom flexolmo_jax import train as T\n"
+      "from flexolmo_jax.train_config import train_config\n"
+      "T.train(train_config(json.loads(sys.argv[1])), sys.argv[2])",
+      json.dumps(to_dict(config)), str(tmp_path / "stopped"))
+  assert status == 0
+  manager = runs.checkpoint_manager(tmp_path / "stopped")
+  assert manager.latest_step() == 5  # Saved at the step it was on.
+  manager.close()
+  T.train(config, str(tmp_path / "stopped"))
+  assert killing.logged_steps(tmp_path / "stopped").count(5) == 1  # Nothing was redone.
+  assert killing.losses(tmp_path / "stopped") == killing.losses(tmp_path / "straight")
