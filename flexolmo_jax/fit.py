@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from flexolmo_jax import distributed, objective, runs, sharding
+from flexolmo_jax import distributed, objective, runs, sharding, train_state
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.manifest import Manifest
@@ -147,9 +147,9 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
 
   manager = runs.checkpoint_manager(workdir, keep=config.keep_checkpoints,
                                     async_save=config.async_checkpoint)
-  start = manager.latest_step() or 0
+  start, restored, data_state = train_state.restore_latest(manager, workdir, state)
   if start:
-    state, data_state = runs.restore_state(manager, start, state)
+    state = restored
     data_lib.iterator_state_from_json(batches, data_state)
     print(f"resumed from step {start} in {workdir}", flush=True)
   if primary:
@@ -194,7 +194,7 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
           raise _non_finite("parameters (after a finite loss and gradient)", step, manager,
                             workdir)
         # Each host reads its own documents, so each has its own iterator position.
-        runs.save_state(manager, step, state,
+        train_state.save(manager, step, state,
                         distributed.gather_strings(data_lib.iterator_state_to_json(batches)))
       if stop and step < config.steps:
         print(f"SIGTERM: saved step {step} in {workdir}; rerun the command to resume", flush=True)

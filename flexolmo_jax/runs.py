@@ -27,7 +27,6 @@ import time
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -210,37 +209,6 @@ def locked(workdir: str | os.PathLike) -> Iterator[None]:
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     yield  # Closing the file releases the lock.
-
-
-def save_state(manager: ocp.CheckpointManager, step: int, state, data_iter_states: list[str]):
-  """Checkpoints a training state {params, opt_state, step} with every host's data-iterator
-  position (JSON items are written by the primary alone, so it saves every host's)."""
-  data_iter = {"state": data_iter_states[0],
-               **({"per_host": data_iter_states} if len(data_iter_states) > 1 else {})}
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state["params"]),
-      opt_state=ocp.args.StandardSave(state["opt_state"]),
-      meta=ocp.args.JsonSave({"step": step}),
-      data_iter=ocp.args.JsonSave(data_iter)))
-
-
-def restore_state(manager: ocp.CheckpointManager, step: int, state_template):
-  """(state, this host's data-iterator JSON) saved by `save_state` at `step`, laid out like
-  `state_template`."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract["params"]),
-      opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
-      data_iter=ocp.args.JsonRestore()))
-  state = {"params": restored["params"], "opt_state": restored["opt_state"],
-           "step": jnp.int32(step)}
-  saved = restored["data_iter"]
-  hosts = len(saved.get("per_host", [None]))
-  if hosts != jax.process_count():
-    raise ValueError(f"step {step} was saved by {hosts} host(s) and this run has "
-                     f"{jax.process_count()}; each host's data position cannot be carried over: "
-                     "resume with the same number of hosts")
-  return state, saved["per_host"][jax.process_index()] if hosts > 1 else saved["state"]
 
 
 class Metrics:

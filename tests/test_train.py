@@ -271,3 +271,21 @@ def test_sigterm_saves_the_step_exits_zero_and_resumes_exactly(corpus_dir, tmp_p
   T.train(config, str(tmp_path / "stopped"))
   assert killing.logged_steps(tmp_path / "stopped").count(5) == 1  # Nothing was redone.
   assert killing.losses(tmp_path / "stopped") == killing.losses(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(corpus_dir, tmp_path, caplog):
+  config = _public_config(corpus_dir, steps=6, eval_every=100, checkpoint_every=2)
+  T.train(config, str(tmp_path))
+  want = killing.losses(tmp_path)
+  data = max((p for p in (tmp_path / "checkpoints" / "6" / "params").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)  # Zero 64 bytes inside the tensors.
+  data.write_bytes(bytes(raw))
+  T.train(config, str(tmp_path))
+  assert "step 6" in caplog.text and "do not match the checksums" in caplog.text
+  assert killing.logged_steps(tmp_path).count(5) == 2  # Resumed from step 4, redid 5 and 6.
+  assert killing.losses(tmp_path) == want
+  assert (tmp_path / "damaged_checkpoints" / "6").is_dir()
+  assert runs.load_params(tmp_path)[2]["step"] == 6
