@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,21 @@ class Preempted(SystemExit):
   def __init__(self, step: int):
     super().__init__(0)
     self.step = step
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[list]:
+  """A list that SIGTERM appends to while the block runs (handlers live on the main thread;
+  elsewhere it stays empty)."""
+  flag = []
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: flag.append(True))
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _sigterm_seen(flag: list) -> bool:
@@ -114,17 +129,21 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *args, **kwargs
 
   Returns (the trained trainable tree, the last logged metrics as floats).
   """
-  # On a pod the workdir is shared and one host writes files: the primary holds the lock.
-  with runs.locked(workdir) if distributed.is_primary() else contextlib.nullcontext():
-    return _fit(config, pathlib.Path(workdir), *args, **kwargs)
+  with contextlib.ExitStack() as stack:
+    # On a pod the workdir is shared and one host writes files: the primary holds the lock.
+    if distributed.is_primary():
+      stack.enter_context(runs.locked(workdir))
+    terminated = stack.enter_context(_sigterm_flag())
+    return _fit(config, pathlib.Path(workdir), *args, terminated=terminated, **kwargs)
 
 
 def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, part: Partition,
-         trainable, frozen, batches, *, manifest: Manifest, eval_domains: Sequence[str] = (),
-         label: str = "train") -> tuple[Any, dict[str, float]]:
+         trainable, frozen, batches, *, manifest: Manifest, terminated: list,
+         eval_domains: Sequence[str] = (), label: str = "train") -> tuple[Any, dict[str, float]]:
   """Trains `trainable` on host `batches` (a grain iterator) under `part` with `frozen`;
   writes `manifest` (with the resumed step), checkpoints and metrics to `workdir`, validation
-  loss on `eval_domains` at the start, every eval_every steps and at the end."""
+  loss on `eval_domains` at the start, every eval_every steps and at the end. Stops, saved,
+  at the first step after `terminated` becomes non-empty."""
   workdir.mkdir(parents=True, exist_ok=True)
   primary = distributed.is_primary()
   mesh = sharding.make_mesh(config.mesh)
@@ -163,10 +182,6 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
   bar = tqdm.tqdm(total=config.steps, initial=start, disable=not config.progress,
                   desc=label, unit="step", file=sys.stdout)
   tokens_since, time_since = 0.0, time.perf_counter()
-  terminated = []
-  on_main_thread = threading.current_thread() is threading.main_thread()  # Where handlers live.
-  if on_main_thread:
-    previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
   try:
     for step in range(start + 1, config.steps + 1):
       host_batch = next(batches)
@@ -200,8 +215,6 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
         print(f"SIGTERM: saved step {step} in {workdir}; rerun the command to resume", flush=True)
         raise Preempted(step)
   finally:
-    if on_main_thread:
-      signal.signal(signal.SIGTERM, previous)
     bar.close()
     manager.wait_until_finished()
     manager.close()
