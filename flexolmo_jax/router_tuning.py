@@ -20,6 +20,7 @@ bit-identical; the output is a merged artifact with the same expert names, so op
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -175,6 +176,14 @@ def _batches(records: Sequence[bytes], seq_len: int, batch_size: int, seed: int)
   return iter(ds.map(pipeline._to_batch))  # pylint: disable=protected-access
 
 
+def _records_hash(records: Sequence[bytes]) -> str:
+  """sha256 over the tuning documents, so a resumed run refuses other documents."""
+  digest = hashlib.sha256()
+  for record in records:
+    digest.update(len(record).to_bytes(8, "little") + record)
+  return digest.hexdigest()
+
+
 def _train_config(model_config, cfg: RouterTuningConfig) -> TrainConfig:
   """The training core's settings for `cfg`: AdamW (b2 0.999) with clipping, warmup and cosine
   decay to lr / 10; token cross-entropy plus the router z-loss, no output z-loss; one device.
@@ -203,12 +212,12 @@ def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConf
   manifest = Manifest(kind="router_tuning", config=model_config.to_dict(),
                       init_fingerprint=checkpoint.fingerprint(params),
                       train_config=to_dict(train_config), versions=checkpoint.library_versions(),
+                      data_manifest_hash=_records_hash(records),
                       extra={"router_tuning": dataclasses.asdict(cfg)})
   runs.check_resumable(workdir, manifest)
-  trained, metrics = fit_lib.fit(train_config, workdir, model_config,
-                         partition.ROUTER, trainable, frozen,
-                         _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed),
-                         manifest=manifest, label="router tuning")
+  trained, metrics = fit_lib.fit(train_config, workdir, model_config, partition.ROUTER, trainable,
+                                 frozen, _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed),
+                                 manifest=manifest, label="router tuning")
   return partition.join_router(jax.tree.map(np.asarray, trained), frozen), metrics
 
 

@@ -1,16 +1,17 @@
-"""Training-run directories: a manifest plus Orbax checkpoints, and loading their parameters.
+"""Training-run directories: their layout, the files in them, and loading their parameters.
 
 A run directory (`--workdir`) holds
-  manifest.json           kind (public / expert), model config, provenance, last saved step
+  manifest.json           kind, model config, provenance, last saved step (manifest.py)
   public_router.npy       expert runs: the public router row r_pub [L, D] it trained against
-  checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta
+  checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta (train_state.py)
+  damaged_checkpoints/    steps that failed verification on resume, moved aside
   metrics.jsonl, tb/      logged metrics (JSON lines, TensorBoard events)
   run.lock                held (flock) by the process training in it, whose pid it names
   dp_noise_key.npy        DP runs: the secret noise key (owner-readable only)
 An expert run's `params` item holds ONLY its expert subtree (experts.py), so it is restorable on
 its own and small; merging takes r_pub from public_router.npy, checked against the manifest's
-public_router_fingerprint. Orbax writes each step into a
-temporary directory and renames it when complete, so a half-written step is never listed.
+public_router_fingerprint. Orbax writes each step into a temporary directory and renames it when
+complete, so a half-written step is never listed.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def _changed_settings(old: manifest_lib.Manifest, new: manifest_lib.Manifest) ->
   """dotted key -> (before, now) of the training settings and data that differ. Keys only one
   side has (a setting added since the run started) are not compared."""
   flat = lambda m: {k.replace("/", "."): v for k, v in checkpoint.flatten(json.loads(json.dumps(
-      {"data_manifest_hash": m.data_manifest_hash, **(m.train_config or {})}))).items()}
+      {"data_manifest_hash": m.data_manifest_hash, **(m.train_config or {})}))).items()
+                    if v is not None}
   before, now = flat(old), flat(new)
   may_change = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
   return {k: (before[k], now[k]) for k in sorted(set(before) & set(now))
