@@ -249,9 +249,10 @@ def test_resume_refuses_changed_training_settings_naming_them(corpus_dir, tmp_pa
                                                                          noise_multiplier=2.0)))
   with pytest.raises(ValueError, match=r"dp\.noise_multiplier 1\.0 -> 2\.0.*new --workdir"):
     runs.check_resumable(tmp_path, manifest.replace(train_config=noisier))
-  with pytest.raises(ValueError, match=r"data_manifest_hash 'abc' -> 'def'; steps 30 -> 60"):
-    runs.check_resumable(tmp_path, manifest.replace(
-        data_manifest_hash="def", train_config=to_dict(dataclasses.replace(config, steps=60))))
+  changed = r"data_manifest_hash 'abc' -> 'def'; optim\.lr 0\.003 -> 0\.1"
+  with pytest.raises(ValueError, match=changed):
+    runs.check_resumable(tmp_path, manifest.replace(data_manifest_hash="def", train_config=to_dict(
+        dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=0.1)))))
 
 
 @pytest.mark.slow
