@@ -9,7 +9,7 @@ by `FlexOlmoForCausalLM.from_pretrained`, and the logits are checked to agree (1
 Rows, per size:
   forward   ours: jitted `Transformer.apply`; torch: `model(tokens)` under inference_mode with
             attn_implementation "eager" and "sdpa", and "sdpa" + torch.compile.
-  train     ours: `train.make_train_step` in expert mode (only expert 1's FFN, router row 1
+  train     ours: `objective.make_train_step` in expert mode (only expert 1's FFN, router row 1
             trained; AdamW, global-norm clip 1.0, plain cross entropy). torch: the same
             subset. transformers 5 fuses the experts into `experts.gate_up_proj [E, 2I, H]`
             and `down_proj [E, H, I]`, so expert 1 cannot be a separate leaf: the fused tensors
@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags
 
 from flexolmo_jax import convert, experts, model
-from flexolmo_jax import train as T
+from flexolmo_jax import objective, partition
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.train_config import train_config
 
@@ -143,14 +143,15 @@ def _jax_runners(size, kinds):
     compiled = fwd.lower(full, tok).compile()
     out["forward"] = (lambda: jax.block_until_ready(fwd(full, tok)), _jax_mem(compiled))
   if "train" in kinds:
-    tx, schedule = T.make_optimizer(tcfg, expert)
+    tx, schedule = objective.make_optimizer(tcfg, expert)
     state = {"params": expert, "opt_state": tx.init(expert), "step": jnp.int32(0)}
     frozen = {"public": public, "public_router": r_pub}
     ones = jnp.ones((batch, seq), jnp.int32)
     b = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(targets), "segment_ids": ones,
          "loss_mask": ones.astype(jnp.float32),
          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
-    step = jax.jit(T.make_train_step(tcfg, moe_cfg, tx, schedule), donate_argnums=0)
+    step = jax.jit(objective.make_train_step(tcfg, moe_cfg, partition.EXPERT, tx, schedule),
+                   donate_argnums=0)
     compiled = step.lower(state, frozen, b).compile()
     box = [state]
 

@@ -2,7 +2,7 @@
 
 Layout of an artifact directory:
   params/         Orbax StandardCheckpointer save of the nested parameter dict
-  manifest.json   {"kind", "config", "fingerprint", "versions", ...extra}
+  manifest.json   {"version", "kind", "config", "fingerprint", "versions", ...extra} (manifest.py)
 
 The manifest is written last and the whole directory is renamed into place, so a directory
 without manifest.json is an interrupted write and is refused.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -23,10 +22,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax.config import ModelConfig
 
 KINDS = ("public", "expert", "merged")
-MANIFEST = "manifest.json"
+MANIFEST = manifest_lib.FILE
 PARAMS = "params"
 
 
@@ -112,7 +112,7 @@ def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: M
   clash = set(manifest) & set(extra_manifest or {})
   if clash:
     raise ValueError(f"extra_manifest may not override {sorted(clash)}")
-  manifest.update(extra_manifest or {})
+  manifest = manifest_lib.of({**manifest, **(extra_manifest or {})})
   with atomic_directory(path) as tmp:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / PARAMS, dict(params))
@@ -120,12 +120,13 @@ def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: M
     checkpointer.close()
     for name, source in (files or {}).items():
       shutil.copyfile(source, tmp / name)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-  return manifest
+    manifest_lib.write(tmp, manifest)
+  return manifest.to_dict()
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-  """The manifest of the artifact at `path`; refuses a directory left by an interrupted write."""
+  """The manifest of the artifact or run at `path`, as a dict; refuses a directory left by an
+  interrupted write, and a manifest version this package does not read."""
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"no artifact directory at {path}")
@@ -133,7 +134,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
   if not manifest_path.exists():
     raise ValueError(f"{path} has no {MANIFEST}: it is incomplete (an interrupted write?) "
                      "or not a flexolmo_jax artifact")
-  return json.loads(manifest_path.read_text())
+  return manifest_lib.read(path).to_dict()
 
 
 def load_params_artifact(path: str | os.PathLike, *, verify: bool = True

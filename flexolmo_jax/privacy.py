@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from flexolmo_jax import checkpoint, cli, experts, runs, subsets
+from flexolmo_jax import checkpoint, cli, merge, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -110,17 +110,13 @@ def load_documents(data: str, domain: str, *, min_tokens: int, limit: int, first
   return docs
 
 
-def flexolmo_model(public_params, expert_dir: str) -> tuple[ModelConfig, dict, dict]:
-  """(config, params, manifest) of the public model with one trained expert merged in."""
-  config, expert, manifest = runs.load_params(expert_dir)
+def flexolmo_model(public: str, expert_dir: str) -> tuple[ModelConfig, dict, dict]:
+  """(config, params, the expert's manifest) of the public model with one trained expert merged
+  in, by merge.assemble (which refuses an expert trained on another public model)."""
+  manifest = checkpoint.read_manifest(expert_dir)
   if manifest.get("kind") != "expert":
     raise ValueError(f"{expert_dir} is not an expert run (manifest kind {manifest.get('kind')!r})")
-  found = checkpoint.fingerprint(public_params)
-  if found != manifest.get("public_fingerprint"):
-    raise ValueError(f"expert {expert_dir} was trained on another public model (fingerprint "
-                     f"{manifest.get('public_fingerprint')}, given public {found})")
-  r_pub = runs.load_public_router(expert_dir, manifest)
-  params = experts.assemble_moe(public_params, r_pub, [expert], with_bias="expert_bias" in expert)
+  config, params, _ = merge.assemble(public, {manifest["name"]: expert_dir})
   return config, params, manifest
 
 
@@ -170,7 +166,7 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
   tokenizer_lib.check_matches(public_manifest, corpus.load_manifest(data), model=public)
   if public_config.is_moe:
     raise ValueError(f"{public} holds a mixture of experts; --public needs the dense public model")
-  moe_config, moe_params, moe_manifest = flexolmo_model(public_params, expert)
+  moe_config, moe_params, moe_manifest = flexolmo_model(public, expert)
   tokenizer_lib.check_matches(moe_manifest, corpus.load_manifest(data), model=expert)
   check_subset(moe_manifest, expert, domain, train_docs)
   models = [("public", public_config, public_params, None, None)]
@@ -181,7 +177,7 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
              (f"FlexOlmo, {domain} opted out", moe_config, moe_params,
               subsets.expert_mask(f"-{domain}", ["public", domain]), None)]
   if dp_expert:
-    dp_config, dp_params, dp_manifest = flexolmo_model(public_params, dp_expert)
+    dp_config, dp_params, dp_manifest = flexolmo_model(public, dp_expert)
     if "dp" not in dp_manifest:
       raise ValueError(f"{dp_expert} was not trained with DP-SGD (no dp record in its manifest)")
     check_subset(dp_manifest, dp_expert, domain, train_docs)

@@ -1,44 +1,55 @@
-"""Training-run directories: a manifest plus Orbax checkpoints, and loading their parameters.
+"""Training-run directories: their layout, the files in them, and loading their parameters.
 
 A run directory (`--workdir`) holds
-  manifest.json           kind (public / expert), model config, provenance, last saved step
+  manifest.json           kind, model config, provenance, last saved step (manifest.py)
   public_router.npy       expert runs: the public router row r_pub [L, D] it trained against
-  checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta
+  checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta (train_state.py)
+  damaged_checkpoints/    steps that failed verification on resume, moved aside
+  metrics.jsonl, tb/      logged metrics (JSON lines, TensorBoard events)
+  run.lock                held (flock) by the process training in it, whose pid it names
+  dp_noise_key.npy        DP runs: the secret noise key (owner-readable only)
 An expert run's `params` item holds ONLY its expert subtree (experts.py), so it is restorable on
 its own and small; merging takes r_pub from public_router.npy, checked against the manifest's
-public_router_fingerprint. Orbax writes each step into a
-temporary directory and renames it when complete, so a half-written step is never listed.
+public_router_fingerprint. Orbax writes each step into a temporary directory and renames it when
+complete, so a half-written step is never listed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
 import pathlib
+import secrets
+import socket
+import time
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexolmo_jax import checkpoint
+from flexolmo_jax import checkpoint, distributed
+from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model import init_params
+from flexolmo_jax.train_config import EXECUTION_FIELDS, RESUME_MAY_CHANGE
 
-MANIFEST = "manifest.json"
+MANIFEST = manifest_lib.FILE
+write_manifest = manifest_lib.write  # The run's manifest.json (manifest.py), written atomically.
 CHECKPOINTS = "checkpoints"
 PUBLIC_ROUTER = "public_router.npy"
-
-
-def write_manifest(workdir: str | os.PathLike, manifest: dict) -> None:
-  """Writes the run manifest atomically (temp file + rename)."""
-  path = pathlib.Path(workdir) / MANIFEST
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+METRICS = "metrics.jsonl"
+NOISE_KEY_FILE = "dp_noise_key.npy"
+LOCK = "run.lock"
 
 
 def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
   """Stores the public router row an expert run trains against, atomically (temp file + rename)."""
   path = pathlib.Path(workdir) / PUBLIC_ROUTER
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".npy.tmp")
   with open(tmp, "wb") as f:
     np.save(f, np.asarray(row_LxD, np.float32))
@@ -131,10 +142,122 @@ def restore_params_sharded(path: str | os.PathLike, abstract_tree) -> tuple[dict
 def check_shapes(config: ModelConfig, params, where,
                  hint: str = "the checkpoint does not match its manifest") -> None:
   """Refuses parameters that do not fit `config`, naming the first mismatching tensor."""
-  from flexolmo_jax import convert  # pylint: disable=g-import-not-at-top  (avoids a cycle)
-  want = convert.param_shapes(config)
+  abstract = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+  want = {k: tuple(v.shape) for k, v in checkpoint.flatten(abstract).items()}
   got = {k: tuple(v.shape) for k, v in checkpoint.flatten(params).items()}
   for key in sorted(set(want) | set(got)):
     if want.get(key) != got.get(key):
       raise ValueError(f"{where}: parameter {key} has shape {got.get(key)} but its config "
                        f"expects {want.get(key)}; {hint}")
+
+
+def check_resumable(workdir: str | os.PathLike, manifest: manifest_lib.Manifest | dict) -> None:
+  """Refuses to resume a workdir that belongs to a different run."""
+  if not (pathlib.Path(workdir) / MANIFEST).exists():
+    return
+  old, manifest = manifest_lib.read(workdir), manifest_lib.of(manifest)
+  for key in ("kind", "name", "config", "public_fingerprint", "init_fingerprint"):
+    before, now = getattr(old, key), getattr(manifest, key)
+    if key == "config":  # How the model executes may change between sessions; what it is may not.
+      before, now = _architecture(before), _architecture(now)
+    if before != now:
+      raise ValueError(f"{workdir} holds another run ({key} differs: {before!r} vs {now!r}); "
+                       "use a new --workdir")
+  changed = _changed_settings(old, manifest)
+  if changed:
+    raise ValueError(f"{workdir} was started with other settings: " + "; ".join(
+        f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) + ". A resumed run may change "
+        f"only {', '.join(RESUME_MAY_CHANGE)}; restore the others or use a new --workdir")
+
+
+def _changed_settings(old: manifest_lib.Manifest, new: manifest_lib.Manifest) -> dict:
+  """dotted key -> (before, now) of the training settings and data that differ. Keys only one
+  side has (a setting added since the run started) are not compared."""
+  flat = lambda m: {k.replace("/", "."): v for k, v in checkpoint.flatten(json.loads(json.dumps(
+      {"data_manifest_hash": m.data_manifest_hash, **(m.train_config or {})}))).items()
+                    if v is not None}
+  before, now = flat(old), flat(new)
+  may_change = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+  return {k: (before[k], now[k]) for k in sorted(set(before) & set(now))
+          if before[k] != now[k] and not may_change(k)}
+
+
+def _architecture(config_dict):
+  if config_dict is None:
+    return None
+  full = ModelConfig.from_dict(config_dict).to_dict()  # Fields added since the run started get defaults.
+  return {k: v for k, v in full.items() if k not in EXECUTION_FIELDS}
+
+
+@contextlib.contextmanager
+def locked(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds `workdir`'s lock for the block; a second run on it is refused, naming the holder.
+
+  The lock is an flock, which the OS drops when its holder dies, so the lock file a killed run
+  leaves behind is taken over by the next run, never mistaken for a live one.
+  """
+  path = pathlib.Path(workdir) / LOCK
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a+", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      raise ValueError(f"{workdir} is in use by another run ({f.read().strip() or 'unknown'}); "
+                       "wait for it to end or stop it, or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    yield  # Closing the file releases the lock.
+
+
+class Metrics:
+  """TensorBoard event files plus a metrics.jsonl that tests and scripts can read; written by
+  the primary host only (every host computes the same global metrics)."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self._enabled = distributed.is_primary()
+    if not self._enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+    self._jsonl = open(pathlib.Path(workdir) / METRICS, "a", encoding="utf-8")
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
+    flat = {}
+    for k, v in values.items():
+      v = np.asarray(v)
+      if v.ndim == 0:
+        flat[k] = float(v)
+      else:
+        flat.update({f"{k}/{i}": float(x) for i, x in enumerate(v.ravel())})
+    for k, v in flat.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": step, **flat}) + "\n")
+    self._jsonl.flush()
+
+  def close(self):
+    if self._enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def dp_noise_key(workdir: str | os.PathLike) -> jax.Array:
+  """The run's secret DP noise key, created from the OS's randomness on first use.
+
+  Noise drawn from a known seed could be subtracted again, so the key is neither the config's
+  seed nor in the manifest; it lives in a file only the owner can read, and a resumed run reuses it
+  (so resuming stays exact).
+  """
+  path = pathlib.Path(workdir) / NOISE_KEY_FILE
+  if not path.exists():
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, np.frombuffer(secrets.token_bytes(8), np.uint32))
+    os.replace(tmp, path)
+  return jax.random.wrap_key_data(np.load(path), impl="threefry2x32")

@@ -19,6 +19,13 @@ MODES = ("public", "expert")
 # comes from the public checkpoint.
 EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_capacity_factor",
                     "scan_layers", "remat", "dtype", "attention_impl", "attention_block_size")
+# TrainConfig keys a resumed run may change: how it executes, logs and saves (model_overrides
+# holds only execution fields), and `steps`, to extend a run (its learning-rate schedule then
+# follows the new length). Any other change is refused on resume.
+RESUME_MAY_CHANGE = ("steps", "model_overrides", "mesh", "progress", "async_checkpoint",
+                     "keep_checkpoints", "log_every", "eval_every", "eval_batches", "eval_domains",
+                     "checkpoint_every", "data.num_workers",
+                     *(f"model.{field}" for field in EXECUTION_FIELDS))
 
 
 @dataclasses.dataclass(frozen=True)

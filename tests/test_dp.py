@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexolmo_jax import dp
+from flexolmo_jax import dp, runs
 from flexolmo_jax import train as T
 from flexolmo_jax.train_config import train_config
 
@@ -128,5 +128,5 @@ def test_dp_expert_run_records_epsilon(corpus_dir, tmp_path):
                         delta=1e-5)
   assert record["epsilon"] == pytest.approx(expected) and record["epsilon"] > 0
   assert record["num_examples"] > 8 and record["steps"] == 3
-  key_file = pathlib.Path(expert) / dp.NOISE_KEY_FILE
+  key_file = pathlib.Path(expert) / runs.NOISE_KEY_FILE
   assert key_file.exists() and (key_file.stat().st_mode & 0o077) == 0

@@ -17,7 +17,7 @@ import pytest
 
 from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, sandbox, scoring, subsets
 from flexolmo_jax import config as config_lib
-from flexolmo_jax import train as train_lib
+from flexolmo_jax import objective
 from flexolmo_jax.train_config import LossConfig
 from flexolmo_jax.data import DataConfig, DataError, load_tokenizer, make_pipeline
 from flexolmo_jax.model import Transformer, init_params
@@ -157,7 +157,7 @@ def test_perplexity_is_exp_mean_nll_and_matches_training_loss(dense, corpus_dir)
   assert result["nll"] == pytest.approx(total / count, abs=1e-5)
   assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
   no_aux = LossConfig(z_loss=0.0, router_z_loss=0.0, load_balancing=0.0)
-  ce_fn = jax.jit(lambda b: train_lib.loss_terms(config, params, b, no_aux, 1.0)[1]["ce"])
+  ce_fn = jax.jit(lambda b: objective.loss_terms(config, params, b, no_aux, 1.0)[1]["ce"])
   ce = sum(float(ce_fn(scoring.pad_rows(b, 4))) for b in batches)
   assert result["nll"] == pytest.approx(ce / count, abs=1e-5)  # what training reports as val loss
 
