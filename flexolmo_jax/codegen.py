@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexolmo_jax import progress
 from flexolmo_jax import sandbox
 from flexolmo_jax import scoring
 from flexolmo_jax.config import ModelConfig
@@ -65,7 +66,7 @@ def greedy_generate(config: ModelConfig, params, tokenizer, prompts: Sequence[st
              for p in prompts]
   out: list[str] = [""] * len(prompts)
   order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-  for start in range(0, len(order), batch_size):
+  for start in progress.bar(range(0, len(order), batch_size), desc="generate", unit="batch"):
     chunk = order[start:start + batch_size]
     length = scoring.bucket_length(len(encoded[chunk[0]]) + max_new_tokens)
     tokens = np.zeros((batch_size, length), np.int32)
@@ -136,7 +137,8 @@ def evaluate_humaneval(config: ModelConfig, params, tokenizer, *, problems: Sequ
                                 batch_size=batch_size, max_len=max_len, expert_mask=expert_mask)
   seen = _training_hashes(data_root)
   samples = []
-  for problem, completion in zip(problems, completions):
+  for problem, completion in progress.bar(list(zip(problems, completions)),
+                                          desc="humaneval: run tests", unit="problem"):
     outcome = sandbox.run_sandboxed(humaneval_program(problem, completion), timeout=timeout,
                                     allow_unsandboxed=allow_unsandboxed)
     in_training = corpus.normalized_hash(problem["prompt"] + problem["canonical_solution"]) in seen
