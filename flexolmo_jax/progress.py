@@ -2,8 +2,10 @@
 
 On a terminal the bar redraws in place. Written to a log file or a pipe (a TPU VM's nohup log,
 CI), carriage-return redraws would pile up into one unreadable line, so each update becomes its own
-line and updates come at most every LOG_INTERVAL seconds. `--verbosity=-2` (errors only) or
-quieter turns the bars off, like every other message below that level.
+line and updates come at most every LOG_INTERVAL seconds. A bar appears only once its work has
+taken DELAY seconds, so quick steps (merging two tiny experts) add no lines to a log.
+`--verbosity=-2` (errors only) or quieter turns the bars off, like every other message below that
+level.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from absl import logging
 T = TypeVar("T")
 
 LOG_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
+DELAY = 2.0  # seconds before a bar first shows
 
 
 class _Lines:
@@ -47,4 +50,4 @@ def bar(iterable: Iterable[T] | None = None, *, desc: str, total: float | None =
   return tqdm.tqdm(iterable, desc=desc, total=total, unit=unit, unit_scale=unit_scale, leave=leave,
                    file=stream if terminal else _Lines(stream),
                    mininterval=0.1 if terminal else LOG_INTERVAL,
-                   dynamic_ncols=terminal, disable=not enabled())
+                   delay=DELAY, dynamic_ncols=terminal, disable=not enabled())

@@ -15,6 +15,7 @@ import time
 from absl import app
 from absl import flags
 
+from flexolmo_jax import cli
 from flexolmo_jax.data import corpus
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the prepared corpus.")
@@ -34,6 +35,7 @@ _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSON field holding the 
 def main(argv):
   if len(argv) != 2 or argv[1] != "prepare":
     raise app.UsageError("usage: python -m flexolmo_jax.data prepare --out=DIR [flags]")
+  cli.default_verbosity()
   if not _OUT.value:
     raise app.UsageError("--out=DIR is required.")
   start = time.time()
