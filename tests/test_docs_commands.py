@@ -40,7 +40,7 @@ PLACEHOLDER = re.compile(r"(?<![$\w{])[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*_(?:DIR|PATH|
                          r"|\[--|\s\.\.\.(?:\s|$)")
 COMMAND = re.compile(r"^\s*(?:python3?|bash|pip|curl)\s", re.M)
 # What the runs/ fixture provides, and the blocks that need it.
-NEEDS_RUNS = re.compile(r"\bruns/(?:data|public|experts)\b")
+NEEDS_RUNS = re.compile(r"(?<![\w/.-])runs/(?:data|public|experts)\b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,8 @@ def test_block_parsing(tmp_path):
       (3, "bash", "echo a\n", "needs a TPU VM (v5e)"), (7, "sh", "echo b\n", None), (10, "", "plain\n", None)]
   assert PLACEHOLDER.findall("--public=OLMO2_DIR --x=$OLMO2_DIR [--a=b] all ... --dry_run") == [
       "OLMO2_DIR", "[--", " ... "]
+  assert NEEDS_RUNS.search("--data=runs/data") and NEEDS_RUNS.search("cp -r runs/experts/math x")
+  assert not NEEDS_RUNS.search("--workdir=/shared/runs/public --out=runs_tiny/data")
 
 
 # ------------------------------------------------------------------------------------ slow runs
