@@ -28,17 +28,15 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from absl import app
 from absl import flags
 
-from flexolmo_jax import baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
+from flexolmo_jax import atomic, baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
 from flexolmo_jax import subsets
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataError, load_manifest
+from flexolmo_jax.data import load_manifest
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 
 def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]:
@@ -268,7 +266,7 @@ def _slug(task: str) -> str:
 def _with_samples_file(result: dict, out_dir: str, task: str) -> dict:
   """Moves a result's samples into <out_dir>/<task>_samples.jsonl."""
   path = os.path.join(out_dir, f"{_slug(task)}_samples.jsonl")
-  with open(path, "w", encoding="utf-8") as f:
+  with atomic.replacing(path, encoding="utf-8") as f:
     for sample in result.pop("samples"):
       f.write(json.dumps(sample, ensure_ascii=False) + "\n")
   return {**result, "samples_file": path}
@@ -297,10 +295,8 @@ def _fmt(value) -> str:
 def write_results(report: dict, out_dir: str) -> dict[str, str]:
   """Writes results.json and results.md under `out_dir`."""
   paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, sort_keys=False)
-  with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write(markdown(report))
+  atomic.write_text(paths["json"], json.dumps(report, indent=1, sort_keys=False))
+  atomic.write_text(paths["md"], markdown(report))
   return paths
 
 
@@ -363,9 +359,8 @@ def main(argv):
                        mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
                        humaneval_limit=f.humaneval_limit, timeout=f.timeout,
                        baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
-  except (ValueError, FileNotFoundError, DataError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  except cli.INPUT_ERRORS as err:
+    cli.fail(err)
   report = {"model": f.model, "baseline": f.baseline, "data": f.data, "split": f.split,
             "experts": names,
             "allowed_experts": [] if mask is None else [n for n, m in zip(names, mask) if m],
@@ -377,4 +372,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -37,7 +37,6 @@ import importlib.util
 import json
 import math
 import pathlib
-import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,7 +45,7 @@ import optax
 from absl import app, flags
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from flexolmo_jax import experts, objective, partition, sharding
+from flexolmo_jax import cli, experts, objective, partition, sharding
 from flexolmo_jax.config import ATTENTION_IMPLS, PRESETS, ModelConfig
 from flexolmo_jax.data.config import DataConfig
 from flexolmo_jax.model import init_params, logical_axes
@@ -446,11 +445,11 @@ def main(argv) -> None:
         rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
                       mesh_shape=shape, remat=FLAGS.remat,
                       attention_impl=FLAGS.attention_impl) for mode in modes]
-  except ValueError as err:
-    sys.exit(f"error: {err}")
+  except cli.INPUT_ERRORS as err:
+    cli.fail(err)
   print(json.dumps(rows, indent=1) if FLAGS.json else markdown(rows))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

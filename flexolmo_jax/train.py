@@ -220,13 +220,7 @@ def main(argv, config_flag, workdir_flag, distributed_flag):
     raise app.UsageError("--workdir is required (the config names no default workdir)")
   raw = raw.to_dict()
   raw.pop("workdir", None)
-  try:
-    config = train_config(raw)
-    last = train(config, workdir)
-  except (KeyError, ValueError, FileNotFoundError, NonFiniteError, data_lib.DataError) as err:
-    message = err.args[0] if isinstance(err, KeyError) and err.args else err
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+  last = train(train_config(raw), workdir)
   print(json.dumps({k: round(v, 4) for k, v in last.items()}, sort_keys=True))
 
 
@@ -234,6 +228,6 @@ if __name__ == "__main__":
   try:
     check_override_keys(sys.argv[1:])
   except KeyError as err:
-    sys.exit(f"error: {err.args[0]}")
+    cli.fail(err)
   _FLAGS = define_flags()
-  app.run(lambda argv: main(argv, *_FLAGS))
+  cli.run(lambda argv: main(argv, *_FLAGS), errors=(NonFiniteError,))

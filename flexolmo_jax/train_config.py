@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from flexolmo_jax.cli import check_name
 from flexolmo_jax.config import ModelConfig, check_keys
 from flexolmo_jax.data.config import DataConfig, data_config
 
@@ -81,6 +82,8 @@ class ExpertConfig:
   top_k: int = 2  # Both experts on every token while training (top-2 of 2).
 
   def __post_init__(self):
+    if self.name:
+      check_name(self.name, "config.expert.name")
     if self.router_source not in ROUTER_SOURCES:
       raise ValueError(f"config.expert.router_source {self.router_source!r} is not one of "
                        f"{tuple(ROUTER_SOURCES)}")

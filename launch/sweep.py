@@ -34,7 +34,7 @@ from typing import Sequence
 import jax
 from absl import app, flags
 
-from flexolmo_jax import baselines, cli, distributed, evaluate, runs, subsets
+from flexolmo_jax import atomic, baselines, cli, distributed, evaluate, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import load_manifest, load_tokenizer
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -177,7 +177,7 @@ def summary(out: str) -> str:
       lines.append(f"| {r['model']} | {r['subset']} | " + " | ".join(cells) + " |")
     lines.append("")
   text = "\n".join(lines)
-  pathlib.Path(out, "summary.md").write_text(text)
+  atomic.write_text(pathlib.Path(out, "summary.md"), text)
   return text
 
 
@@ -234,8 +234,8 @@ def main(argv: Sequence[str]) -> None:
     cells = make_cells(_pairs(f.models), f.subsets, tasks,
                        {**options, "split": f.split, "domains": domains, "data": f.data},
                        f.baselines, baseline_options)
-  except (ValueError, FileNotFoundError) as err:
-    raise SystemExit(f"error: {err}") from None
+  except cli.INPUT_ERRORS as err:
+    cli.fail(err)
   run(cells, data=f.data, out=f.workdir, domains=domains, split=f.split, host_index=host_index,
       host_count=host_count, baseline_options=baseline_options, **options)
   print(summary(f.workdir))
@@ -243,4 +243,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -10,11 +10,13 @@ then adds each --owner directory (.txt / .jsonl files) as a closed domain, and p
 counts per domain and split. Re-running reuses every complete part.
 """
 
+import os
 import time
 
 from absl import app
 from absl import flags
 
+from flexolmo_jax import cli
 from flexolmo_jax.data import corpus
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the prepared corpus.")
@@ -36,15 +38,13 @@ def main(argv):
     raise app.UsageError("usage: python -m flexolmo_jax.data prepare --out=DIR [flags]")
   if not _OUT.value:
     raise app.UsageError("--out=DIR is required.")
+  owners = [_owner(spec) for spec in _OWNER.value]  # All checked before anything is written.
   start = time.time()
   opts = corpus.BuildOptions(seed=_SEED.value, vocab_size=_VOCAB.value,
                              max_docs_per_domain=_MAX_DOCS.value,
                              max_chars_per_domain=_MAX_CHARS.value, tokenizer=_TOKENIZER.value)
   corpus.prepare(_OUT.value, opts)
-  for spec in _OWNER.value:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-      raise app.UsageError(f"--owner={spec}: expected NAME=DIR.")
+  for name, path in owners:
     corpus.add_domain(_OUT.value, name,
                       corpus.documents_from_spec({"dir": path, "text_field": _TEXT_FIELD.value}),
                       seed=_SEED.value)
@@ -53,5 +53,17 @@ def main(argv):
   print(f"prepared {_OUT.value} in {time.time() - start:.1f} s")
 
 
+def _owner(spec: str) -> tuple[str, str]:
+  """(name, directory) of an --owner=NAME=DIR, refusing a bad name or a missing directory."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise app.UsageError(f"--owner={spec}: expected NAME=DIR")
+  cli.check_name(name, f"--owner={spec}: domain")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--owner={spec}: {path} is not a directory; give the directory "
+                            "holding the owner's .txt/.jsonl files")
+  return name, path
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
