@@ -437,7 +437,7 @@ def _flag_values() -> flags.FlagValues:
 
 def main(argv: Sequence[str]) -> int:
   """Converts a public benchmark file into the task format; `argv` holds the arguments after the
-  program name. Returns the exit code."""
+  program name. Returns 0; bad input ends the program (cli.fail: one line, exit status 2)."""
   f = _flag_values()
   try:
     f(["eval_tasks", *argv])
@@ -450,6 +450,8 @@ def main(argv: Sequence[str]) -> int:
     options["style"] = f.style
   try:
     items = CONVERTERS[f.format](f.input, **options)
+    if not items:
+      raise DataError(f"{f.input} holds no {f.format} items; check --input and --format")
   except (*cli.INPUT_ERRORS, TypeError) as err:
     cli.fail(err)
   write_jsonl(items, f.out)

@@ -10,7 +10,6 @@ then adds each --owner directory (.txt / .jsonl files) as a closed domain, and p
 counts per domain and split. Re-running reuses every complete part.
 """
 
-import os
 import time
 
 from absl import app
@@ -44,25 +43,21 @@ def main(argv):
                              max_docs_per_domain=_MAX_DOCS.value,
                              max_chars_per_domain=_MAX_CHARS.value, tokenizer=_TOKENIZER.value)
   corpus.prepare(_OUT.value, opts)
-  for name, path in owners:
-    corpus.add_domain(_OUT.value, name,
-                      corpus.documents_from_spec({"dir": path, "text_field": _TEXT_FIELD.value}),
-                      seed=_SEED.value)
+  for name, path, docs in owners:
+    corpus.add_domain(_OUT.value, name, docs, seed=_SEED.value)
     print(f"{name}: added from {path}", flush=True)
   print(corpus.format_table(corpus.load_manifest(_OUT.value)))
   print(f"prepared {_OUT.value} in {time.time() - start:.1f} s")
 
 
-def _owner(spec: str) -> tuple[str, str]:
-  """(name, directory) of an --owner=NAME=DIR, refusing a bad name or a missing directory."""
+def _owner(spec: str) -> tuple[str, str, list[str]]:
+  """(name, directory, documents) of an --owner=NAME=DIR; a bad name, a missing or empty
+  directory or an unreadable file is refused here, before the corpus is built."""
   name, sep, path = spec.partition("=")
   if not sep or not name or not path:
     raise app.UsageError(f"--owner={spec}: expected NAME=DIR")
   cli.check_name(name, f"--owner={spec}: domain")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"--owner={spec}: {path} is not a directory; give the directory "
-                            "holding the owner's .txt/.jsonl files")
-  return name, path
+  return name, path, corpus.documents_from_spec({"dir": path, "text_field": _TEXT_FIELD.value})
 
 
 if __name__ == "__main__":
