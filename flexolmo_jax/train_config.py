@@ -22,9 +22,10 @@ EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_
                     "scan_layers", "remat", "dtype", "attention_impl", "attention_block_size")
 # TrainConfig keys a resumed run may change: how it executes, logs and saves (model_overrides
 # holds only execution fields), and `steps`, to extend a run (its learning-rate schedule then
-# follows the new length). Any other change is refused on resume.
-RESUME_MAY_CHANGE = ("steps", "model_overrides", "mesh", "progress", "async_checkpoint", "secrets_dir",
-                     "keep_checkpoints", "log_every", "eval_every", "eval_batches", "eval_domains",
+# follows the new length), and where the secrets are kept (a moved key is found there; a missing
+# one is refused, runs.dp_noise_key). Any other change is refused on resume.
+RESUME_MAY_CHANGE = ("steps", "model_overrides", "mesh", "progress", "async_checkpoint",
+                     "secrets_dir", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "eval_domains",
                      "checkpoint_every", "data.num_workers",
                      *(f"model.{field}" for field in EXECUTION_FIELDS))
 

@@ -15,7 +15,7 @@ CORPUS_MISSING = "is not a prepared corpus"
 NO_MODEL = "no model at"
 
 # (id, module and arguments with {tmp} for the test's directory, what the error line must say).
-# Nothing under {tmp}/none exists; {tmp}/empty is an empty directory, {tmp}/empty.jsonl an empty file.
+# {tmp}/none does not exist; {tmp}/empty is an empty directory, {tmp}/empty.jsonl an empty file.
 CASES = [
     ("train_config_key", ["flexolmo_jax.train", "--config=configs/math_expert.py",
                           "--config.optim.lr_peek=1", "--workdir={tmp}/run"], "did you mean lr?"),
