@@ -37,7 +37,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, cli, partition, runs
+from flexolmo_jax import atomic, checkpoint, cli, partition, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import fit as fit_lib
 from flexolmo_jax.config import check_keys
@@ -109,9 +109,7 @@ def save_proxies(path: str, domain: str, proxies: Mapping) -> None:
   path = pathlib.Path(path)
   sets = json.loads(path.read_text()) if path.exists() else {}
   sets[domain] = dict(proxies)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(sets, indent=1, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(sets, indent=1, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- router training
