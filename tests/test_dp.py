@@ -5,6 +5,7 @@ router row never comes from the owner's data, and the noise key lives outside th
 import json
 import math
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -113,11 +114,10 @@ def test_public_mode_refuses_dp(corpus_dir):
 
 @pytest.mark.slow
 def test_dp_expert_run_records_epsilon(corpus_dir, tmp_path):
-  tiny = TINY
   common = dict(log_every=1, eval_every=100, eval_batches=1, checkpoint_every=100,
                 progress=False, async_checkpoint=False)
   public = tmp_path / "public"
-  T.train(train_config(dict(mode="public", model=tiny, steps=2, data=dict(
+  T.train(train_config(dict(mode="public", model=TINY, steps=2, data=dict(
       path=corpus_dir, seq_len=32, batch_size=8), **common)), str(public))
   expert = tmp_path / "expert"
   cfg = train_config(dict(
@@ -140,6 +140,34 @@ def test_dp_expert_run_records_epsilon(corpus_dir, tmp_path):
   assert (key_file.parent.stat().st_mode & 0o777) == 0o700
   assert not list(expert.rglob(runs.NOISE_KEY_FILE))  # Nothing merge reads holds it.
   assert record["router_row"]["source"] == "public"
+
+
+@pytest.mark.slow
+def test_dp_run_resumes_exactly_with_the_key_from_its_secrets_dir(corpus_dir, tmp_path):
+  common = dict(log_every=1, eval_every=100, eval_batches=1, progress=False,
+                async_checkpoint=False, data=dict(path=corpus_dir, seq_len=32, batch_size=8))
+  public = tmp_path / "public"
+  T.train(train_config(dict(mode="public", model=TINY, steps=1, checkpoint_every=1, **common)),
+          str(public))
+  secrets, expert = tmp_path / "vault", tmp_path / "expert"
+  cfg = train_config(dict(
+      mode="expert", expert=dict(name="math", public=str(public), embed_batches=1,
+                                 router_source="public"),
+      model_overrides=dict(moe_backend="dense"), optim=dict(lr=1e-2, warmup_steps=1), steps=4,
+      checkpoint_every=2, secrets_dir=str(secrets), dp=dict(enabled=True, noise_multiplier=1.0),
+      **common))
+  T.train(cfg, str(expert))
+  _, uninterrupted, _ = runs.load_params(expert)
+  shutil.rmtree(expert / "checkpoints" / "4")
+  T.train(cfg, str(expert))  # Resumes from step 2, drawing the same noise from the same key.
+  _, resumed, _ = runs.load_params(expert)
+  jax.tree.map(np.testing.assert_array_equal, uninterrupted, resumed)
+  assert (secrets / runs.NOISE_KEY_FILE).exists() and not pathlib.Path(f"{expert}.secrets").exists()
+  # Without its key the run is refused, not continued with other noise.
+  shutil.rmtree(expert / "checkpoints" / "4")
+  (secrets / runs.NOISE_KEY_FILE).unlink()
+  with pytest.raises(ValueError, match="is missing; restore the key"):
+    T.train(cfg, str(expert))
 
 
 def _dp_expert(corpus_dir, **expert):
