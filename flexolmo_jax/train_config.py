@@ -25,8 +25,8 @@ EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_
 # follows the new length), and where the secrets are kept (a moved key is found there; a missing
 # one is refused, runs.dp_noise_key). Any other change is refused on resume.
 RESUME_MAY_CHANGE = ("steps", "model_overrides", "mesh", "progress", "async_checkpoint",
-                     "secrets_dir", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "eval_domains",
-                     "checkpoint_every", "data.num_workers",
+                     "secrets_dir", "keep_checkpoints", "log_every", "eval_every", "eval_batches",
+                     "eval_domains", "checkpoint_every", "data.num_workers",
                      *(f"model.{field}" for field in EXECUTION_FIELDS))
 
 
