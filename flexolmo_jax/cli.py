@@ -7,9 +7,9 @@ Bad input (a flag absl refuses, a usage error, a missing file, an unknown config
 name, empty data) ends a command with ONE line, `error: <the problem and the fix>`, and exit
 status 2, never a traceback: run `main` with `cli.run(main)`, or call `cli.fail(message)`. The
 exception types counted as bad input are INPUT_ERRORS (every project error that means bad
-input subclasses ValueError) plus what a command adds. Commands refuse before they write, and
-write results atomically (flexolmo_jax.atomic), so a refused or failed run leaves nothing half
-written.
+input subclasses ValueError) plus what a command adds; `--verbosity=1` also logs the traceback.
+Commands refuse before they write, and write results atomically (flexolmo_jax.atomic), so a
+refused or failed run leaves nothing half written.
 """
 
 from __future__ import annotations
@@ -70,5 +70,6 @@ def run(main: Callable[[list[str]], object], errors: tuple[type[BaseException], 
     try:
       return main(argv)
     except (*INPUT_ERRORS, *errors) as err:
+      logging.debug("the refused input's traceback:", exc_info=True)  # --verbosity=1 shows it.
       fail(err)
   app.run(guarded, flags_parser=parse_flags)

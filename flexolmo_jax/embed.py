@@ -150,12 +150,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
-  try:
-    row = embed_domain(FLAGS.data, FLAGS.domain, FLAGS.embedder, FLAGS.public, FLAGS.out,
-                       num_docs=FLAGS.num_docs, seed=FLAGS.seed,
-                       projection_seed=FLAGS.projection_seed, max_tokens=FLAGS.max_tokens)
-  except cli.INPUT_ERRORS as err:
-    cli.fail(err)
+  row = embed_domain(FLAGS.data, FLAGS.domain, FLAGS.embedder, FLAGS.public, FLAGS.out,
+                     num_docs=FLAGS.num_docs, seed=FLAGS.seed,
+                     projection_seed=FLAGS.projection_seed, max_tokens=FLAGS.max_tokens)
   print(f"wrote row {FLAGS.domain!r} {list(row.shape)} to {FLAGS.out}")
 
 

@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import flags
 
-from flexolmo_jax import atomic, baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
-from flexolmo_jax import subsets
+from flexolmo_jax import atomic, baselines, cli, codegen, eval_tasks, routing_analysis, runs
+from flexolmo_jax import scoring, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import load_manifest
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -339,28 +339,25 @@ def main(argv):
   del argv
   cli.default_verbosity()
   f = flags.FLAGS
-  try:
-    config, params, manifest = runs.load_params(f.model)
-    names = expert_names(config, manifest)
-    mask = subsets.expert_mask(f.expert_mask, names)
-    baseline = None if f.baseline is None else baselines.get(
-        f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
-    domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
-    tasks = parse_tasks(f.tasks, domains)
-    tokenizer = tokenizer_lib.for_model(f.model, manifest, data_root=f.data, override=f.tokenizer)
-    if f.data:  # Perplexity and routing read the corpus's own token ids.
-      tokenizer_lib.check_matches(manifest, load_manifest(f.data), model=f.model)
-    if tokenizer.vocab_size > config.vocab_size:
-      raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                       f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
-    results = evaluate(config, params, tokenizer, tasks, out_dir=f.out, data_root=f.data,
-                       domains=domains, split=f.split, expert_mask=mask, names=names,
-                       batch_size=f.batch_size, max_len=f.max_len, seq_len=f.seq_len,
-                       mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
-                       humaneval_limit=f.humaneval_limit, timeout=f.timeout,
-                       baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
-  except cli.INPUT_ERRORS as err:
-    cli.fail(err)
+  config, params, manifest = runs.load_params(f.model)
+  names = expert_names(config, manifest)
+  mask = subsets.expert_mask(f.expert_mask, names)
+  baseline = None if f.baseline is None else baselines.get(
+      f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
+  domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
+  tasks = parse_tasks(f.tasks, domains)
+  tokenizer = tokenizer_lib.for_model(f.model, manifest, data_root=f.data, override=f.tokenizer)
+  if f.data:  # Perplexity and routing read the corpus's own token ids.
+    tokenizer_lib.check_matches(manifest, load_manifest(f.data), model=f.model)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                     f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
+  results = evaluate(config, params, tokenizer, tasks, out_dir=f.out, data_root=f.data,
+                     domains=domains, split=f.split, expert_mask=mask, names=names,
+                     batch_size=f.batch_size, max_len=f.max_len, seq_len=f.seq_len,
+                     mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
+                     humaneval_limit=f.humaneval_limit, timeout=f.timeout,
+                     baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
   report = {"model": f.model, "baseline": f.baseline, "data": f.data, "split": f.split,
             "experts": names,
             "allowed_experts": [] if mask is None else [n for n, m in zip(names, mask) if m],

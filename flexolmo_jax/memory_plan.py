@@ -429,24 +429,21 @@ def define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    models = [FLAGS.model] if FLAGS.model else list(DEFAULT_MODELS)
-    meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)
-    shape = parse_mesh_shape(FLAGS.mesh_shape) if FLAGS.mesh_shape else None
-    rows = []
-    if FLAGS.config:
-      module_meshes = getattr(_config_module(FLAGS.config), "PLAN_MESHES", DEFAULT_MESHES)
-      rows = [plan_config(FLAGS.config, mesh, mesh_shape=shape)
-              for mesh in ([FLAGS.mesh] if FLAGS.mesh else module_meshes)]
-      models = []
-    for model in models:
-      modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
-      for mesh in meshes:
-        rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
-                      mesh_shape=shape, remat=FLAGS.remat,
-                      attention_impl=FLAGS.attention_impl) for mode in modes]
-  except cli.INPUT_ERRORS as err:
-    cli.fail(err)
+  models = [FLAGS.model] if FLAGS.model else list(DEFAULT_MODELS)
+  meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)
+  shape = parse_mesh_shape(FLAGS.mesh_shape) if FLAGS.mesh_shape else None
+  rows = []
+  if FLAGS.config:
+    module_meshes = getattr(_config_module(FLAGS.config), "PLAN_MESHES", DEFAULT_MESHES)
+    rows = [plan_config(FLAGS.config, mesh, mesh_shape=shape)
+            for mesh in ([FLAGS.mesh] if FLAGS.mesh else module_meshes)]
+    models = []
+  for model in models:
+    modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
+    for mesh in meshes:
+      rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
+                    mesh_shape=shape, remat=FLAGS.remat,
+                    attention_impl=FLAGS.attention_impl) for mode in modes]
   print(json.dumps(rows, indent=1) if FLAGS.json else markdown(rows))
 
 

@@ -264,15 +264,12 @@ def main(argv):
   del argv
   cli.default_verbosity()
   f = flags.FLAGS
-  try:
-    results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,
-                        dense=f.dense, dp_expert=f.dp_expert, num_docs=f.num_docs, prefix=f.prefix,
-                        length=f.generate, samples=f.samples,
-                        sampling=Sampling(f.temperature, f.top_k, f.top_p),
-                        threshold=f.threshold, seed=f.seed, train_docs=f.train_docs,
-                        batch_docs=f.batch_docs, split=f.split)
-  except cli.INPUT_ERRORS as err:
-    cli.fail(err)
+  results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,
+                      dense=f.dense, dp_expert=f.dp_expert, num_docs=f.num_docs, prefix=f.prefix,
+                      length=f.generate, samples=f.samples,
+                      sampling=Sampling(f.temperature, f.top_k, f.top_p),
+                      threshold=f.threshold, seed=f.seed, train_docs=f.train_docs,
+                      batch_docs=f.batch_docs, split=f.split)
   print(format_table(results), end="")
 
 

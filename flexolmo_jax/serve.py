@@ -696,7 +696,7 @@ def add_key_main() -> None:
   """`add-key`: appends a key to --api_keys and prints the key, once."""
   if not FLAGS.api_keys or not FLAGS.key_id:
     cli.fail("add-key needs --api_keys=FILE and --key_id=ID (and --key_policies and/or "
-          "--key_experts)")
+             "--key_experts)")
   try:
     key = api_keys.add_key(FLAGS.api_keys, FLAGS.key_id, FLAGS.key_policies, FLAGS.key_experts)
   except (ValueError, OSError) as err:
@@ -734,11 +734,11 @@ def serve_main() -> None:
     if not FLAGS[name].value:
       cli.fail(f"--{name} is required")
   if bool(FLAGS.api_keys) == FLAGS.insecure_no_auth:
-    cli.fail("pass --api_keys=FILE (make keys with `python -m flexolmo_jax.serve add-key`) or, for "
-          "a server only this machine can reach, --insecure_no_auth; not both")
+    cli.fail("pass --api_keys=FILE (make keys with `python -m flexolmo_jax.serve add-key`) or, "
+             "for a server only this machine can reach, --insecure_no_auth; not both")
   if FLAGS.insecure_no_auth and not _is_loopback(FLAGS.host):
-    cli.fail(f"--insecure_no_auth serves only on loopback addresses; --host={FLAGS.host} is not one "
-          f"(use 127.0.0.1, or --api_keys)")
+    cli.fail(f"--insecure_no_auth serves only on loopback addresses; --host={FLAGS.host} is not "
+             "one (use 127.0.0.1, or --api_keys)")
   cli.default_verbosity()
   try:
     config, params, manifest = runs.load_params(FLAGS.model)

@@ -226,16 +226,13 @@ def main(argv: Sequence[str]) -> None:
     distributed.initialize(True)  # Also reads JAX_NUM_PROCESSES / JAX_PROCESS_ID (multi-node GPU).
   host_index = jax.process_index() if f.host_index is None else f.host_index
   host_count = jax.process_count() if f.host_count is None else f.host_count
-  try:
-    domains = f.domains or sorted(load_manifest(f.data)["domains"])
-    tasks = evaluate.parse_tasks(f.tasks, domains)
-    options = dict(batch_size=f.batch_size, seq_len=f.seq_len, mc_items=f.mc_items)
-    baseline_options = baselines.Options(f.btm_top_k, f.tune_steps, f.seed)
-    cells = make_cells(_pairs(f.models), f.subsets, tasks,
-                       {**options, "split": f.split, "domains": domains, "data": f.data},
-                       f.baselines, baseline_options)
-  except cli.INPUT_ERRORS as err:
-    cli.fail(err)
+  domains = f.domains or sorted(load_manifest(f.data)["domains"])
+  tasks = evaluate.parse_tasks(f.tasks, domains)
+  options = dict(batch_size=f.batch_size, seq_len=f.seq_len, mc_items=f.mc_items)
+  baseline_options = baselines.Options(f.btm_top_k, f.tune_steps, f.seed)
+  cells = make_cells(_pairs(f.models), f.subsets, tasks,
+                     {**options, "split": f.split, "domains": domains, "data": f.data},
+                     f.baselines, baseline_options)
   run(cells, data=f.data, out=f.workdir, domains=domains, split=f.split, host_index=host_index,
       host_count=host_count, baseline_options=baseline_options, **options)
   print(summary(f.workdir))
