@@ -49,9 +49,8 @@ def fail(problem: str | BaseException) -> NoReturn:
 def check_name(name: str, what: str, error: type[ValueError] = ValueError) -> str:
   """`name` if it can be a file or directory name; `error` naming the rule otherwise."""
   if not isinstance(name, str) or not NAME.fullmatch(name):
-    raise error(f"{what} {name!r} is not a valid name: names become file and directory "
-                     "names, so they must match [A-Za-z0-9_-]+ (letters, digits, _ and -); "
-                     "rename it")
+    raise error(f"{what} {name!r} is not a valid name: names become file and directory names, "
+                "so they must match [A-Za-z0-9_-]+ (letters, digits, _ and -); rename it")
   return name
 
 

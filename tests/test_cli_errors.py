@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from flexolmo_jax import atomic, cli
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NAME_RULE = "must match [A-Za-z0-9_-]+"
 CORPUS_MISSING = "is not a prepared corpus"
@@ -90,3 +92,26 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(argv, says, tmp_p
   assert says in lines[0]
   assert "Traceback" not in done.stderr + done.stdout
   assert sorted(tmp_path.rglob("*")) == before  # Nothing written, not even an empty directory.
+
+
+@pytest.mark.parametrize("name", ["", "../x", "/abs", "a/b", ".", "..", "a b", "math\n", None])
+def test_names_that_are_not_plain_file_names_are_refused_naming_the_rule(name):
+  with pytest.raises(ValueError, match=r"must match \[A-Za-z0-9_-\]\+"):
+    cli.check_name(name, "domain")
+
+
+def test_plain_names_pass():
+  for name in ("math", "Math_2", "news-2024", "_"):
+    assert cli.check_name(name, "domain") == name
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+  path = tmp_path / "results.json"
+  atomic.write_text(path, "old\n")
+  with pytest.raises(RuntimeError):
+    with atomic.replacing(path) as f:
+      f.write("half of the new")
+      raise RuntimeError("killed mid-write")
+  assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+  atomic.write_text(path, "new\n")
+  assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
