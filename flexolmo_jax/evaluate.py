@@ -28,17 +28,15 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from absl import app
 from absl import flags
 
-from flexolmo_jax import baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
-from flexolmo_jax import progress, subsets
+from flexolmo_jax import atomic, baselines, cli, codegen, eval_tasks, progress, routing_analysis
+from flexolmo_jax import runs, scoring, subsets
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataError, load_manifest
+from flexolmo_jax.data import load_manifest
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 
 def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]:
@@ -283,7 +281,7 @@ def _slug(task: str) -> str:
 def _with_samples_file(result: dict, out_dir: str, task: str) -> dict:
   """Moves a result's samples into <out_dir>/<task>_samples.jsonl."""
   path = os.path.join(out_dir, f"{_slug(task)}_samples.jsonl")
-  with open(path, "w", encoding="utf-8") as f:
+  with atomic.replacing(path, encoding="utf-8") as f:
     for sample in result.pop("samples"):
       f.write(json.dumps(sample, ensure_ascii=False) + "\n")
   return {**result, "samples_file": path}
@@ -312,10 +310,8 @@ def _fmt(value) -> str:
 def write_results(report: dict, out_dir: str) -> dict[str, str]:
   """Writes results.json and results.md under `out_dir`."""
   paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, sort_keys=False)
-  with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write(markdown(report))
+  atomic.write_text(paths["json"], json.dumps(report, indent=1, sort_keys=False))
+  atomic.write_text(paths["md"], markdown(report))
   return paths
 
 
@@ -358,29 +354,25 @@ def main(argv):
   del argv
   cli.default_verbosity()
   f = flags.FLAGS
-  try:
-    config, params, manifest = runs.load_params(f.model)
-    names = expert_names(config, manifest)
-    mask = subsets.expert_mask(f.expert_mask, names)
-    baseline = None if f.baseline is None else baselines.get(
-        f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
-    domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
-    tasks = parse_tasks(f.tasks, domains)
-    tokenizer = tokenizer_lib.for_model(f.model, manifest, data_root=f.data, override=f.tokenizer)
-    if f.data:  # Perplexity and routing read the corpus's own token ids.
-      tokenizer_lib.check_matches(manifest, load_manifest(f.data), model=f.model)
-    if tokenizer.vocab_size > config.vocab_size:
-      raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                       f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
-    results = evaluate(config, params, tokenizer, tasks, out_dir=f.out, data_root=f.data,
-                       domains=domains, split=f.split, expert_mask=mask, names=names,
-                       batch_size=f.batch_size, max_len=f.max_len, seq_len=f.seq_len,
-                       mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
-                       humaneval_limit=f.humaneval_limit, timeout=f.timeout,
-                       baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
-  except (ValueError, FileNotFoundError, DataError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  config, params, manifest = runs.load_params(f.model)
+  names = expert_names(config, manifest)
+  mask = subsets.expert_mask(f.expert_mask, names)
+  baseline = None if f.baseline is None else baselines.get(
+      f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
+  domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
+  tasks = parse_tasks(f.tasks, domains)
+  tokenizer = tokenizer_lib.for_model(f.model, manifest, data_root=f.data, override=f.tokenizer)
+  if f.data:  # Perplexity and routing read the corpus's own token ids.
+    tokenizer_lib.check_matches(manifest, load_manifest(f.data), model=f.model)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                     f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
+  results = evaluate(config, params, tokenizer, tasks, out_dir=f.out, data_root=f.data,
+                     domains=domains, split=f.split, expert_mask=mask, names=names,
+                     batch_size=f.batch_size, max_len=f.max_len, seq_len=f.seq_len,
+                     mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
+                     humaneval_limit=f.humaneval_limit, timeout=f.timeout,
+                     baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
   report = {"model": f.model, "baseline": f.baseline, "data": f.data, "split": f.split,
             "experts": names,
             "allowed_experts": [] if mask is None else [n for n, m in zip(names, mask) if m],
@@ -392,4 +384,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -112,11 +112,12 @@ def evaluate_domains(data_cfg, eval_fn, trainable, frozen, domains: Sequence[str
   return out
 
 
-def _dp_key(workdir: pathlib.Path):
+def _dp_key(workdir: pathlib.Path, secrets_dir: str):
   """The run's secret DP noise key: the primary host reads (or creates) it; every host uses
   its copy."""
   primary = distributed.is_primary()
-  key_data = (jax.random.key_data(runs.dp_noise_key(workdir)) if primary
+  secrets = runs.secrets_dir(workdir, secrets_dir)
+  key_data = (jax.random.key_data(runs.dp_noise_key(workdir, secrets)) if primary
               else np.zeros(2, np.uint32))
   return jax.random.wrap_key_data(distributed.from_primary(np.asarray(key_data)),
                                   impl="threefry2x32")
@@ -155,7 +156,7 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
   state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)})(trainable)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
-  dp_key = _dp_key(workdir) if config.dp.enabled else None
+  dp_key = _dp_key(workdir, config.secrets_dir) if config.dp.enabled else None
   step_fn = on_mesh(mesh, jax.jit(
       objective.make_train_step(config, model_config, part, tx, schedule, dp_key),
       in_shardings=(state_shardings, None, batch_sharding),

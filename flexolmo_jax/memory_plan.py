@@ -37,7 +37,6 @@ import importlib.util
 import json
 import math
 import pathlib
-import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -431,27 +430,24 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
-  try:
-    models = [FLAGS.model] if FLAGS.model else list(DEFAULT_MODELS)
-    meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)
-    shape = parse_mesh_shape(FLAGS.mesh_shape) if FLAGS.mesh_shape else None
-    rows = []
-    if FLAGS.config:
-      module_meshes = getattr(_config_module(FLAGS.config), "PLAN_MESHES", DEFAULT_MESHES)
-      rows = [plan_config(FLAGS.config, mesh, mesh_shape=shape)
-              for mesh in ([FLAGS.mesh] if FLAGS.mesh else module_meshes)]
-      models = []
-    for model in models:
-      modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
-      for mesh in meshes:
-        rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
-                      mesh_shape=shape, remat=FLAGS.remat,
-                      attention_impl=FLAGS.attention_impl) for mode in modes]
-  except ValueError as err:
-    sys.exit(f"error: {err}")
+  models = [FLAGS.model] if FLAGS.model else list(DEFAULT_MODELS)
+  meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)
+  shape = parse_mesh_shape(FLAGS.mesh_shape) if FLAGS.mesh_shape else None
+  rows = []
+  if FLAGS.config:
+    module_meshes = getattr(_config_module(FLAGS.config), "PLAN_MESHES", DEFAULT_MESHES)
+    rows = [plan_config(FLAGS.config, mesh, mesh_shape=shape)
+            for mesh in ([FLAGS.mesh] if FLAGS.mesh else module_meshes)]
+    models = []
+  for model in models:
+    modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
+    for mesh in meshes:
+      rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
+                    mesh_shape=shape, remat=FLAGS.remat,
+                    attention_impl=FLAGS.attention_impl) for mode in modes]
   print(json.dumps(rows, indent=1) if FLAGS.json else markdown(rows))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -62,6 +62,8 @@ def parse_experts(spec: str | Mapping[str, str] | Sequence[tuple[str, str]]
   else:
     pairs = list(spec.items() if isinstance(spec, Mapping) else spec)
   names = [name for name, _ in pairs]
+  for name in names:
+    cli.check_name(name, "expert name", MergeError)
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
     raise MergeError(f"expert name(s) {duplicates} given more than once; each expert needs a "
@@ -583,25 +585,22 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
-  try:
-    if FLAGS.merged and FLAGS.experts:
-      manifest = add_to_merged_dir(FLAGS.merged, FLAGS.experts, FLAGS.out,
-                                   opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
-                                   keep_bias=FLAGS.keep_bias)
-    elif FLAGS.merged:
-      manifest = opt_out_dir(FLAGS.merged, FLAGS.opt_out, FLAGS.out, top_k=FLAGS.top_k)
-    else:
-      if FLAGS.experts is None:
-        raise app.UsageError("--public needs --experts=name=DIR,...")
-      manifest = merge_to_dir(FLAGS.public, FLAGS.experts, FLAGS.out,
-                              opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
-                              keep_bias=FLAGS.keep_bias, backend=FLAGS.backend)
-  except (MergeError, FileNotFoundError, FileExistsError) as err:
-    raise SystemExit(f"error: {err}") from None
+  if FLAGS.merged and FLAGS.experts:
+    manifest = add_to_merged_dir(FLAGS.merged, FLAGS.experts, FLAGS.out,
+                                 opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
+                                 keep_bias=FLAGS.keep_bias)
+  elif FLAGS.merged:
+    manifest = opt_out_dir(FLAGS.merged, FLAGS.opt_out, FLAGS.out, top_k=FLAGS.top_k)
+  else:
+    if FLAGS.experts is None:
+      raise app.UsageError("--public needs --experts=name=DIR,...")
+    manifest = merge_to_dir(FLAGS.public, FLAGS.experts, FLAGS.out,
+                            opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
+                            keep_bias=FLAGS.keep_bias, backend=FLAGS.backend)
   print(f"wrote {FLAGS.out}: experts {manifest['expert_names']}, top_k "
         f"{manifest['config']['top_k']}, bias {manifest.get('bias', 'none')}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

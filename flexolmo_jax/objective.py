@@ -71,7 +71,7 @@ def make_train_step(config: TrainConfig, model_config: ModelConfig, part: Partit
   with the step number.
   """
   if config.dp.enabled and dp_key is None:
-    raise ValueError("config.dp.enabled needs a secret dp_key (runs.dp_noise_key(workdir))")
+    raise ValueError("config.dp.enabled needs a secret dp_key (runs.dp_noise_key)")
 
   def objective(trainable, frozen, batch, num_tokens):
     return loss_terms(model_config, part.join(trainable, frozen), batch, config.loss, num_tokens)

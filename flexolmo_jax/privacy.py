@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from flexolmo_jax import checkpoint, cli, merge, progress, runs, subsets
+from flexolmo_jax import atomic, checkpoint, cli, merge, progress, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -203,8 +202,8 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
              "rows": rows}
   out_dir = pathlib.Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  (out_dir / "results.md").write_text(format_table(results))
+  atomic.write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+  atomic.write_text(out_dir / "results.md", format_table(results))
   return results
 
 
@@ -268,19 +267,15 @@ def main(argv):
   del argv
   cli.default_verbosity()
   f = flags.FLAGS
-  try:
-    results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,
-                        dense=f.dense, dp_expert=f.dp_expert, num_docs=f.num_docs, prefix=f.prefix,
-                        length=f.generate, samples=f.samples,
-                        sampling=Sampling(f.temperature, f.top_k, f.top_p),
-                        threshold=f.threshold, seed=f.seed, train_docs=f.train_docs,
-                        batch_docs=f.batch_docs, split=f.split)
-  except (ValueError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,
+                      dense=f.dense, dp_expert=f.dp_expert, num_docs=f.num_docs, prefix=f.prefix,
+                      length=f.generate, samples=f.samples,
+                      sampling=Sampling(f.temperature, f.top_k, f.top_p),
+                      threshold=f.threshold, seed=f.seed, train_docs=f.train_docs,
+                      batch_docs=f.batch_docs, split=f.split)
   print(format_table(results), end="")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import re
-import sys
 import tempfile
 import zlib
 from typing import Mapping, Sequence
@@ -38,7 +37,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, cli, partition, runs
+from flexolmo_jax import atomic, checkpoint, cli, partition, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import fit as fit_lib
 from flexolmo_jax.config import check_keys
@@ -110,9 +109,7 @@ def save_proxies(path: str, domain: str, proxies: Mapping) -> None:
   path = pathlib.Path(path)
   sets = json.loads(path.read_text()) if path.exists() else {}
   sets[domain] = dict(proxies)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(sets, indent=1, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(sets, indent=1, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- router training
@@ -262,23 +259,20 @@ def main(argv: Sequence[str]) -> None:
   cli.default_verbosity()
   if len(argv) != 2 or argv[1] not in ("select", "tune"):
     raise app.UsageError("usage: python -m flexolmo_jax.router_tuning select|tune [flags]")
-  try:
-    if argv[1] == "select":
-      if not (FLAGS.data and FLAGS.domain and FLAGS.out):
-        raise app.UsageError("select needs --data, --domain and --out")
-      proxies = select_proxies(FLAGS.data, FLAGS.domain, FLAGS.num_proxies, seed=FLAGS.seed)
-      save_proxies(FLAGS.out, FLAGS.domain, proxies)
-      print(f"{FLAGS.domain}: {len(proxies['indices'])} proxy documents written to {FLAGS.out}")
-    else:
-      if FLAGS.config is None:
-        raise app.UsageError("tune needs --config=configs/router_tuning.py")
-      manifest = tune(tuning_config(FLAGS.config))
-      print(f"wrote {manifest['router_tuning']['config']['out']}")
-  except (KeyError, ValueError, FileNotFoundError, fit_lib.NonFiniteError, data_lib.DataError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  if argv[1] == "select":
+    if not (FLAGS.data and FLAGS.domain and FLAGS.out):
+      raise app.UsageError("select needs --data, --domain and --out")
+    cli.check_name(FLAGS.domain, "--domain")
+    proxies = select_proxies(FLAGS.data, FLAGS.domain, FLAGS.num_proxies, seed=FLAGS.seed)
+    save_proxies(FLAGS.out, FLAGS.domain, proxies)
+    print(f"{FLAGS.domain}: {len(proxies['indices'])} proxy documents written to {FLAGS.out}")
+  else:
+    if FLAGS.config is None:
+      raise app.UsageError("tune needs --config=configs/router_tuning.py")
+    manifest = tune(tuning_config(FLAGS.config))
+    print(f"wrote {manifest['router_tuning']['config']['out']}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, errors=(fit_lib.NonFiniteError,))

@@ -7,7 +7,9 @@ A run directory (`--workdir`) holds
   damaged_checkpoints/    steps that failed verification on resume, moved aside
   metrics.jsonl, tb/      logged metrics (JSON lines, TensorBoard events)
   run.lock                held (flock) by the process training in it, whose pid it names
-  dp_noise_key.npy        DP runs: the secret noise key (owner-readable only)
+A DP run's secret noise key lives outside it, in the run's secrets directory (secrets_dir:
+WORKDIR.secrets beside it by default, mode 0700), so nothing that reads run directories (merge,
+convert, evaluate) can read or copy it.
 An expert run's `params` item holds ONLY its expert subtree (experts.py), so it is restorable on
 its own and small; merging takes r_pub from public_router.npy, checked against the manifest's
 public_router_fingerprint. Orbax writes each step into a temporary directory and renames it when
@@ -22,7 +24,8 @@ import functools
 import json
 import os
 import pathlib
-import secrets
+import secrets as secrets_lib
+import shutil
 import socket
 import time
 from typing import Any, Iterator
@@ -246,18 +249,40 @@ class Metrics:
       self._jsonl.close()
 
 
-def dp_noise_key(workdir: str | os.PathLike) -> jax.Array:
-  """The run's secret DP noise key, created from the OS's randomness on first use.
+def secrets_dir(workdir: str | os.PathLike, configured: str = "") -> pathlib.Path:
+  """The run's secrets directory: `configured` (config.secrets_dir), or WORKDIR.secrets beside
+  the run directory. Refused inside the run directory, which merge and convert read."""
+  run = pathlib.Path(workdir).absolute()
+  path = pathlib.Path(configured).absolute() if configured else run.with_name(run.name + ".secrets")
+  if path == run or run in path.parents:
+    raise ValueError(f"config.secrets_dir={configured} lies inside the run directory {workdir}, "
+                     "which merge and convert read; choose a directory outside it")
+  return path
+
+
+def dp_noise_key(workdir: str | os.PathLike, secrets: str | os.PathLike) -> jax.Array:
+  """The run's secret DP noise key, from `secrets`/dp_noise_key.npy, created from the OS's
+  randomness when the run starts.
 
   Noise drawn from a known seed could be subtracted again, so the key is neither the config's
   seed nor in the manifest; it lives in a file only the owner can read, and a resumed run reuses it
-  (so resuming stays exact).
+  (so resuming stays exact): a run with checkpoints but no key is refused rather than continued
+  with other noise. A key an earlier version left in the run directory is moved out of it.
   """
-  path = pathlib.Path(workdir) / NOISE_KEY_FILE
+  secrets, workdir = pathlib.Path(secrets), pathlib.Path(workdir)
+  secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+  path, legacy = secrets / NOISE_KEY_FILE, workdir / NOISE_KEY_FILE
+  if legacy.exists() and not path.exists():
+    shutil.move(legacy, path)
   if not path.exists():
+    steps = workdir / CHECKPOINTS
+    if steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir()):
+      raise ValueError(f"{workdir} holds checkpoints of a DP run but {path} is missing; restore "
+                       "the key there (or set config.secrets_dir to where it is), or use a new "
+                       "--workdir")
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-      np.save(f, np.frombuffer(secrets.token_bytes(8), np.uint32))
+      np.save(f, np.frombuffer(secrets_lib.token_bytes(8), np.uint32))
     os.replace(tmp, path)
   return jax.random.wrap_key_data(np.load(path), impl="threefry2x32")

@@ -61,7 +61,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app as absl_app
 from absl import flags
 from absl import logging
 from starlette.applications import Starlette
@@ -693,21 +692,15 @@ def define_flags() -> None:
                       "may stay within (an expert subset, e.g. public+math); default: none.")
 
 
-def _fail(message: str) -> None:
-  """Bad input: one line naming the problem and the fix, exit status 2."""
-  print(f"error: {message}", file=sys.stderr)
-  raise SystemExit(2)
-
-
 def add_key_main() -> None:
   """`add-key`: appends a key to --api_keys and prints the key, once."""
   if not FLAGS.api_keys or not FLAGS.key_id:
-    _fail("add-key needs --api_keys=FILE and --key_id=ID (and --key_policies and/or "
-          "--key_experts)")
+    cli.fail("add-key needs --api_keys=FILE and --key_id=ID (and --key_policies and/or "
+             "--key_experts)")
   try:
     key = api_keys.add_key(FLAGS.api_keys, FLAGS.key_id, FLAGS.key_policies, FLAGS.key_experts)
   except (ValueError, OSError) as err:
-    _fail(str(err))
+    cli.fail(str(err))
   print(key)
   print(f"(key {FLAGS.key_id!r} added to {FLAGS.api_keys}; the key is shown only now: store it)",
         file=sys.stderr)
@@ -718,7 +711,7 @@ def verify_audit_main(path: str) -> None:
   try:
     lines, problem = audit_lib.verify(path)
   except OSError as err:
-    _fail(f"cannot read {path}: {err.strerror}")
+    cli.fail(f"cannot read {path}: {err.strerror}")
   if problem:
     print(f"{path}: line {lines}: {problem}")
     raise SystemExit(1)
@@ -739,13 +732,13 @@ def serve_main() -> None:
   import uvicorn  # pylint: disable=g-import-not-at-top  (only the server needs it)
   for name in ("model", "policies"):
     if not FLAGS[name].value:
-      _fail(f"--{name} is required")
+      cli.fail(f"--{name} is required")
   if bool(FLAGS.api_keys) == FLAGS.insecure_no_auth:
-    _fail("pass --api_keys=FILE (make keys with `python -m flexolmo_jax.serve add-key`) or, for "
-          "a server only this machine can reach, --insecure_no_auth; not both")
+    cli.fail("pass --api_keys=FILE (make keys with `python -m flexolmo_jax.serve add-key`) or, "
+             "for a server only this machine can reach, --insecure_no_auth; not both")
   if FLAGS.insecure_no_auth and not _is_loopback(FLAGS.host):
-    _fail(f"--insecure_no_auth serves only on loopback addresses; --host={FLAGS.host} is not one "
-          f"(use 127.0.0.1, or --api_keys)")
+    cli.fail(f"--insecure_no_auth serves only on loopback addresses; --host={FLAGS.host} is not "
+             "one (use 127.0.0.1, or --api_keys)")
   cli.default_verbosity()
   try:
     config, params, manifest = runs.load_params(FLAGS.model)
@@ -761,7 +754,7 @@ def serve_main() -> None:
     application = make_app(config, params, names, tokenizer, policies, FLAGS.audit_log, limits,
                            keys=keys, allowed_hosts=FLAGS.allowed_hosts)
   except (ValueError, OSError) as err:
-    _fail(str(err))
+    cli.fail(str(err))
   # Log rotation: the handler only flags it; the next write reopens (no lock taken in a handler).
   signal.signal(signal.SIGHUP, lambda *_: application.state.audit.request_reopen())
   uvicorn.run(application, host=FLAGS.host, port=FLAGS.port, log_level="warning")
@@ -770,14 +763,14 @@ def serve_main() -> None:
 def main(argv: Sequence[str]) -> None:
   command, args = (argv[1], argv[2:]) if len(argv) > 1 else ("serve", [])
   if command not in COMMANDS:
-    _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (default serve)")
+    cli.fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (default serve)")
   if command == "verify-audit":
     if len(args) != 1:
-      _fail("usage: python -m flexolmo_jax.serve verify-audit FILE")
+      cli.fail("usage: python -m flexolmo_jax.serve verify-audit FILE")
     verify_audit_main(args[0])
     return
   if args:
-    _fail(f"unexpected arguments: {args}")
+    cli.fail(f"unexpected arguments: {args}")
   if command == "add-key":
     add_key_main()
   else:
@@ -786,4 +779,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  absl_app.run(main)
+  cli.run(main)

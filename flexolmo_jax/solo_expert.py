@@ -16,13 +16,11 @@ import dataclasses
 import json
 import sys
 
-from absl import app
-
 from flexolmo_jax import cli, partition, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import train as train_lib
 from flexolmo_jax.fit import NonFiniteError, fit
-from flexolmo_jax.train_config import to_dict, train_config
+from flexolmo_jax.train_config import check_override_keys, to_dict, train_config
 
 
 def train_solo(config, workdir: str) -> dict[str, float]:
@@ -49,20 +47,21 @@ def train_solo(config, workdir: str) -> dict[str, float]:
 def main(argv, config_flag, workdir_flag, distributed_flag):
   del argv
   if distributed_flag.value:
-    sys.exit("error: the solo-expert ablation runs in one process; --distributed is not supported")
+    cli.fail("the solo-expert ablation runs in one process; drop --distributed")
   cli.default_verbosity()
   raw = config_flag.value.to_dict()
   workdir = workdir_flag.value or raw.get("workdir")
   raw.pop("workdir", None)
-  try:
-    last = train_solo(train_config(raw), workdir)
-  except (KeyError, ValueError, FileNotFoundError, NonFiniteError,
-          data_lib.DataError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  if not workdir:
+    cli.fail("--workdir is required (the config names no default workdir)")
+  last = train_solo(train_config(raw), workdir)
   print(json.dumps({k: round(v, 4) for k, v in last.items()}, sort_keys=True))
 
 
 if __name__ == "__main__":
+  try:
+    check_override_keys(sys.argv[1:])
+  except KeyError as err:
+    cli.fail(err)
   _FLAGS = train_lib.define_flags()  # The trainer's --config, --workdir and --distributed.
-  app.run(lambda argv: main(argv, *_FLAGS))
+  cli.run(lambda argv: main(argv, *_FLAGS), errors=(NonFiniteError,))

@@ -24,13 +24,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, cli, distributed, dp, experts, partition, router_init, runs
+from flexolmo_jax import checkpoint, cli, distributed, dp, experts, partition, router_init
+from flexolmo_jax import router_tuning, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.fit import NonFiniteError, fit
 from flexolmo_jax.manifest import Manifest
 from flexolmo_jax.model import init_params
-from flexolmo_jax.train_config import TrainConfig, check_override_keys, to_dict, train_config
+from flexolmo_jax.train_config import ROUTER_SOURCES, TrainConfig, check_override_keys, to_dict
+from flexolmo_jax.train_config import train_config
 
 
 # ----------------------------------------------------------------------------- setup
@@ -86,7 +88,7 @@ def setup(config: TrainConfig):
   tokenizer_keys = _tokenizer_check(public_config, config.data.path, public_manifest)
   model_config = experts.moe_config(public_config, 1, top_k=e.top_k, with_bias=e.bias,
                                     bias_init=e.bias_init).replace(**config.model_overrides)
-  rows = _router_rows(config, public_config, public_params)
+  rows, router_row = _router_rows(config, public_config, public_params)
   frozen = {"public": public_params, "public_router": rows["public"]}
   trainable = experts.upcycle_expert(public_params, rows[e.name],
                                      bias_init=e.bias_init if e.bias else None)
@@ -94,7 +96,8 @@ def setup(config: TrainConfig):
       kind="expert", name=e.name, config=model_config.to_dict(), public_path=str(e.public),
       public_fingerprint=checkpoint.fingerprint(public_params),
       public_router_fingerprint=checkpoint.fingerprint({"r": rows["public"]}),
-      **tokenizer_keys)
+      # A DP run records where the released row came from (never the owner's data, TrainConfig).
+      dp={"router_row": router_row} if config.dp.enabled else None, **tokenizer_keys)
   return model_config, trainable, frozen, manifest
 
 
@@ -111,19 +114,44 @@ def _init_from(model_config: ModelConfig, path: str):
 
 
 def _router_rows(config: TrainConfig, public_config: ModelConfig, public_params):
+  """({"public": r_pub, name: the expert's row}, each [L, D]; a record of where the expert's row
+  came from), by config.expert.router_source (train_config.ROUTER_SOURCES)."""
   e = config.expert
   shape = (public_config.n_layers, public_config.d_model)
+  source = {"source": e.router_source, "reads": ROUTER_SOURCES[e.router_source]}
   if e.router_embeddings:
-    return router_init.load_embeddings(e.router_embeddings, ["public", e.name], *shape)
-  print("no router embeddings given: router rows from the public model's mean hidden state",
-        flush=True)
-  rows = {}
-  for domain in ("public", e.name):
-    data_cfg = config.data.replace(domains=(domain,), shuffle=False)
-    batches = iter(data_lib.make_pipeline(data_cfg, "train", num_epochs=1))
-    take = (b for _, b in zip(range(e.embed_batches), batches))
-    rows[domain] = router_init.mean_hidden_embedding(public_config, public_params, take)
-  return rows
+    rows = router_init.load_embeddings(e.router_embeddings, ["public", e.name], *shape)
+    return rows, {**source, "router_embeddings": str(e.router_embeddings)}
+  embed = lambda batches: router_init.mean_hidden_embedding(
+      public_config, public_params, (b for _, b in zip(range(e.embed_batches), batches)))
+  domain_batches = lambda domain: iter(data_lib.make_pipeline(
+      config.data.replace(domains=(domain,), shuffle=False), "train", num_epochs=1))
+  rows = {"public": embed(domain_batches("public"))}
+  if e.router_source == "public":
+    rows[e.name] = rows["public"]
+  elif e.router_source == "proxies":
+    proxy_set = _proxy_set(e.router_proxies, e.name)
+    records = router_tuning.tuning_documents(config.data.path, {e.name: proxy_set}, 0)
+    rows[e.name] = embed(router_tuning._batches(  # pylint: disable=protected-access
+        records, config.data.seq_len, config.data.batch_size, config.seed))
+    source = {**source, "router_proxies": str(e.router_proxies), "documents": len(records)}
+  else:
+    print("no router embeddings given: router rows from the public model's mean hidden state",
+          flush=True)
+    rows[e.name] = embed(domain_batches(e.name))
+  return rows, {**source, "embed_batches": e.embed_batches}
+
+
+def _proxy_set(path: str, name: str) -> dict:
+  """`name`'s proxy set from the proxies JSON at `path`."""
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"config.expert.router_proxies={path} does not exist; select a proxy "
+                            f"set with python -m flexolmo_jax.router_tuning select --domain={name}")
+  sets = json.loads(pathlib.Path(path).read_text())
+  if name not in sets:
+    raise ValueError(f"{path} holds no proxy set for {name!r} (it holds {sorted(sets)}); select "
+                     f"one with python -m flexolmo_jax.router_tuning select --domain={name}")
+  return sets[name]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -148,9 +176,9 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
                 batches, manifest=manifest, eval_domains=eval_domains,
                 label=f"train {manifest.name or 'public'}")
   if config.dp.enabled:
-    manifest = manifest.replace(dp=dp.report(config.dp, batch_size=data_cfg.batch_size,
-                                             steps=config.steps,
-                                             num_examples=_num_examples(data_cfg)))
+    manifest = manifest.replace(dp={**manifest.dp, **dp.report(
+        config.dp, batch_size=data_cfg.batch_size, steps=config.steps,
+        num_examples=_num_examples(data_cfg))})
   if distributed.is_primary():
     runs.write_manifest(workdir, manifest.replace(step=config.steps))
   return last
@@ -192,13 +220,7 @@ def main(argv, config_flag, workdir_flag, distributed_flag):
     raise app.UsageError("--workdir is required (the config names no default workdir)")
   raw = raw.to_dict()
   raw.pop("workdir", None)
-  try:
-    config = train_config(raw)
-    last = train(config, workdir)
-  except (KeyError, ValueError, FileNotFoundError, NonFiniteError, data_lib.DataError) as err:
-    message = err.args[0] if isinstance(err, KeyError) and err.args else err
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+  last = train(train_config(raw), workdir)
   print(json.dumps({k: round(v, 4) for k, v in last.items()}, sort_keys=True))
 
 
@@ -206,6 +228,6 @@ if __name__ == "__main__":
   try:
     check_override_keys(sys.argv[1:])
   except KeyError as err:
-    sys.exit(f"error: {err.args[0]}")
+    cli.fail(err)
   _FLAGS = define_flags()
-  app.run(lambda argv: main(argv, *_FLAGS))
+  cli.run(lambda argv: main(argv, *_FLAGS), errors=(NonFiniteError,))

@@ -349,7 +349,9 @@ def test_convert_cli(tmp_path):
   out = tmp_path / "out.jsonl"
   assert eval_tasks.main(["--format=arc", f"--input={arc}", f"--out={out}"]) == 0
   assert eval_tasks.load_jsonl(str(out))[0].gold == 1
-  assert eval_tasks.main(["--format=arc", f"--input={tmp_path / 'none.jsonl'}", f"--out={out}"]) == 1
+  with pytest.raises(SystemExit) as refused:  # Bad input: cli.fail, exit status 2.
+    eval_tasks.main(["--format=arc", f"--input={tmp_path / 'none.jsonl'}", f"--out={out}"])
+  assert refused.value.code == 2
 
 
 def test_domain_mc_items_hold_the_true_continuation():
@@ -406,7 +408,7 @@ def test_cli_runs_on_a_saved_model_and_rejects_bad_tasks(dense, corpus_dir, tmp_
           "--seq_len=32", "--batch_size=2", "--max_len=64", "--mc_items=3"]
   bad = subprocess.run(base + ["--tasks=perplexity,mmul"], capture_output=True, text=True,
                        cwd=REPO, env=env)
-  assert bad.returncode == 1 and "unknown task 'mmul'; valid tasks:" in bad.stderr
+  assert bad.returncode == 2 and "unknown task 'mmul'; valid tasks:" in bad.stderr
   ok = subprocess.run(base + ["--tasks=perplexity,mc"], capture_output=True, text=True, cwd=REPO,
                       env=env)
   assert ok.returncode == 0, ok.stderr

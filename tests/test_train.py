@@ -238,6 +238,8 @@ def test_nan_guard_checks_the_parameters_before_a_save(corpus_dir, tmp_path):
 
 def test_resume_refuses_changed_training_settings_naming_them(corpus_dir, tmp_path):
   config = _expert_config(corpus_dir, tmp_path / "public",
+                          expert=dict(name="math", public=str(tmp_path / "public"),
+                                      router_source="public"),
                           dp=dict(enabled=True, noise_multiplier=1.0))
   manifest = Manifest(
       kind="expert", name="math", config=C.tiny(num_experts=2).to_dict(),

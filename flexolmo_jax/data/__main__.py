@@ -40,16 +40,12 @@ def main(argv):
   cli.default_verbosity()
   if not _OUT.value:
     raise app.UsageError("--out=DIR is required.")
+  owners = [_owner(spec) for spec in _OWNER.value]  # All checked before anything is written.
   start = time.time()
   opts = _options()
   corpus.prepare(_OUT.value, opts)
-  for spec in _OWNER.value:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-      raise app.UsageError(f"--owner={spec}: expected NAME=DIR.")
-    corpus.add_domain(_OUT.value, name,
-                      corpus.documents_from_spec({"dir": path, "text_field": _TEXT_FIELD.value}),
-                      seed=_SEED.value)
+  for name, path, docs in owners:
+    corpus.add_domain(_OUT.value, name, docs, seed=opts.seed)
     print(f"{name}: added from {path}", flush=True)
   print(corpus.format_table(corpus.load_manifest(_OUT.value)))
   print(f"prepared {_OUT.value} in {time.time() - start:.1f} s")
@@ -69,5 +65,15 @@ def _options() -> corpus.BuildOptions:
                                 **explicit})
 
 
+def _owner(spec: str) -> tuple[str, str, list[str]]:
+  """(name, directory, documents) of an --owner=NAME=DIR; a bad name, a missing or empty
+  directory or an unreadable file is refused here, before the corpus is built."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise app.UsageError(f"--owner={spec}: expected NAME=DIR")
+  cli.check_name(name, f"--owner={spec}: domain")
+  return name, path, corpus.documents_from_spec({"dir": path, "text_field": _TEXT_FIELD.value})
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

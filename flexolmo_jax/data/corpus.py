@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from flexolmo_jax import progress
+from flexolmo_jax import cli, progress
 from flexolmo_jax.data import math_gen
 from flexolmo_jax.data import sources
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -355,6 +355,7 @@ def add_domain(root: str, name: str, docs: Sequence[str], seed: int = 0) -> dict
   Documents already present in any other domain are dropped (no document sits in two domains);
   the corpus tokenizer is reused. Idempotent like `prepare`. Returns the domain's manifest entry.
   """
+  cli.check_name(name, "domain", sources.DataError)
   manifest = load_manifest(root)
   seen = set()
   for other in manifest["domains"]:
