@@ -6,6 +6,7 @@ A run directory (`--workdir`) holds
   checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta (train_state.py)
   damaged_checkpoints/    steps that failed verification on resume, moved aside
   metrics.jsonl, tb/      logged metrics (JSON lines, TensorBoard events)
+  profile/                jax.profiler traces of config.profile_steps (TensorBoard / XProf)
   run.lock                held (flock) by the process training in it, whose pid it names
   dp_noise_key.npy        DP runs: the secret noise key (owner-readable only)
 An expert run's `params` item holds ONLY its expert subtree (experts.py), so it is restorable on
@@ -44,6 +45,7 @@ PUBLIC_ROUTER = "public_router.npy"
 METRICS = "metrics.jsonl"
 NOISE_KEY_FILE = "dp_noise_key.npy"
 LOCK = "run.lock"
+PROFILE = "profile"
 
 
 def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:

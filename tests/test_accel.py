@@ -1,0 +1,88 @@
+"""Mixed precision (bfloat16 compute, float32 master weights), profiling, and remote paths."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexolmo_jax import objective, partition, precision, runs
+from flexolmo_jax import config as C
+from flexolmo_jax import train as T
+from flexolmo_jax.model import init_params
+from flexolmo_jax.train_config import train_config
+
+TINY_MODEL = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                  rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)
+# Over 50 steps of the tiny model below, bfloat16 compute stays within this absolute distance of
+# the float32 loss at every step (measured: see docs/precision.md).
+BF16_LOSS_TOLERANCE = 0.05
+
+
+def _losses(dtype: str, steps: int = 50):
+  """Per-step losses of a public run of a tiny model computing in `dtype` from float32 master
+  weights, on a fixed batch stream; and the final state."""
+  model_config = C.tiny(dtype=dtype)
+  config = train_config(dict(mode="public", model=model_config.to_dict(), steps=steps,
+                             data=dict(seq_len=32, batch_size=4),
+                             optim=dict(lr=3e-3, warmup_steps=5)))
+  params, _ = precision.apply(config, init_params(model_config, jax.random.key(0)), None)
+  tx, schedule = objective.make_optimizer(config, params)
+  step = objective.make_train_step(config, model_config, partition.PUBLIC, tx, schedule)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+  # A learnable stream: 8 fixed sequences, 4 per step, repeated.
+  seqs = np.random.default_rng(0).integers(3, model_config.vocab_size, size=(8, 33)).astype(np.int32)
+  rows = seqs[(np.arange(4)[None] + 4 * np.arange(steps)[:, None]) % 8]
+  batches = dict(tokens=rows[..., :-1], targets=rows[..., 1:],
+                 positions=np.broadcast_to(np.arange(32, dtype=np.int32), (steps, 4, 32)),
+                 segment_ids=np.ones((steps, 4, 32), np.int32),
+                 loss_mask=np.ones((steps, 4, 32), np.float32))
+  run = jax.jit(lambda state, batches: jax.lax.scan(
+      lambda s, b: (lambda out: (out[0], out[1]["ce"]))(step(s, None, b)), state, batches))
+  state, losses = run(state, {k: jnp.asarray(v) for k, v in batches.items()})
+  return np.asarray(losses), state
+
+
+def test_bfloat16_training_follows_float32_losses():
+  f32, _ = _losses("float32")
+  bf16, state = _losses("bfloat16")
+  assert f32[-1] < f32[0] - 1.0  # The run learns, so the comparison covers a moving loss.
+  np.testing.assert_allclose(bf16, f32, atol=BF16_LOSS_TOLERANCE, rtol=0)
+  # Master weights and AdamW moments stay float32 under bfloat16 compute.
+  for leaf in jax.tree.leaves((state["params"], state["opt_state"])):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+
+
+def test_precision_policy_casts_the_trained_tree_to_master_and_the_frozen_tree_to_storage():
+  config = train_config(dict(mode="public", model=C.tiny().to_dict(), data={},
+                              frozen_dtype="bfloat16"))
+  trainable = {"w": np.ones(3, jnp.bfloat16), "n": np.arange(3, dtype=np.int32)}
+  frozen = {"public": {"w": np.ones(3, np.float32)}}
+  t, f = precision.apply(config, trainable, frozen)
+  assert (t["w"].dtype, t["n"].dtype, f["public"]["w"].dtype) == (
+      np.float32, np.int32, jnp.bfloat16)
+  keep = train_config(dict(mode="public", model=C.tiny().to_dict(), data={}))
+  assert precision.apply(keep, trainable, frozen)[1]["public"]["w"].dtype == np.float32
+
+
+@pytest.mark.parametrize("bad", ["2", "3:1", "0:2", "a:b"])
+def test_bad_profile_steps_are_refused(bad):
+  with pytest.raises(ValueError, match="profile_steps"):
+    train_config(dict(mode="public", model=C.tiny().to_dict(), data={}, profile_steps=bad))
+
+
+def test_profile_steps_leave_a_trace_in_the_workdir_and_master_weights_stay_float32(
+    corpus_dir, tmp_path):
+  config = train_config(dict(
+      mode="public", model=dict(TINY_MODEL, dtype="bfloat16"),
+      data=dict(path=corpus_dir, domains=("public",), seq_len=32, batch_size=8), steps=3,
+      log_every=1, eval_every=3, eval_batches=1, checkpoint_every=3, progress=False,
+      async_checkpoint=False, profile_steps="1:2"))
+  T.train(config, str(tmp_path))
+  traces = glob.glob(str(tmp_path / runs.PROFILE / "**" / "*.xplane.pb"), recursive=True)
+  assert traces and all(os.path.getsize(t) > 0 for t in traces)
+  _, params, _ = runs.load_params(tmp_path)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
