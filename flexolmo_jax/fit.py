@@ -129,6 +129,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *args, **kwargs
 
   Returns (the trained trainable tree, the last logged metrics as floats).
   """
+  runs.require_local_workdir(workdir)  # Also callers' check, before their setup's work.
   with contextlib.ExitStack() as stack:
     # On a pod the workdir is shared and one host writes files: the primary holds the lock.
     if distributed.is_primary():

@@ -583,6 +583,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
   try:
+    checkpoint.require_local_artifact(FLAGS.out)
+  except ValueError as err:
+    raise SystemExit(f"error: {err}") from None
+  try:
     if FLAGS.merged and FLAGS.experts:
       manifest = add_to_merged_dir(FLAGS.merged, FLAGS.experts, FLAGS.out,
                                    opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,

@@ -224,6 +224,8 @@ def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConf
 def tune(cfg: RouterTuningConfig) -> dict:
   """Tunes the merged model's router on proxies + public slice; writes `cfg.out`; returns its
   manifest (with the last metrics)."""
+  checkpoint.require_local_artifact(cfg.out)
+  runs.require_local_workdir(cfg.workdir or cfg.out)
   config, params, manifest = checkpoint.load_params_artifact(cfg.merged)
   if not config.is_moe or manifest.get("kind") != "merged":
     raise ValueError(f"{cfg.merged} is not a merged model; build one with python -m "

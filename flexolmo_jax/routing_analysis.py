@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax import scoring
+from flexolmo_jax import paths, scoring
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, routing_counts
 
@@ -75,14 +74,15 @@ def write_report(by_domain: Mapping[str, Mapping], expert_names: Sequence[str],
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(out_dir, exist_ok=True)
+  out = paths.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   domains = list(by_domain)
   shares_DxLxE = np.stack([np.asarray(by_domain[d]["shares"]) for d in domains])
   num_layers, num_experts = shares_DxLxE.shape[1:]
   if len(expert_names) != num_experts:
     raise ValueError(f"{len(expert_names)} expert names for {num_experts} experts")
-  json_path, png_path = os.path.join(out_dir, "routing.json"), os.path.join(out_dir, "routing.png")
-  with open(json_path, "w", encoding="utf-8") as f:
+  json_path, png_path = out / "routing.json", out / "routing.png"
+  with json_path.open("w", encoding="utf-8") as f:
     json.dump({"experts": list(expert_names), "domains": domains, "layers": num_layers,
                "tokens": {d: int(by_domain[d]["tokens"]) for d in domains},
                "shares": {d: shares_DxLxE[i].tolist() for i, d in enumerate(domains)},
@@ -105,6 +105,7 @@ def write_report(by_domain: Mapping[str, Mapping], expert_names: Sequence[str],
                   fontsize=7)
   fig.colorbar(image, ax=axes, shrink=0.8, label="share of routed tokens")
   fig.suptitle("Expert share of routed tokens, per layer (rows: evaluation domain)")
-  fig.savefig(png_path, dpi=120)
+  with png_path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
-  return {"json": json_path, "png": png_path}
+  return {"json": str(json_path), "png": str(png_path)}

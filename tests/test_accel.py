@@ -1,19 +1,28 @@
 """Mixed precision (bfloat16 compute, float32 master weights), profiling, and remote paths."""
 
+import contextlib
 import glob
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils.epath import testing as epath_testing
 
-from flexolmo_jax import objective, partition, precision, runs
+from flexolmo_jax import evaluate, objective, partition, paths, precision, runs
+from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax import config as C
 from flexolmo_jax import train as T
+from flexolmo_jax.manifest import Manifest
 from flexolmo_jax.model import init_params
 from flexolmo_jax.train_config import train_config
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
                   rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)
 # Over 50 steps of the tiny model below, bfloat16 compute stays within this absolute distance of
@@ -86,3 +95,61 @@ def test_profile_steps_leave_a_trace_in_the_workdir_and_master_weights_stay_floa
   assert traces and all(os.path.getsize(t) > 0 for t in traces)
   _, params, _ = runs.load_params(tmp_path)
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+
+
+# ----------------------------------------------------------------------------- remote paths
+
+@contextlib.contextmanager
+def _fake_bucket(root):
+  """gs://BUCKET/... served from root/BUCKET/... through epath's backend (no network)."""
+  local = lambda p: str(p).replace("gs://", f"{root}/", 1)
+  one = lambda fn, p, *a, **k: fn(local(p), *a, **k)
+  two = lambda fn, p, dst, *a, **k: fn(local(p), local(dst), *a, **k)
+  with epath_testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one,
+                                mkdir=one, remove=one, stat=one, rename=two, replace=two):
+    yield
+
+
+def test_remote_training_workdir_is_refused_before_any_work(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = train_config(dict(mode="public", model=TINY_MODEL,
+                             data=dict(path=str(tmp_path / "no_corpus"), domains=("public",))))
+  with pytest.raises(ValueError, match=r"--workdir gs://bucket/run is a remote path.*flock"):
+    T.train(config, "gs://bucket/run")
+  assert not list(tmp_path.iterdir())  # No local "gs:" directory, nothing else either.
+
+
+def test_remote_merge_output_is_refused_before_any_work(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "flexolmo_jax.merge", f"--public={tmp_path / 'none'}",
+       f"--experts=a={tmp_path / 'none'}", "--out=gs://bucket/merged"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert out.returncode == 1
+  assert "artifact directory gs://bucket/merged is a remote path" in out.stderr
+  assert not list(tmp_path.iterdir())
+
+
+def test_evaluation_results_and_manifests_are_written_through_the_path_library(tmp_path,
+                                                                               monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  bucket = tmp_path / "served"
+  report = {"model": "m", "baseline": None, "split": "test", "experts": [],
+            "allowed_experts": [], "tasks": {"perplexity": {"ppl": 1.5}}}
+  with _fake_bucket(bucket):
+    written = evaluate.write_results(report, "gs://b/eval")
+    paths.path("gs://b/run").mkdir(parents=True)  # A bucket needs none; the fake does.
+    manifest_lib.write("gs://b/run", Manifest(kind="public", config=C.tiny().to_dict()))
+    back = manifest_lib.read("gs://b/run")
+  assert written["json"] == "gs://b/eval/results.json"
+  assert json.loads((bucket / "b/eval/results.json").read_text()) == report
+  assert "| perplexity | ppl | 1.5000 |" in (bucket / "b/eval/results.md").read_text()
+  assert back.kind == "public" and (bucket / "b/run/manifest.json").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]  # No "gs:" directory.
+
+
+def test_paths_keep_remote_names_and_make_local_ones_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert str(paths.absolute("gs://b/x") / "m.json") == "gs://b/x/m.json"
+  assert str(paths.absolute("rel")) == str(tmp_path / "rel")
+  assert paths.is_remote("gs://b") and not paths.is_remote("/tmp/gs:")
