@@ -81,7 +81,7 @@ def require_local_workdir(workdir: str | os.PathLike) -> None:
   """Refuses a remote training workdir before a run does any work."""
   paths.require_local(workdir, "--workdir", "a run directory holds an flock lock, an appended "
                       "metrics.jsonl, TensorBoard events and an owner-only DP key file, which "
-                      "need a local (or mounted) file system")
+                      "need a local file system")
 
 
 def checkpoint_manager(workdir, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
