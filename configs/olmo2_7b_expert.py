@@ -15,7 +15,7 @@ The batch (1024 x 4096 = 4M tokens, OLMo-2 7B's) is our choice: the method names
 Precision (docs/precision.md): bfloat16 compute; the trained expert and its AdamW moments in
 float32 (master_dtype); the frozen public model as converted (float32). frozen_dtype=bfloat16
 would halve its 29.2 GB (sharded over the devices), which the plan does not need.
-The public model may be read from gs://; the corpus and workdir must be local:
+The public model may be read from gs://; the corpus and workdir must be local or mounted:
 array_record, the run lock and appended metrics need a file system (flexolmo_jax/paths.py).
 """
 

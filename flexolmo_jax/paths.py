@@ -27,9 +27,9 @@ def is_remote(p: str | os.PathLike) -> bool:
 def require_local(p: str | os.PathLike | None, what: str, why: str) -> None:
   """Raises ValueError if `p` is remote: `what` cannot be there because `why`."""
   if p is not None and is_remote(p):
-    raise ValueError(f"{what} {p} is a remote path, which this command cannot use: {why}. "
-                     f"Use a local directory (copy it to the bucket afterwards, e.g. with "
-                     f"`gcloud storage cp -r`)")
+    raise ValueError(f"{what} {p} is a remote path, which this command cannot use: {why}; "
+                     "use a local directory, or the bucket mounted with gcsfuse (launch/tpu.py "
+                     "mounts it at /mnt/BUCKET)")
 
 
 def absolute(p: str | os.PathLike) -> epath.Path:
