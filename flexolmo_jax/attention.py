@@ -129,7 +129,9 @@ def _xla(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, scale):
 
 
 def _cudnn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, scale):
-  implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  # cuDNN's fused kernel refuses 32-bit inputs: those take XLA's path, on GPU as elsewhere.
+  fused = jax.default_backend() == "gpu" and q_BxTxHxDh.dtype.itemsize == 2
+  implementation = "cudnn" if fused else "xla"
   return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
                                       mask=visible_BxTxS[:, None], scale=scale,
                                       implementation=implementation)
