@@ -128,7 +128,7 @@ def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: M
     checkpointer.wait_until_finished()
     checkpointer.close()
     for name, source in (files or {}).items():
-      shutil.copyfile(source, tmp / name)
+      paths.path(source).copy(paths.path(tmp) / name)
     manifest_lib.write(tmp, manifest)
   return manifest.to_dict()
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from flexolmo_jax import evaluate, objective, partition, paths, precision, runs
+from flexolmo_jax import checkpoint, convert, evaluate, objective, partition, paths, precision
+from flexolmo_jax import runs
 from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax import config as C
 from flexolmo_jax import train as T
@@ -106,7 +107,7 @@ def _fake_bucket(root):
   one = lambda fn, p, *a, **k: fn(local(p), *a, **k)
   two = lambda fn, p, dst, *a, **k: fn(local(p), local(dst), *a, **k)
   with epath_testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one,
-                                mkdir=one, remove=one, stat=one, rename=two, replace=two):
+                                mkdir=one, remove=one, stat=one, rename=two, replace=two, copy=two):
     yield
 
 
@@ -119,15 +120,32 @@ def test_remote_training_workdir_is_refused_before_any_work(tmp_path, monkeypatc
   assert not list(tmp_path.iterdir())  # No local "gs:" directory, nothing else either.
 
 
-def test_remote_merge_output_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize("module,args", [
+    ("merge", ["--public={none}", "--experts=a={none}", "--out=gs://bucket/merged"]),
+    ("convert", ["--from_hf={none}", "--out=gs://bucket/merged"]),
+])
+def test_remote_artifact_output_is_refused_before_any_work(module, args, tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "flexolmo_jax.merge", f"--public={tmp_path / 'none'}",
-       f"--experts=a={tmp_path / 'none'}", "--out=gs://bucket/merged"],
+      [sys.executable, "-m", f"flexolmo_jax.{module}",
+       *(a.format(none=tmp_path / "none") for a in args)],
       cwd=tmp_path, capture_output=True, text=True, timeout=120,
       env={**os.environ, "PYTHONPATH": str(REPO)})
-  assert out.returncode == 1
-  assert "artifact directory gs://bucket/merged is a remote path" in out.stderr
+  assert out.returncode != 0  # Each command's own error status.
+  assert "gs://bucket/merged is a remote path" in out.stderr, out.stderr
   assert not list(tmp_path.iterdir())
+
+
+def test_files_that_travel_with_a_model_are_copied_from_a_bucket(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "served/b/model").mkdir(parents=True)
+  (tmp_path / "served/b/model/tokenizer.json").write_text('{"model": "bpe"}')
+  with _fake_bucket(tmp_path / "served"):
+    files = convert.carried_files("gs://b/model")
+    checkpoint.save_params_artifact(tmp_path / "art", C.tiny(), {"w": np.ones(2, np.float32)},
+                                    "public", files=files)
+  assert list(files) == ["tokenizer.json"]
+  assert (tmp_path / "art/tokenizer.json").read_text() == '{"model": "bpe"}'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "served"]
 
 
 def test_evaluation_results_and_manifests_are_written_through_the_path_library(tmp_path,
