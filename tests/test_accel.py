@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from flexolmo_jax import checkpoint, convert, evaluate, objective, partition, paths, precision
+from flexolmo_jax import attention, checkpoint, convert, evaluate, objective, partition, paths
+from flexolmo_jax import precision
 from flexolmo_jax import runs
 from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax import config as C
 from flexolmo_jax import train as T
 from flexolmo_jax.manifest import Manifest
-from flexolmo_jax.model import init_params
+from flexolmo_jax.model import Transformer, init_params
 from flexolmo_jax.train_config import train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -171,3 +172,20 @@ def test_paths_keep_remote_names_and_make_local_ones_absolute(tmp_path, monkeypa
   assert str(paths.absolute("gs://b/x") / "m.json") == "gs://b/x/m.json"
   assert str(paths.absolute("rel")) == str(tmp_path / "rel")
   assert paths.is_remote("gs://b") and not paths.is_remote("/tmp/gs:")
+
+
+# ----------------------------------------------------------------------------- default attention
+
+def test_auto_attention_on_cpu_is_xla_within_one_block_and_chunked_above():
+  assert C.tiny().attention_impl == "auto"
+  assert attention.resolve("auto", "float32", "cpu", length=512) == "xla"
+  assert attention.resolve("auto", "float32", "cpu", length=513) == "chunked"
+  assert attention.resolve("auto", "float32", "cpu", length=64, block_size=32) == "chunked"
+  assert attention.resolve("auto", "float32", "tpu", length=64) == "splash"
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 21)), jnp.int32)
+  params = init_params(C.tiny(), jax.random.key(0))
+  logits = lambda **kw: np.asarray(Transformer(C.tiny(**kw)).apply({"params": params}, tokens))
+  # Bit-identical to the implementation auto stands for at this length and block.
+  np.testing.assert_array_equal(logits(), logits(attention_impl="xla"))
+  np.testing.assert_array_equal(logits(attention_block_size=8),
+                                logits(attention_impl="chunked", attention_block_size=8))
