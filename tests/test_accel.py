@@ -85,6 +85,7 @@ def test_bad_profile_steps_are_refused(bad):
     train_config(dict(mode="public", model=C.tiny().to_dict(), data={}, profile_steps=bad))
 
 
+@pytest.mark.slow  # A 3-step training run with evaluation and a checkpoint: ~12 s of CPU.
 def test_profile_steps_leave_a_trace_in_the_workdir_and_master_weights_stay_float32(
     corpus_dir, tmp_path):
   config = train_config(dict(
