@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from flexolmo_jax import checkpoint, cli, paths
+from flexolmo_jax import checkpoint, cli, paths, progress
 from flexolmo_jax import model
 from flexolmo_jax import router_init
 from flexolmo_jax import runs
@@ -377,7 +377,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
   flat = {leaf: np.empty(shape, param_dtype) for leaf, shape in shapes.items()}
   used = set()
   with _SafetensorsReader(path) as reader:
-    for tensor in tensors:
+    for tensor in progress.bar(tensors, desc=f"read {path.name}", unit="tensor"):
       target = flat[tensor.leaf]
       value, source = _read_tensor(reader, tensor, _hf_shape(tensor, target.shape), config)
       target[tensor.index] = value.T if tensor.transpose else value  # Casts on assignment.
@@ -449,7 +449,8 @@ def _write_safetensors(path: pathlib.Path,
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
-    for key, shape, dtype, produce in tensors:
+    for key, shape, dtype, produce in progress.bar(tensors, desc=f"write {path.name}",
+                                                   unit="tensor"):
       array = np.ascontiguousarray(produce(), dtype=dtype.newbyteorder("<"))
       if array.shape != shape:
         raise HFCheckpointError(f"tensor {key} came out with shape {array.shape}, expected {shape}")

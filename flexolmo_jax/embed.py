@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from flexolmo_jax import checkpoint, cli, router_init, runs
+from flexolmo_jax import checkpoint, cli, progress, router_init, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
@@ -55,7 +55,7 @@ def sample_documents(data: str, domain: str, num_docs: int, seed: int = 0) -> li
 
 def _document_batches(tokenizer, texts: Sequence[str], max_tokens: int, batch_size: int):
   """One document per row, truncated to max_tokens: batches for mean_hidden_embedding."""
-  for start in range(0, len(texts), batch_size):
+  for start in progress.bar(range(0, len(texts), batch_size), desc="embed", unit="batch"):
     ids = tokenizer.encode_batch(list(texts[start:start + batch_size]))
     tokens = np.zeros((len(ids), max_tokens), np.int32)
     mask = np.zeros((len(ids), max_tokens), np.float32)

@@ -35,7 +35,7 @@ from absl import app
 from absl import flags
 
 from flexolmo_jax import baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
-from flexolmo_jax import paths, subsets
+from flexolmo_jax import paths, progress, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import DataError, load_manifest
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -51,7 +51,15 @@ def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]
 def run_multiple_choice(scorer: scoring.Scorer, items: Sequence[eval_tasks.Item]) -> dict:
   """Accuracy of choosing the choice of highest log-likelihood: raw, per token and per char."""
   requests = [(item.prompt, choice) for item in items for choice in item.choices]
-  scored = iter(scorer.loglikelihood(requests))
+  # Scored in chunks only to report progress; each request's score does not depend on the others.
+  chunk = 256
+  bar = progress.bar(desc="multiple choice", total=len(requests), unit="choice")
+  scores = []
+  for start in range(0, len(requests), chunk):
+    scores += scorer.loglikelihood(requests[start:start + chunk])
+    bar.update(len(requests[start:start + chunk]))
+  bar.close()
+  scored = iter(scores)
   hits = {"acc": 0, "acc_per_token": 0, "acc_per_char": 0}
   for item in items:
     choices = [next(scored) for _ in item.choices]
@@ -123,8 +131,13 @@ class Context:
   allow_unsandboxed_code: bool = False
 
   def batches(self, domain: str):
-    return scoring.domain_batches(self.data_root, domain, self.split,
-                                  batch_size=self.batch_size, seq_len=self.seq_len)
+    """The domain's held-out batches, with a progress bar (its total estimated from the
+    manifest's token count)."""
+    tokens = load_manifest(self.data_root)["domains"][domain][self.split]["tokens"]
+    return progress.bar(scoring.domain_batches(self.data_root, domain, self.split,
+                                               batch_size=self.batch_size, seq_len=self.seq_len),
+                        desc=f"{domain} ({self.split})", unit="batch",
+                        total=-(-tokens // (self.batch_size * self.seq_len)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +157,10 @@ def _perplexity(ctx: Context, name: str) -> dict:
 
 def _routing(ctx: Context, name: str) -> dict:
   del name
-  by_domain = routing_analysis.domain_shares(ctx.config, ctx.params, ctx.data_root, ctx.domains,
-                                             split=ctx.split, batch_size=ctx.batch_size,
-                                             seq_len=ctx.seq_len, expert_mask=ctx.expert_mask)
+  by_domain = {d: routing_analysis.domain_shares(
+      ctx.config, ctx.params, ctx.data_root, [d], split=ctx.split, batch_size=ctx.batch_size,
+      seq_len=ctx.seq_len, expert_mask=ctx.expert_mask)[d]
+               for d in progress.bar(ctx.domains, desc="routing", unit="domain")}
   paths = routing_analysis.write_report(by_domain, ctx.names, ctx.out_dir)
   return {"tokens": {d: v["tokens"] for d, v in by_domain.items()}, **paths}
 
@@ -257,7 +271,8 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
                 humaneval_limit, timeout, score_batches, allow_unsandboxed_code)
   if "routing" in tasks and not config.is_moe:
     raise ValueError("the routing task needs a mixture-of-experts model; this one is dense")
-  return {task: TASKS[task_kind(task)].run(ctx, task) for task in tasks}
+  return {task: TASKS[task_kind(task)].run(ctx, task)
+          for task in progress.bar(tasks, desc="evaluate", unit="task")}
 
 
 def _slug(task: str) -> str:

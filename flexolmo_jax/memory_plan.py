@@ -46,7 +46,7 @@ import optax
 from absl import app, flags
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from flexolmo_jax import experts, objective, partition, sharding
+from flexolmo_jax import cli, experts, objective, partition, sharding
 from flexolmo_jax.config import ATTENTION_IMPLS, PRESETS, ModelConfig
 from flexolmo_jax.data.config import DataConfig
 from flexolmo_jax.model import init_params, logical_axes
@@ -430,6 +430,7 @@ def define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.default_verbosity()
   try:
     models = [FLAGS.model] if FLAGS.model else list(DEFAULT_MODELS)
     meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from flexolmo_jax import checkpoint, cli, convert, distributed, experts, paths, runs, sharding
+from flexolmo_jax import checkpoint, cli, convert, distributed, experts, paths, progress, runs
+from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.model import logical_axes
@@ -200,7 +201,8 @@ def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, ba
 
   shapes = _expected_shapes(public_params, with_bias)
   provenance = {}
-  for j, (name, path) in enumerate(pairs, 1):
+  for j, (name, path) in enumerate(progress.bar(pairs, desc="merge: read experts", unit="expert"),
+                                   1):
     _, tree, manifest = _load_expert(path, manifests[name])
     _check_expert_tree(name, path, tree, shapes)
     for key in shapes:
@@ -527,7 +529,7 @@ def add_to_merged_dir(merged, expert_list, out, *, opt_out_names=(), top_k=None,
   if with_bias and "expert_bias" not in mlp:
     columns["expert_bias"] = [np.zeros(mlp["router"].shape[:2], mlp["router"].dtype)]
   provenance = dict(manifest.get("experts", {}))
-  for name, path in pairs:
+  for name, path in progress.bar(pairs, desc="merge: read experts", unit="expert"):
     _, tree, expert_manifest = _load_expert(path, manifests[name])
     _check_expert_tree(name, path, tree, shapes)
     for key in shapes:

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from flexolmo_jax import checkpoint, cli, merge, runs, subsets
+from flexolmo_jax import checkpoint, cli, merge, progress, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -69,7 +69,7 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
 
 def extraction(config: ModelConfig, params, documents: Sequence[Sequence[int]], *, prefix: int,
                length: int, samples: int, sampling: Sampling, threshold: float, seed: int = 0,
-               expert_mask=None, batch_docs: int = 8) -> dict:
+               expert_mask=None, batch_docs: int = 8, desc: str = "extraction") -> dict:
   """Extraction rate of `documents` (token lists of >= prefix + length tokens) under one model.
 
   `expert_mask` [E] bool applies to every sequence (opt-out). Returns the rate, counts, Wilson
@@ -78,6 +78,7 @@ def extraction(config: ModelConfig, params, documents: Sequence[Sequence[int]], 
   if not documents:
     raise ValueError("no documents to test: every document is shorter than prefix + generate")
   best = []
+  bar = progress.bar(desc=desc, total=len(documents), unit="doc")
   for start in range(0, len(documents), batch_docs):
     chunk = documents[start:start + batch_docs]
     prompts = [list(doc[:prefix]) for doc in chunk for _ in range(samples)]
@@ -88,6 +89,8 @@ def extraction(config: ModelConfig, params, documents: Sequence[Sequence[int]], 
     for d, doc in enumerate(chunk):
       truth = doc[prefix:prefix + length]
       best.append(max(similarity(out[d * samples + s], truth) for s in range(samples)))
+    bar.update(len(chunk))
+  bar.close()
   extracted = int(sum(b >= threshold for b in best))
   low, high = wilson_interval(extracted, len(best))
   return {"rate": extracted / len(best), "extracted": extracted, "documents": len(best),
@@ -187,7 +190,7 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
   for name, config, params, mask, dp_record in models:
     result = extraction(config, params, docs, prefix=prefix, length=length, samples=samples,
                         sampling=sampling, threshold=threshold, seed=seed, expert_mask=mask,
-                        batch_docs=batch_docs)
+                        batch_docs=batch_docs, desc=name)
     rows.append({"model": name, **result,
                  "mean_best_similarity": float(np.mean(result["best_similarity"])),
                  "epsilon": None if dp_record is None else dp_record["epsilon"],

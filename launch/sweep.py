@@ -34,7 +34,7 @@ from typing import Sequence
 import jax
 from absl import app, flags
 
-from flexolmo_jax import baselines, cli, distributed, evaluate, runs, subsets
+from flexolmo_jax import baselines, cli, distributed, evaluate, progress, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import load_manifest, load_tokenizer
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -137,6 +137,7 @@ def run(cells: Sequence[Cell], *, data: str, out: str, domains: Sequence[str], s
         f"{len(cells) - len(todo)} finished or on other hosts", flush=True)
   tokenizer = load_tokenizer(data)
   computed = []
+  bar = progress.bar(desc="sweep", total=len(todo), unit="cell")
   for path in dict.fromkeys(c.path for c in todo):
     config, params, manifest = runs.load_params(path)
     tokenizer_lib.check_matches(manifest, load_manifest(data), model=path)
@@ -154,8 +155,10 @@ def run(cells: Sequence[Cell], *, data: str, out: str, domains: Sequence[str], s
                 "metrics": flatten(results[cell.task])}
       _append(out, suffix, record)
       computed.append(cell.id)
+      bar.update(1)
       print(f"[{len(computed)}/{len(todo)}] {cell.model} {cell.subset} {cell.task} "
             f"({record['seconds']:.1f}s)", flush=True)
+  bar.close()
   return computed
 
 

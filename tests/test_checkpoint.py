@@ -77,10 +77,12 @@ def test_unknown_kind_is_refused(tmp_path):
 def test_manifest_versions_today_and_unknown(tmp_path):
   """A manifest without a version (written before the field) reads as version 1 and keeps every
   key through a read and a write; an unknown version is refused, naming it and the fix."""
-  old = {"kind": "expert", "config": {"d_model": 8}, "name": "math", "expert_names": ["a"]}
+  old = {"kind": "expert", "config": {"d_model": 8}, "name": "math", "expert_names": ["a"],
+         "written_by": "a later tool"}
   (tmp_path / manifest_lib.FILE).write_text(json.dumps(old))
   read = manifest_lib.read(tmp_path)
-  assert read.version == 1 and read.name == "math" and read.extra == {"expert_names": ["a"]}
+  assert read.version == 1 and read.name == "math" and read.expert_names == ["a"]
+  assert read.extra == {"written_by": "a later tool"}
   manifest_lib.write(tmp_path, read.replace(step=3))
   assert json.loads((tmp_path / manifest_lib.FILE).read_text()) == {**old, "version": 1, "step": 3}
   (tmp_path / manifest_lib.FILE).write_text(json.dumps({**old, "version": 99}))

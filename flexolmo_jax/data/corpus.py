@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from flexolmo_jax import progress
 from flexolmo_jax.data import math_gen
 from flexolmo_jax.data import sources
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -306,7 +307,8 @@ def prepare(root: str, opts: BuildOptions = BuildOptions()) -> dict:
     tok = _train_tokenizer(root, opts, public_train["sha256"])
   tok_sha = tok.fingerprint
   domains = {}
-  for domain in (PUBLIC,) + CLOSED_DOMAINS:
+  for domain in progress.bar((PUBLIC,) + CLOSED_DOMAINS, desc="prepare: tokenize domains",
+                             unit="domain"):
     domains[domain] = _domain_parts(root, domain, splits[domain], tok, tok_sha)
     domains[domain]["source"] = SOURCE_NOTES[domain]
     domains[domain]["dedup"] = dedup[domain]
