@@ -9,10 +9,11 @@ OLMo-2 model frozen, one expert (FFN, router row, bias per layer) trained, top-2
 precision policy of docs/precision.md (compute in --dtype, float32 master weights and AdamW
 moments). One device, no mesh. Tokens/s is over --steps calls after a warm-up call. MFU is model
 FLOPs (below) per second over the device's peak (`--peak_tflops`, or a table of known chips;
-none on CPU): per token, 2 FLOPs per multiply-add of the forward matmuls (attention projections,
-both experts, LM head) plus the causal attention scores and values, twice that again for the
-gradients of the activations, and 2 per trained weight for its gradient; rematerialisation is
-not counted (it is hardware, not model, FLOPs). Peak memory is the device's `peak_bytes_in_use`
+none on CPU): per token, 2 FLOPs per multiply-add, counting the forward matmuls (attention
+projections, both experts, LM head) twice (forward and activation gradients), the causal
+attention scores and values three times (forward, and a backward of twice the work), and each
+trained weight once more for its gradient; rematerialisation is not counted (it is hardware,
+not model, FLOPs). Peak memory is the device's `peak_bytes_in_use`
 where it reports one (GPU, TPU: the process's maximum so far, so accel_check.sh runs one
 implementation per process), else the compiled step's arguments + outputs + temporaries.
 """
@@ -60,11 +61,13 @@ def model_flops_per_token(c: config_lib.ModelConfig, seq_len: int) -> float:
   h, dh, kv = c.n_heads, c.resolved_head_dim, c.n_kv_heads
   attn_proj = c.d_model * (h * dh + 2 * kv * dh) + h * dh * c.d_model
   ffn = 3 * c.d_model * c.ffn_hidden
-  forward_macs = c.n_layers * (attn_proj + 2 * ffn) + c.d_model * c.vocab_size
+  weight_macs = c.n_layers * (attn_proj + 2 * ffn) + c.d_model * c.vocab_size
   # Scores and values, causal: each token meets on average half the sequence.
-  forward_macs += c.n_layers * 2 * h * dh * seq_len / 2
+  attention_macs = c.n_layers * 2 * h * dh * seq_len / 2
   trained = c.n_layers * (ffn + c.d_model + 1)  # The expert's FFN, router row and bias.
-  return 2 * forward_macs * 2 + 2 * trained
+  # Forward and activation gradients through every weight; attention's backward is twice its
+  # forward; weight gradients for the trained expert only.
+  return 2 * (2 * weight_macs + 3 * attention_macs + trained)
 
 
 def _peak_tflops(device) -> float:
