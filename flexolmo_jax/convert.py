@@ -658,9 +658,10 @@ def main(argv: Sequence[str]) -> None:
   cli.default_verbosity()
   if bool(FLAGS.from_hf) == bool(FLAGS.to_hf) or not FLAGS.out:
     _fail("give exactly one of --from_hf=HF_DIR and --to_hf=ARTIFACT_DIR, and --out=DIR")
-  if paths.is_remote(FLAGS.out):  # Before the conversion's work (atomic_directory refuses too).
-    _fail(f"--out {FLAGS.out} is a remote path: an artifact or HF directory is written into a "
-          "temporary directory renamed when complete; use a local directory or a mounted bucket")
+  try:  # Before the conversion's work (atomic_directory refuses too).
+    checkpoint.require_local_artifact(FLAGS.out)
+  except ValueError as err:
+    _fail(str(err))
   if (FLAGS.expert_names is not None or FLAGS.router_rows) and not FLAGS.from_hf:
     _fail("--expert_names and --router_rows go with --from_hf (an artifact's names travel in its "
           "manifest)")
