@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flexolmo_jax import manifest as manifest_lib
+from flexolmo_jax import paths
 from flexolmo_jax.config import ModelConfig
 
 KINDS = ("public", "expert", "merged")
@@ -69,13 +70,21 @@ def fingerprint(params: Mapping[str, Any]) -> str:
   return digest.hexdigest()
 
 
+def require_local_artifact(path: str | os.PathLike) -> None:
+  """Refuses a remote output artifact directory (before a command does any work)."""
+  paths.require_local(path, "artifact directory", "an artifact is written into a temporary "
+                      "directory that is renamed when complete, and object stores have no rename")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """Yields a temporary sibling directory that is renamed to `path` only if the block succeeds.
 
   `path` may be absent or an empty directory (rename replaces an empty one); anything else is
-  refused, so a finished artifact is never overwritten or mixed with another.
+  refused, so a finished artifact is never overwritten or mixed with another. A remote `path`
+  is refused (object stores have no directory rename).
   """
+  require_local_artifact(path)
   path = pathlib.Path(path).absolute()
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise FileExistsError(f"{path} exists and is not an empty directory; refusing to overwrite it")
@@ -119,7 +128,7 @@ def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: M
     checkpointer.wait_until_finished()
     checkpointer.close()
     for name, source in (files or {}).items():
-      shutil.copyfile(source, tmp / name)
+      paths.path(source).copy(paths.path(tmp) / name)
     manifest_lib.write(tmp, manifest)
   return manifest.to_dict()
 
@@ -127,7 +136,7 @@ def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: M
 def read_manifest(path: str | os.PathLike) -> dict:
   """The manifest of the artifact or run at `path`, as a dict; refuses a directory left by an
   interrupted write, and a manifest version this package does not read."""
-  path = pathlib.Path(path)
+  path = paths.path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"no artifact directory at {path}")
   manifest_path = path / MANIFEST
@@ -145,7 +154,7 @@ def load_params_artifact(path: str | os.PathLike, *, verify: bool = True
   fingerprint is recomputed and must match the manifest, so a corrupted or edited artifact is
   refused (hashing reads every byte: about a minute for a 7x7B model).
   """
-  path = pathlib.Path(path).absolute()
+  path = paths.absolute(path)
   manifest = read_manifest(path)
   config = ModelConfig.from_dict(manifest["config"])
   checkpointer = ocp.StandardCheckpointer()

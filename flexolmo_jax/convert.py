@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import struct
 import types
 from typing import Any, Callable, Mapping, Sequence
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from flexolmo_jax import checkpoint, cli, progress
+from flexolmo_jax import checkpoint, cli, paths, progress
 from flexolmo_jax import model
 from flexolmo_jax import router_init
 from flexolmo_jax import runs
@@ -530,7 +529,7 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathL
   with checkpoint.atomic_directory(path) as tmp:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for name, source in (files or {}).items():
-      shutil.copyfile(source, tmp / name)
+      paths.path(source).copy(paths.path(tmp) / name)
     if len(shards) == 1:
       _write_safetensors(tmp / _SINGLE_FILE, specs)
       return
@@ -548,9 +547,10 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathL
 # Artifacts and command line.
 
 
-def carried_files(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
-  """The tokenizer, generation-config and chat-template files present in `directory`."""
-  directory = pathlib.Path(directory)
+def carried_files(directory: str | os.PathLike) -> dict[str, paths.epath.Path]:
+  """The tokenizer, generation-config and chat-template files present in `directory` (local or
+  remote)."""
+  directory = paths.path(directory)
   return {name: directory / name for name in tokenizer_lib.HF_COMPANION_FILES
           if (directory / name).is_file()}
 
@@ -651,6 +651,7 @@ def main(argv: Sequence[str]) -> None:
   cli.default_verbosity()
   if bool(FLAGS.from_hf) == bool(FLAGS.to_hf) or not FLAGS.out:
     cli.fail("give exactly one of --from_hf=HF_DIR and --to_hf=ARTIFACT_DIR, and --out=DIR")
+  checkpoint.require_local_artifact(FLAGS.out)  # Before the conversion's work.
   if (FLAGS.expert_names is not None or FLAGS.router_rows) and not FLAGS.from_hf:
     cli.fail("--expert_names and --router_rows go with --from_hf (an artifact's names travel in its "
           "manifest)")

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import flags
 
-from flexolmo_jax import atomic, baselines, cli, codegen, eval_tasks, progress, routing_analysis
-from flexolmo_jax import runs, scoring, subsets
+from flexolmo_jax import atomic, baselines, cli, codegen, eval_tasks, paths, progress
+from flexolmo_jax import routing_analysis, runs, scoring, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import load_manifest
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -264,7 +263,7 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
                        f"every expert, and only the tasks {list(BASELINE_TASKS)} (got tasks "
                        f"{list(tasks)})")
     score_batches = baseline.build(baselines.Parts.from_merged(config, params, names, data_root))
-  os.makedirs(out_dir, exist_ok=True)
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   ctx = Context(config, params, tokenizer, out_dir, data_root, list(domains), split, expert_mask,
                 list(names), batch_size, max_len, seq_len, mc_items, max_new_tokens,
                 humaneval_limit, timeout, score_batches, allow_unsandboxed_code)
@@ -280,11 +279,11 @@ def _slug(task: str) -> str:
 
 def _with_samples_file(result: dict, out_dir: str, task: str) -> dict:
   """Moves a result's samples into <out_dir>/<task>_samples.jsonl."""
-  path = os.path.join(out_dir, f"{_slug(task)}_samples.jsonl")
+  path = paths.path(out_dir) / f"{_slug(task)}_samples.jsonl"
   with atomic.replacing(path, encoding="utf-8") as f:
     for sample in result.pop("samples"):
       f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-  return {**result, "samples_file": path}
+  return {**result, "samples_file": str(path)}
 
 
 def markdown(report: dict) -> str:
@@ -308,11 +307,12 @@ def _fmt(value) -> str:
 
 
 def write_results(report: dict, out_dir: str) -> dict[str, str]:
-  """Writes results.json and results.md under `out_dir`."""
-  paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
-  atomic.write_text(paths["json"], json.dumps(report, indent=1, sort_keys=False))
-  atomic.write_text(paths["md"], markdown(report))
-  return paths
+  """Writes results.json and results.md under `out_dir` (local or remote, paths.py), atomically."""
+  out = paths.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  atomic.write_text(out / "results.json", json.dumps(report, indent=1, sort_keys=False))
+  atomic.write_text(out / "results.md", markdown(report))
+  return {"json": str(out / "results.json"), "md": str(out / "results.md")}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -377,9 +377,9 @@ def main(argv):
             "experts": names,
             "allowed_experts": [] if mask is None else [n for n, m in zip(names, mask) if m],
             "config": config.to_dict(), "tasks": results}
-  paths = write_results(report, f.out)
+  written = write_results(report, f.out)
   print(markdown(report))
-  print(f"wrote {paths['json']} and {paths['md']}")
+  print(f"wrote {written['json']} and {written['md']}")
 
 
 if __name__ == "__main__":

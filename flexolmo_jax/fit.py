@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from flexolmo_jax import distributed, objective, runs, sharding, train_state
+from flexolmo_jax import distributed, objective, precision, runs, sharding, train_state
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.manifest import Manifest
@@ -130,6 +130,7 @@ def fit(config: TrainConfig, workdir: str | os.PathLike, *args, **kwargs
 
   Returns (the trained trainable tree, the last logged metrics as floats).
   """
+  runs.require_local_workdir(workdir)  # Also callers' check, before their setup's work.
   with contextlib.ExitStack() as stack:
     # On a pod the workdir is shared and one host writes files: the primary holds the lock.
     if distributed.is_primary():
@@ -148,6 +149,7 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
   workdir.mkdir(parents=True, exist_ok=True)
   primary = distributed.is_primary()
   mesh = sharding.make_mesh(config.mesh)
+  trainable, frozen = precision.apply(config, trainable, frozen)
   tx, schedule = objective.make_optimizer(config, trainable, part.fixed)
   trainable_axes, frozen_axes = part.axes(model_config, trainable)
   trainable = distributed.put(trainable, sharding.tree_shardings(trainable, trainable_axes, mesh))
@@ -183,8 +185,12 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
   bar = tqdm.tqdm(total=config.steps, initial=start, disable=not config.progress,
                   desc=label, unit="step", file=sys.stdout)
   tokens_since, time_since = 0.0, time.perf_counter()
+  profile, tracing = config.profile_range, False
   try:
     for step in range(start + 1, config.steps + 1):
+      if profile and step == max(profile[0], start + 1) and step <= profile[1]:
+        jax.profiler.start_trace(str(workdir / runs.PROFILE))
+        tracing = True
       host_batch = next(batches)
       # Counted on the host, no sync (scaled by the host count: hosts see similar counts).
       tokens_since += float(np.sum(host_batch["loss_mask"])) * jax.process_count()
@@ -193,6 +199,12 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
       loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
       if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise _non_finite(f"loss ({loss}) or gradient norm", step, manager, workdir)
+      if tracing and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+        print(f"profile of steps {config.profile_steps} in {workdir / runs.PROFILE} (open with "
+              "TensorBoard's profile plugin or XProf)", flush=True)
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.3f}")
       if step % config.log_every == 0 or step == config.steps:
@@ -216,6 +228,8 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
         print(f"SIGTERM: saved step {step} in {workdir}; rerun the command to resume", flush=True)
         raise Preempted(step)
   finally:
+    if tracing:  # The run stopped inside the profiled steps.
+      jax.profiler.stop_trace()
     bar.close()
     manager.wait_until_finished()
     manager.close()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any, Mapping
+
+from flexolmo_jax import paths
 
 VERSION = 1
 FILE = "manifest.json"
@@ -63,7 +64,7 @@ class Manifest:
 
 def read(directory: str | os.PathLike) -> Manifest:
   """The manifest of the run directory or artifact at `directory`."""
-  path = pathlib.Path(directory) / FILE
+  path = paths.path(directory) / FILE
   return Manifest.from_dict(json.loads(path.read_text()), str(path))
 
 
@@ -75,7 +76,7 @@ def of(manifest: Manifest | Mapping[str, Any]) -> Manifest:
 def write(directory: str | os.PathLike, manifest: Manifest | Mapping[str, Any]) -> None:
   """Writes `manifest` into `directory` atomically (temp file + rename)."""
   manifest = of(manifest)
-  path = pathlib.Path(directory) / FILE
+  path = paths.path(directory) / FILE
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  tmp.replace(path)  # Atomic locally; on an object store a copy, never a half-written file.

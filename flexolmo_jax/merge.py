@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from flexolmo_jax import checkpoint, cli, convert, distributed, experts, progress, runs, sharding
+from flexolmo_jax import checkpoint, cli, convert, distributed, experts, paths, progress, runs
+from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.model import logical_axes
@@ -208,7 +209,7 @@ def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, ba
     _check_expert_tree(name, path, tree, shapes)
     for key in shapes:
       stacked[key][:, j] = tree[key]
-    provenance[name] = {"path": str(pathlib.Path(path).absolute()), "step": manifest["step"],
+    provenance[name] = {"path": str(paths.absolute(path)), "step": manifest["step"],
                         "fingerprint": checkpoint.fingerprint(tree) if with_fingerprints else None}
     del tree
 
@@ -363,7 +364,7 @@ def merge_to_dir(public, expert_list, out, *, opt_out_names=(), top_k=None, keep
   config, params, names, info = _assemble(public, expert_list, opt_out=opt_out_names, top_k=top_k,
                                           keep_bias=keep_bias, backend=backend,
                                           with_fingerprints=True)
-  extra = {"expert_names": names, "public_path": str(pathlib.Path(public).absolute()), **info}
+  extra = {"expert_names": names, "public_path": str(paths.absolute(public)), **info}
   tokenizer_extra, files = _tokenizer_travels(public, checkpoint.read_manifest(public))
   return checkpoint.save_params_artifact(out, config, params, "merged",
                                          extra_manifest={**extra, **tokenizer_extra}, files=files)
@@ -380,7 +381,7 @@ def opt_out_dir(merged, names, out, *, top_k=None) -> dict:
   extra = {k: v for k, v in manifest.items()
            if k not in ("kind", "config", "fingerprint", "versions")}
   extra.update(expert_names=kept, top_k_requested=requested, opted_out_from=str(
-      pathlib.Path(merged).absolute()), experts={k: v for k, v in manifest.get(
+      paths.absolute(merged)), experts={k: v for k, v in manifest.get(
           "experts", {}).items() if k in kept})
   return checkpoint.save_params_artifact(out, config, params, "merged", extra_manifest=extra,
                                          files=convert.carried_files(merged))
@@ -535,7 +536,7 @@ def add_to_merged_dir(merged, expert_list, out, *, opt_out_names=(), top_k=None,
     _check_expert_tree(name, path, tree, shapes)
     for key in shapes:
       columns[key].append(np.asarray(tree[key])[:, None])
-    provenance[name] = {"path": str(pathlib.Path(path).absolute()) if not _is_hf(path) else path,
+    provenance[name] = {"path": str(paths.absolute(path)) if not _is_hf(path) else path,
                         "step": expert_manifest["step"], "fingerprint": checkpoint.fingerprint(tree)}
   stacked = {k: np.concatenate(v, axis=1) for k, v in columns.items()}
   new_params = {**params, "layers": {**params["layers"], "mlp": stacked}}
@@ -553,7 +554,7 @@ def add_to_merged_dir(merged, expert_list, out, *, opt_out_names=(), top_k=None,
            if k not in ("kind", "config", "fingerprint", "versions")}
   extra.update(expert_names=all_names, top_k_requested=requested, public_fingerprint=public_fp,
                experts={k: v for k, v in provenance.items() if k in all_names},
-               bias="kept" if with_bias else "dropped", added_to=str(pathlib.Path(merged).absolute()))
+               bias="kept" if with_bias else "dropped", added_to=str(paths.absolute(merged)))
   return checkpoint.save_params_artifact(out, new_config, new_params, "merged",
                                          extra_manifest=extra, files=convert.carried_files(merged))
 
@@ -585,6 +586,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
+  checkpoint.require_local_artifact(FLAGS.out)  # Before any work.
   if FLAGS.merged and FLAGS.experts:
     manifest = add_to_merged_dir(FLAGS.merged, FLAGS.experts, FLAGS.out,
                                  opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,

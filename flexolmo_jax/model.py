@@ -88,7 +88,8 @@ class Attention(nn.Module, _ParamMixin):
     q_BxLxHxDh = rope(q.reshape(batch, length, c.n_heads, head_dim), positions_BxL, c.rope_theta)
     k_BxLxKxDh = rope(k.reshape(batch, length, c.n_kv_heads, head_dim), positions_BxL, c.rope_theta)
     v_BxLxKxDh = v.reshape(batch, length, c.n_kv_heads, head_dim)
-    impl = attention.resolve(c.attention_impl, dtype)
+    impl = attention.resolve(c.attention_impl, dtype, length=length,
+                             block_size=c.attention_block_size)
     keys_BxSxKxDh, values_BxSxKxDh, q_offset = k_BxLxKxDh, v_BxLxKxDh, 0
     if cache_index is not None:
       # Decoding: write this call's keys and values at [cache_index, cache_index + L) and attend

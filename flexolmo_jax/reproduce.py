@@ -341,7 +341,12 @@ def reproduce(opts: Options) -> dict:
 def main(argv):
   del argv
   cli.default_verbosity()
-  reproduce(options_from_flags())
+  opts = options_from_flags()
+  try:
+    runs.require_local_workdir(opts.workdir)  # It trains there.
+  except ValueError as err:
+    sys.exit(f"error: {err}")
+  reproduce(opts)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import atomic, checkpoint, cli, partition, runs
+from flexolmo_jax import atomic, checkpoint, cli, partition, paths, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import fit as fit_lib
 from flexolmo_jax.config import check_keys
@@ -221,6 +221,8 @@ def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConf
 def tune(cfg: RouterTuningConfig) -> dict:
   """Tunes the merged model's router on proxies + public slice; writes `cfg.out`; returns its
   manifest (with the last metrics)."""
+  checkpoint.require_local_artifact(cfg.out)
+  runs.require_local_workdir(cfg.workdir or cfg.out)
   config, params, manifest = checkpoint.load_params_artifact(cfg.merged)
   if not config.is_moe or manifest.get("kind") != "merged":
     raise ValueError(f"{cfg.merged} is not a merged model; build one with python -m "
@@ -234,7 +236,7 @@ def tune(cfg: RouterTuningConfig) -> dict:
   tuned, metrics = train_router(config, params, records, cfg, cfg.workdir or f"{cfg.out}.run")
   extra = {k: v for k, v in manifest.items()
            if k not in ("kind", "config", "fingerprint", "versions")}
-  extra["router_tuning"] = {"from": str(pathlib.Path(cfg.merged).absolute()),
+  extra["router_tuning"] = {"from": str(paths.absolute(cfg.merged)),
                             "config": dataclasses.asdict(cfg), "documents": len(records),
                             "proxy_sets": sorted(proxies), "final_ce": float(metrics["ce"])}
   return checkpoint.save_params_artifact(cfg.out, config, tuned, "merged", extra_manifest=extra)

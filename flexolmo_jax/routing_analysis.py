@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax import scoring
+from flexolmo_jax import paths, scoring
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, routing_counts
 
@@ -131,14 +130,15 @@ def heatmap_figure(shares_DxLxE: np.ndarray, domains: Sequence[str], expert_name
 def write_report(by_domain: Mapping[str, Mapping], expert_names: Sequence[str],
                  out_dir: str) -> dict[str, str]:
   """Writes routing.json and routing.png under `out_dir`; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  out = paths.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   domains = list(by_domain)
   shares_DxLxE = np.stack([np.asarray(by_domain[d]["shares"]) for d in domains])
   num_layers, num_experts = shares_DxLxE.shape[1:]
   if len(expert_names) != num_experts:
     raise ValueError(f"{len(expert_names)} expert names for {num_experts} experts")
-  json_path, png_path = os.path.join(out_dir, "routing.json"), os.path.join(out_dir, "routing.png")
-  with open(json_path, "w", encoding="utf-8") as f:
+  json_path, png_path = out / "routing.json", out / "routing.png"
+  with json_path.open("w", encoding="utf-8") as f:
     json.dump({"experts": list(expert_names), "domains": domains, "layers": num_layers,
                "tokens": {d: int(by_domain[d]["tokens"]) for d in domains},
                "shares": {d: shares_DxLxE[i].tolist() for i, d in enumerate(domains)},
@@ -146,5 +146,6 @@ def write_report(by_domain: Mapping[str, Mapping], expert_names: Sequence[str],
                               "token slots (top-k per token) going to the expert"},
               f, indent=1)
   fig = heatmap_figure(shares_DxLxE, domains, expert_names)
-  fig.savefig(png_path, dpi=120)
-  return {"json": json_path, "png": png_path}
+  with png_path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
+  return {"json": str(json_path), "png": str(png_path)}

@@ -6,6 +6,7 @@ A run directory (`--workdir`) holds
   checkpoints/<step>/     Orbax items: params, opt_state, data_iter, meta (train_state.py)
   damaged_checkpoints/    steps that failed verification on resume, moved aside
   metrics.jsonl, tb/      logged metrics (JSON lines, TensorBoard events)
+  profile/                jax.profiler traces of config.profile_steps (TensorBoard / XProf)
   run.lock                held (flock) by the process training in it, whose pid it names
 A DP run's secret noise key lives outside it, in the run's secrets directory (secrets_dir:
 WORKDIR.secrets beside it by default, mode 0700), so nothing that reads run directories (merge,
@@ -14,6 +15,10 @@ An expert run's `params` item holds ONLY its expert subtree (experts.py), so it 
 its own and small; merging takes r_pub from public_router.npy, checked against the manifest's
 public_router_fingerprint. Orbax writes each step into a temporary directory and renames it when
 complete, so a half-written step is never listed.
+
+Runs and artifacts are read from local or remote (`gs://`) paths (paths.py); a run directory is
+written only locally (`require_local_workdir`): its lock, appended metrics and owner-only DP key
+need a local file system.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexolmo_jax import checkpoint, distributed
+from flexolmo_jax import checkpoint, distributed, paths
 from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import init_params
@@ -47,6 +52,7 @@ PUBLIC_ROUTER = "public_router.npy"
 METRICS = "metrics.jsonl"
 NOISE_KEY_FILE = "dp_noise_key.npy"
 LOCK = "run.lock"
+PROFILE = "profile"
 
 
 def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
@@ -61,11 +67,12 @@ def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
 
 def load_public_router(workdir: str | os.PathLike, manifest: dict) -> np.ndarray:
   """The public router row [L, D] of an expert run, checked against its manifest's fingerprint."""
-  path = pathlib.Path(workdir) / PUBLIC_ROUTER
+  path = paths.path(workdir) / PUBLIC_ROUTER
   if not path.exists():
     raise FileNotFoundError(f"expert run {workdir} has no {PUBLIC_ROUTER} (trained before it was "
                             "stored?); retrain the expert or restore the file")
-  row = np.load(path)
+  with path.open("rb") as f:
+    row = np.load(f)
   found = checkpoint.fingerprint({"r": row})
   if found != manifest.get("public_router_fingerprint"):
     raise ValueError(f"{path}: fingerprint {found} does not match the manifest's "
@@ -73,20 +80,28 @@ def load_public_router(workdir: str | os.PathLike, manifest: dict) -> np.ndarray
   return row
 
 
+def require_local_workdir(workdir: str | os.PathLike) -> None:
+  """Refuses a remote training workdir before a run does any work."""
+  paths.require_local(workdir, "--workdir", "a run directory holds an flock lock, an appended "
+                      "metrics.jsonl, TensorBoard events and an owner-only DP key file, which "
+                      "need a local file system")
+
+
 def checkpoint_manager(workdir, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                          create=True)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINTS, options=options)
+  return ocp.CheckpointManager(paths.absolute(workdir) / CHECKPOINTS, options=options)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-  return (pathlib.Path(path) / CHECKPOINTS).is_dir()
+  return (paths.path(path) / CHECKPOINTS).is_dir()
 
 
 def load_params(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
   """(config, params, manifest) of a run directory (latest complete step) or a params artifact
-  (written by flexolmo_jax.convert or flexolmo_jax.merge). Arrays come back on the host."""
-  path = pathlib.Path(path)
+  (written by flexolmo_jax.convert or flexolmo_jax.merge), local or remote (`gs://`). Arrays come
+  back on the host."""
+  path = paths.path(path)
   if not path.exists():
     raise FileNotFoundError(
         f"no model at {path}: train one (python -m flexolmo_jax.train --config=configs/public.py "
@@ -95,7 +110,7 @@ def load_params(path: str | os.PathLike) -> tuple[ModelConfig, dict, dict]:
   if not is_run_dir(path):
     return checkpoint.load_params_artifact(path)
   manifest = checkpoint.read_manifest(path)
-  manager = ocp.CheckpointManager(path.absolute() / CHECKPOINTS)
+  manager = ocp.CheckpointManager(paths.absolute(path) / CHECKPOINTS)
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"run {path} has no complete checkpoint yet; let it train past its first "
@@ -118,8 +133,8 @@ def restore_params_sharded(path: str | os.PathLike, abstract_tree) -> tuple[dict
   does not name (an expert bias the merge drops) are read replicated and discarded, since the
   restore reads the whole stored tree.
   """
-  path = pathlib.Path(path)
-  manager = ocp.CheckpointManager(path.absolute() / CHECKPOINTS,
+  path = paths.path(path)
+  manager = ocp.CheckpointManager(paths.absolute(path) / CHECKPOINTS,
                                   item_handlers={"params": ocp.StandardCheckpointHandler()})
   step = manager.latest_step()
   if step is None:
@@ -156,7 +171,7 @@ def check_shapes(config: ModelConfig, params, where,
 
 def check_resumable(workdir: str | os.PathLike, manifest: manifest_lib.Manifest | dict) -> None:
   """Refuses to resume a workdir that belongs to a different run."""
-  if not (pathlib.Path(workdir) / MANIFEST).exists():
+  if not (paths.path(workdir) / MANIFEST).exists():
     return
   old, manifest = manifest_lib.read(workdir), manifest_lib.of(manifest)
   for key in ("kind", "name", "config", "public_fingerprint", "init_fingerprint"):

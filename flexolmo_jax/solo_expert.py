@@ -26,6 +26,7 @@ from flexolmo_jax.train_config import check_override_keys, to_dict, train_config
 def train_solo(config, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the owner's FFN alone as a dense model; writes an expert run at
   `workdir`; returns the last metrics (loss, and validation loss per evaluated domain)."""
+  runs.require_local_workdir(workdir)
   if config.mode != "expert":
     raise ValueError("the solo ablation trains an owner's expert: use an expert config")
   model_config, trainable, frozen, manifest = train_lib.setup(config)

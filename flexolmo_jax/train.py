@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, cli, distributed, dp, experts, partition, router_init
+from flexolmo_jax import checkpoint, cli, distributed, dp, experts, partition, paths, router_init
 from flexolmo_jax import router_tuning, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
@@ -159,6 +159,9 @@ def _proxy_set(path: str, name: str) -> dict:
 
 def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   """Runs (or resumes) training; returns the last logged metrics."""
+  runs.require_local_workdir(workdir)
+  paths.require_local(config.data.path, "data.path", "the corpus is read as local array_record "
+                      "files")
   model_config, trainable, frozen, manifest = setup(config)
   manifest = manifest.replace(train_config=to_dict(config), versions=checkpoint.library_versions(),
                               data_manifest_hash=_data_manifest_hash(config.data.path))

@@ -16,6 +16,7 @@ from flexolmo_jax.config import ModelConfig, check_keys
 from flexolmo_jax.data.config import DataConfig, data_config
 
 MODES = ("public", "expert")
+MASTER_DTYPES = ("float32", "bfloat16")  # docs/precision.md
 # Fields of ModelConfig an expert run may set: how to execute, never the architecture, which
 # comes from the public checkpoint.
 EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_capacity_factor",
@@ -26,7 +27,8 @@ EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_
 # one is refused, runs.dp_noise_key). Any other change is refused on resume.
 RESUME_MAY_CHANGE = ("steps", "model_overrides", "mesh", "progress", "async_checkpoint",
                      "secrets_dir", "keep_checkpoints", "log_every", "eval_every", "eval_batches",
-                     "eval_domains", "checkpoint_every", "data.num_workers",
+                     "eval_domains", "checkpoint_every", "data.num_workers", "frozen_dtype",
+                     "profile_steps",
                      *(f"model.{field}" for field in EXECUTION_FIELDS))
 
 
@@ -142,6 +144,22 @@ class TrainConfig:
   # read; "" is WORKDIR.secrets beside it (runs.secrets_dir).
   secrets_dir: str = ""
 
+  # Mixed precision (docs/precision.md): the trained tree and its AdamW moments are kept in
+  # master_dtype; the frozen tree (an expert's public model, router tuning's experts) is stored
+  # in frozen_dtype ("": as loaded). Compute is model.dtype / model_overrides.dtype.
+  master_dtype: str = "float32"
+  frozen_dtype: str = ""
+  # "START:END": a jax.profiler trace of steps START..END (inclusive) into WORKDIR/profile.
+  profile_steps: str = ""
+
+  @property
+  def profile_range(self) -> tuple[int, int] | None:
+    """(first, last) step to trace, or None."""
+    if not self.profile_steps:
+      return None
+    start, end = (int(x) for x in self.profile_steps.split(":"))
+    return start, end
+
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"mode {self.mode!r} not in {MODES}")
@@ -170,6 +188,17 @@ class TrainConfig:
     if self.data.batch_size % self.grad_accum:
       raise ValueError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
                        f"grad_accum ({self.grad_accum})")
+    if self.master_dtype not in MASTER_DTYPES:
+      raise ValueError(f"master_dtype {self.master_dtype!r} not in {MASTER_DTYPES}")
+    if self.frozen_dtype not in ("", *MASTER_DTYPES):
+      raise ValueError(f"frozen_dtype {self.frozen_dtype!r} not in {('', *MASTER_DTYPES)} "
+                       "('': as the checkpoint stores it)")
+    if self.profile_steps:
+      parts = self.profile_steps.split(":")
+      if not (len(parts) == 2 and all(p.isdigit() for p in parts)
+              and 1 <= int(parts[0]) <= int(parts[1])):
+        raise ValueError(f"profile_steps {self.profile_steps!r} is not START:END with "
+                         "1 <= START <= END (e.g. 10:12)")
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
