@@ -71,6 +71,10 @@ SIZES = {
     # name: (model dims, batch, seq, timed steps)
     "tiny": (dict(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=192),
              8, 128, 10),
+    "d256": (dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8,
+                  ffn_hidden=688), 8, 256, 5),
+    "25m": (dict(vocab_size=8192, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8,
+                 ffn_hidden=1376), 8, 256, 3),
     "100m": (dict(vocab_size=8192, d_model=768, n_layers=8, n_heads=12, n_kv_heads=12,
                   ffn_hidden=2048), 2, 128, 3),
 }
