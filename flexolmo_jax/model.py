@@ -130,7 +130,8 @@ class Mlp(nn.Module, _ParamMixin):
     if self.has_variable("params", "public_ffn"):
       # experts.training_moe's layout (expert training): expert 0 is the unstacked frozen
       # public FFN; kept apart, it is never copied or given a weight gradient.
-      public, new = self.get_variable("params", "public_ffn"), self.get_variable("params", "new_ffn")
+      public = self.get_variable("params", "public_ffn")
+      new = self.get_variable("params", "new_ffn")
       gate, up, down = ([public[k]] + [new[k][j] for j in range(E - 1)]
                         for k in ("gate_proj", "up_proj", "down_proj"))
       if c.moe_backend != "dense" or c.expert_parallel != "none":
