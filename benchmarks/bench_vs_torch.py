@@ -12,7 +12,7 @@ Model: a FlexOlmo with 2 experts (public + new), top-2 of 2, no expert bias (tra
 none): the expert-training shape. Our parameters are written with `convert.save_hf` and loaded
 by `FlexOlmoForCausalLM.from_pretrained`, and the logits are checked to agree (1e-3) first.
 
-Rows, per size:
+Rows, per case (size @ batch x seq):
   forward   ours: jitted `Transformer.apply`; torch: `model(tokens)` under inference_mode with
             attn_implementation "eager" and "sdpa", and "sdpa" + torch.compile.
   train     ours: `objective.make_train_step` in expert mode (only expert 1's FFN, router row 1
@@ -32,8 +32,9 @@ ms by a thread during the steps, minus the resident size just before them (= the
 memory above the resident weights; compilation excluded). GPU: peak device bytes in use (JAX
 memory_stats / torch.cuda.max_memory_allocated), weights included. Ours also shows the compiled
 step's own accounting (`memory_analysis()`: arguments + outputs + temporaries - aliases).
-MFU: model FLOPs / step time / peak, where the peak is the best of a timed 2048^3 float32 matmul
-in jnp and in torch in this run. Model FLOPs with N = matmul parameters (embedding lookup
+MFU: model FLOPs / step time / peak, where the peak is jnp's best timed 2048^3 float32 matmul at
+the start of this run (on a shared machine the load can change between that and the steps:
+compare the load printed at the start and the end). Model FLOPs with N = matmul parameters (embedding lookup
 excluded, lm_head and both experts included, as top-2 of 2 runs both), T tokens, A = attention
 score + value FLOPs (4 B L^2 H Dh per layer, the full square): forward 2NT + A; expert
 training 4NT + 2 N_trainable T + 3A (frozen weights get no weight gradient).
