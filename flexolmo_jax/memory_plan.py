@@ -257,7 +257,9 @@ def estimate(config: ModelConfig, mode: str, mesh, *, batch: int, seq_len: int
   out = {"params": params, "frozen": 0, "grads": 0, "optimizer": 0, "assembled": 0}
   if frozen is not None:
     out["frozen"] = per_device_bytes(frozen, sharding.tree_shardings(frozen, frozen_axes, mesh))
-    # The step stacks [public FFN, expert] into the MoE's [L, 2, ...] tensors (experts.assemble_moe).
+    # The sorted back ends and expert parallelism stack [public FFN, expert] into [L, 2, ...]
+    # tensors inside the step (model.Mlp over experts.training_moe); the dense back end reads the
+    # two apart, so for it this term is an upper bound.
     moe = jax.eval_shape(functools.partial(init_params, step_config), jax.random.key(0))
     moe_shardings = sharding.tree_shardings(moe, logical_axes(step_config), mesh)
     mlp = {k: moe["layers"]["mlp"][k] for k in experts.FFN_KEYS}

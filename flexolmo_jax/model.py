@@ -128,9 +128,19 @@ class Mlp(nn.Module, _ParamMixin):
 
     E = c.num_experts
     router = self.weight("router", (E, c.d_model), ("expert", "embed"))
-    gate = self.weight("gate_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
-    up = self.weight("up_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
-    down = self.weight("down_proj", (E, c.ffn_hidden, c.d_model), ("expert", "mlp", "embed"))
+    if self.has_variable("params", "public_ffn"):
+      # experts.training_moe's layout (expert training): expert 0 is the unstacked frozen
+      # public FFN; kept apart, it is never copied or given a weight gradient.
+      public = self.get_variable("params", "public_ffn")
+      new = self.get_variable("params", "new_ffn")
+      gate, up, down = ([public[k]] + [new[k][j] for j in range(E - 1)]
+                        for k in ("gate_proj", "up_proj", "down_proj"))
+      if c.moe_backend != "dense" or c.expert_parallel != "none":
+        gate, up, down = jnp.stack(gate), jnp.stack(up), jnp.stack(down)
+    else:
+      gate = self.weight("gate_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
+      up = self.weight("up_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
+      down = self.weight("down_proj", (E, c.ffn_hidden, c.d_model), ("expert", "mlp", "embed"))
     bias = None
     if c.expert_bias:
       bias = self.weight("expert_bias", (E,), ("expert",),
@@ -154,8 +164,8 @@ class Mlp(nn.Module, _ParamMixin):
       if allowed_TxE is not None:
         routed_TxE &= allowed_TxE
       self.sow("routing", "routed", routed_TxE.reshape(batch, length, E))
-    out_TxD = expert_parallel.moe_ffn(h_TxD, routing, gate.astype(dtype), up.astype(dtype),
-                                      down.astype(dtype), config=c)
+    cast = lambda w: jax.tree.map(lambda a: a.astype(dtype), w)  # A list per expert, or stacked.
+    out_TxD = expert_parallel.moe_ffn(h_TxD, routing, cast(gate), cast(up), cast(down), config=c)
     return out_TxD.reshape(batch, length, dim)
 
 

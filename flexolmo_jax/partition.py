@@ -66,7 +66,7 @@ def _expert_axes(config: ModelConfig, trainable):
 
 
 def _join_expert(trainable, frozen):
-  return experts.assemble_moe(frozen["public"], frozen["public_router"], [trainable],
+  return experts.training_moe(frozen["public"], frozen["public_router"], [trainable],
                               with_bias="expert_bias" in trainable)
 
 
