@@ -1,7 +1,8 @@
 """Attention forward+backward time and peak temporary memory per implementation and length.
 
   python -m benchmarks.bench_attention [--lengths=512,2048,8192 --impls=xla,chunked,cudnn,splash \
-      --batch=1 --heads=8 --kv_heads=2 --head_dim=64 --block_size=512 --repeats=3 --max_run_gib=4]
+      --batch=1 --heads=8 --kv_heads=2 --head_dim=64 --block_size=512 --repeats=3 --max_run_gib=4 \
+      --profile_dir=DIR]
 
 Times one jitted `jax.grad` of sum(attention output * a fixed random tensor) with respect to q, k
 and v (packed rows of 4 equal documents, causal), after a warm-up call, as the median of
@@ -22,6 +23,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from benchmarks import profiling
 from flexolmo_jax import attention
 from flexolmo_jax.config import ATTENTION_IMPLS
 
@@ -65,10 +67,11 @@ def measure(impl, length):
     return None, gib
   jax.block_until_ready(compiled(*args))  # Warm up.
   times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+  with profiling.trace():
+    for _ in range(_REPEATS.value):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times.append((time.perf_counter() - start) * 1e3)
   return statistics.median(times), gib
 
 

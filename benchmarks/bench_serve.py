@@ -1,32 +1,53 @@
-"""Loopback load test of the policy server: requests/s and p50 / p99 latency at the tiny size.
+"""Loopback load test of the policy server with API keys: good, bad and slow clients at once.
 
-  python -m benchmarks.bench_serve [--clients=8 --requests=160 --new=8 --batch_wait_ms=5]
+  python -m benchmarks.bench_serve [--clients=8 --requests=160 --new=8 --batch_wait_ms=5 \
+      --bad_clients=2 --slow_clients=2 --slow_body_s=1]
 
-Starts `python -m flexolmo_jax.serve` on a tiny random merged model (tests/test_serve.py's, three
-experts), warms every shape bucket up, then `--clients` threads send `--requests` requests in
-all, round-robin over the policies, to /score, to /generate (greedy, `--new` tokens), and to
-/generate with "stream": true (latency to the last line); prints a markdown table. Bounded: each request times out after 60 s and the server is killed at
-the end.
+Starts `python -m flexolmo_jax.serve --api_keys=...` on a tiny random merged model (tests/
+test_serve.py's, three experts), warms every shape bucket up, then per endpoint (/score, /generate
+greedy with `--new` tokens, /generate streamed: latency to the last line) runs at once:
+- `--clients` good clients sending `--requests` requests in all, round-robin over the policies;
+- `--bad_clients` clients sending, in turn, no key (401), a wrong secret for a real key id (401,
+  one scrypt on the server each) and a policy outside their key's grant (403);
+- `--slow_clients` clients that send half a body, wait `--slow_body_s`, then the rest (200).
+Prints requests/s, p50 and p99 for the good clients, the bad and slow counts, and checks that the
+audit log holds one closing line per request sent (and a `started` line per stream) with an intact
+hash chain. Bounded: each request times out after 60 s; the server is stopped at the end.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
+import http.client
+import itertools
 import json
 import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
+
+from flexolmo_jax import api_keys, audit, cli
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import test_serve  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXTS = ["The sum of 2 and 3 is 5.", "def f(x): return x + 1", "Breaking news: rain today."]
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("clients", 8, "Concurrent good clients (also the server's --max_batch).")
+flags.DEFINE_integer("requests", 160, "Good requests per endpoint.")
+flags.DEFINE_integer("new", 8, "Tokens per generation.")
+flags.DEFINE_float("batch_wait_ms", 5.0, "The server's --batch_wait_ms.")
+flags.DEFINE_integer("bad_clients", 2, "Concurrent clients sending 401 / 403 requests.")
+flags.DEFINE_integer("slow_clients", 2, "Concurrent clients that upload their body slowly.")
+flags.DEFINE_float("slow_body_s", 1.0, "How long a slow client pauses inside its body.")
 
 
 def _body(endpoint, i, new):
@@ -37,40 +58,104 @@ def _body(endpoint, i, new):
           "stream": endpoint == "stream"}
 
 
-def _load(port, endpoint, clients, requests, new):
-  """(requests/s, p50 ms, p99 ms) of `requests` requests from `clients` concurrent clients."""
+def _send(port, endpoint, body, authorization=None, pause_s=0.0):
+  """The status of one request on a fresh connection (its whole body read); with `pause_s`, the
+  body is sent in two halves that far apart."""
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+  data = json.dumps(body).encode()
+  conn.putrequest("POST", "/score" if endpoint == "score" else "/generate")
+  conn.putheader("Content-Type", "application/json")
+  conn.putheader("Content-Length", str(len(data)))
+  if authorization:
+    conn.putheader("Authorization", authorization)
+  conn.endheaders()
+  conn.send(data[:len(data) // 2])
+  time.sleep(pause_s)
+  conn.send(data[len(data) // 2:])
+  resp = conn.getresponse()
+  resp.read()
+  conn.close()
+  return resp.status
+
+
+class Counter:
+  """Thread-safe counts of requests sent, by kind."""
+
+  def __init__(self):
+    self.lock, self.counts = threading.Lock(), {}
+
+  def add(self, kind, endpoint, status):
+    with self.lock:
+      self.counts[(kind, endpoint, status)] = self.counts.get((kind, endpoint, status), 0) + 1
+
+  def total(self, kind=None, endpoint=None, status=None):
+    return sum(n for key, n in self.counts.items()
+               if all(want in (None, got) for want, got in zip((kind, endpoint, status), key)))
+
+
+def _load(port, endpoint, keys, counter, new):
+  """(requests/s, p50 ms, p99 ms) of the good clients while bad and slow clients run."""
+  stop = threading.Event()
+  good, narrow = f"Bearer {keys['good']}", f"Bearer {keys['narrow']}"
+  wrong = f"Bearer good.{'x' * 43}"
+
+  def bad_client(worker):
+    for i in itertools.count(worker):
+      if stop.is_set():
+        return
+      auth, policy = [(None, "all"), (wrong, "all"), (narrow, "all")][i % 3]
+      status = _send(port, endpoint, {**_body(endpoint, i, new), "policy": policy}, auth)
+      if status not in (401, 403):
+        raise RuntimeError(f"bad client got {status}")
+      counter.add("bad", endpoint, status)
+
+  def slow_client(worker):
+    for i in itertools.count(worker):
+      if stop.is_set():
+        return
+      status = _send(port, endpoint, _body(endpoint, i, new), good, FLAGS.slow_body_s)
+      if status != 200:
+        raise RuntimeError(f"slow client got {status}")
+      counter.add("slow", endpoint, status)
+
   def one(i):
     start = time.perf_counter()
-    path = "/score" if endpoint == "score" else "/generate"
-    status, reply = test_serve.request(port, "POST", path, _body(endpoint, i, new))
+    status = _send(port, endpoint, _body(endpoint, i, new), good)
     if status != 200:
-      raise RuntimeError(f"{endpoint} request {i}: {status} {reply}")
+      raise RuntimeError(f"{endpoint} request {i}: {status}")
+    counter.add("good", endpoint, status)
     return time.perf_counter() - start
 
-  start = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    latencies = np.asarray(list(pool.map(one, range(requests))))
-  wall = time.perf_counter() - start
-  return requests / wall, 1e3 * np.percentile(latencies, 50), 1e3 * np.percentile(latencies, 99)
+  with concurrent.futures.ThreadPoolExecutor(FLAGS.bad_clients + FLAGS.slow_clients) as others:
+    background = [others.submit(bad_client, w) for w in range(FLAGS.bad_clients)]
+    background += [others.submit(slow_client, w) for w in range(FLAGS.slow_clients)]
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.clients) as pool:
+      latencies = np.asarray(list(pool.map(one, range(FLAGS.requests))))
+    wall = time.perf_counter() - start
+    stop.set()
+    for f in background:
+      f.result()
+  return (FLAGS.requests / wall, 1e3 * np.percentile(latencies, 50),
+          1e3 * np.percentile(latencies, 99))
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--clients", type=int, default=8)
-  parser.add_argument("--requests", type=int, default=160)
-  parser.add_argument("--new", type=int, default=8)
-  parser.add_argument("--batch_wait_ms", type=float, default=5.0)
-  args = parser.parse_args()
-
+def main(argv):
+  del argv
+  cli.default_verbosity()
   root = pathlib.Path(tempfile.mkdtemp(prefix="bench_serve"))
   model_dir, _, _ = test_serve.make_model_dir(root)
   (root / "policies.json").write_text(json.dumps({"policies": test_serve.POLICIES}))
-  port = test_serve.free_port()
+  keys = {"good": api_keys.add_key(root / "keys.json", "good", list(test_serve.POLICIES), "all"),
+          "narrow": api_keys.add_key(root / "keys.json", "narrow", ["public-only"], None)}
+  port, log = test_serve.free_port(), root / "audit.jsonl"
   proc = subprocess.Popen(
       [sys.executable, "-m", "flexolmo_jax.serve", f"--model={model_dir}",
-       f"--policies={root / 'policies.json'}", f"--audit_log={root / 'audit.jsonl'}",
-       f"--port={port}", f"--max_batch={args.clients}", f"--batch_wait_ms={args.batch_wait_ms}",
-       f"--max_new_tokens={max(args.new, 1)}"], cwd=REPO)
+       f"--policies={root / 'policies.json'}", f"--api_keys={root / 'keys.json'}",
+       f"--audit_log={log}", f"--port={port}", f"--max_batch={FLAGS.clients}",
+       f"--batch_wait_ms={FLAGS.batch_wait_ms}", f"--max_new_tokens={max(FLAGS.new, 1)}"],
+      cwd=REPO)
+  counter = Counter()
   try:
     deadline = time.time() + 120
     while True:
@@ -83,17 +168,39 @@ def main():
         time.sleep(0.2)
     rows = []
     for endpoint in ("score", "generate", "stream"):
-      _load(port, endpoint, args.clients, 3 * args.clients, args.new)  # Warm-up: compiles.
-      rps, p50, p99 = _load(port, endpoint, args.clients, args.requests, args.new)
-      rows.append(f"| {endpoint} | {args.clients} | {args.requests} | {rps:.1f} | {p50:.1f} | "
-                  f"{p99:.1f} |")
+      for i in range(3 * FLAGS.clients):  # Warm-up: compiles every bucket.
+        counter.add("warm-up", endpoint, _send(port, endpoint, _body(endpoint, i, FLAGS.new),
+                                               f"Bearer {keys['good']}"))
+      before = {k: counter.total(k) for k in ("bad", "slow")}
+      rps, p50, p99 = _load(port, endpoint, keys, counter, FLAGS.new)
+      rows.append(f"| {endpoint} | {FLAGS.clients} | {FLAGS.requests} | {rps:.1f} | {p50:.1f} | "
+                  f"{p99:.1f} | {counter.total('bad') - before['bad']} | "
+                  f"{counter.total('slow') - before['slow']} |")
   finally:
-    proc.kill()
-    proc.wait()
-  print("| endpoint | clients | requests | requests/s | p50 ms | p99 ms |")
-  print("|---|---|---|---|---|---|")
+    # SIGTERM: uvicorn finishes the requests in hand, so a stream's `finished` line, written
+    # just after its last byte, is not cut off.
+    proc.terminate()
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+  lines = [json.loads(l) for l in log.read_text().splitlines()]
+  closing = [l for l in lines if l["event"] != "started"]
+  started = [l for l in lines if l["event"] == "started"]
+  print("| endpoint | good clients | good requests | requests/s | p50 ms | p99 ms | "
+        "bad requests (401/403) | slow requests |")
+  print("|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
+  streams = counter.total(endpoint="stream", status=200)
+  print(f"\nrequests sent: {counter.total()} (401: {counter.total(status=401)}, 403: "
+        f"{counter.total(status=403)}, 200: {counter.total(status=200)}, of them streams: "
+        f"{streams}); audit log: {len(closing)} closing lines, {len(started)} started lines, "
+        f"chain check {audit.verify(log)}")
+  if len(closing) != counter.total() or len(started) != streams:
+    raise SystemExit("the audit log does not hold one closing line per request and one started "
+                     "line per stream")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from flexolmo_jax import experts, model
-from flexolmo_jax import train as T
+from flexolmo_jax import objective, partition
 from flexolmo_jax.data import DataConfig, make_pipeline
 from flexolmo_jax.train_config import train_config
 
@@ -48,10 +48,11 @@ def _batch():
 
 
 def _measure(config, model_config, trainable, frozen):
-  tx, schedule = T.make_optimizer(config, trainable)
+  tx, schedule = objective.make_optimizer(config, trainable)
   trainable = jax.tree.map(jnp.copy, trainable)  # The step donates its state; keep the caller's.
   state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
-  step = jax.jit(T.make_train_step(config, model_config, tx, schedule), donate_argnums=0)
+  step = jax.jit(objective.make_train_step(config, model_config, partition.BY_MODE[config.mode], tx,
+                                         schedule), donate_argnums=0)
   batch = _batch()
   compiled = step.lower(state, frozen, batch).compile()
   mem = compiled.memory_analysis()

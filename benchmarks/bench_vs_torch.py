@@ -1,15 +1,21 @@
 """flexolmo_jax vs transformers' FlexOlmoForCausalLM: the same model, weights and batch.
 
-  python -m benchmarks.bench_vs_torch --sizes=tiny,100m [--steps=3 --batch=2 --seq=128]
+  python -m benchmarks.bench_vs_torch --sizes=d256,100m --shapes=8x256 [--passes=forward,train
+      --impls=jax,torch_eager,torch_sdpa,torch_compile --steps=3 --nomemory]
+
+The grid is every size (tiny 1.2M, d256 7M, 25m, 100m) at every batch x seq shape (2x128, 8x256,
+4x1024), both passes, against torch eager, sdpa and sdpa + torch.compile; the flags select a
+subset (the whole grid takes hours on a shared 2-core CPU). Each row gives the speed-up of
+flexolmo_jax over it, and each shape's summary line flexolmo_jax over the best PyTorch row.
 
 Model: a FlexOlmo with 2 experts (public + new), top-2 of 2, no expert bias (transformers has
 none): the expert-training shape. Our parameters are written with `convert.save_hf` and loaded
 by `FlexOlmoForCausalLM.from_pretrained`, and the logits are checked to agree (1e-3) first.
 
-Rows, per size:
+Rows, per case (size @ batch x seq):
   forward   ours: jitted `Transformer.apply`; torch: `model(tokens)` under inference_mode with
             attn_implementation "eager" and "sdpa", and "sdpa" + torch.compile.
-  train     ours: `train.make_train_step` in expert mode (only expert 1's FFN, router row 1
+  train     ours: `objective.make_train_step` in expert mode (only expert 1's FFN, router row 1
             trained; AdamW, global-norm clip 1.0, plain cross entropy). torch: the same
             subset. transformers 5 fuses the experts into `experts.gate_up_proj [E, 2I, H]`
             and `down_proj [E, H, I]`, so expert 1 cannot be a separate leaf: the fused tensors
@@ -26,8 +32,9 @@ ms by a thread during the steps, minus the resident size just before them (= the
 memory above the resident weights; compilation excluded). GPU: peak device bytes in use (JAX
 memory_stats / torch.cuda.max_memory_allocated), weights included. Ours also shows the compiled
 step's own accounting (`memory_analysis()`: arguments + outputs + temporaries - aliases).
-MFU: model FLOPs / step time / peak, where the peak is the best of a timed 2048^3 float32 matmul
-in jnp and in torch in this run. Model FLOPs with N = matmul parameters (embedding lookup
+MFU: model FLOPs / step time / peak, where the peak is jnp's best timed 2048^3 float32 matmul at
+the start of this run (on a shared machine the load can change between that and the steps:
+compare the load printed at the start and the end). Model FLOPs with N = matmul parameters (embedding lookup
 excluded, lm_head and both experts included, as top-2 of 2 runs both), T tokens, A = attention
 score + value FLOPs (4 B L^2 H Dh per layer, the full square): forward 2NT + A; expert
 training 4NT + 2 N_trainable T + 3A (frozen weights get no weight gradient).
@@ -52,39 +59,56 @@ import numpy as np
 from absl import app, flags
 
 from flexolmo_jax import convert, experts, model
-from flexolmo_jax import train as T
+from flexolmo_jax import objective, partition
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.train_config import train_config
 
-_SIZES = flags.DEFINE_list("sizes", ["tiny", "100m"], "Model sizes: tiny, 100m.")
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "d256", "25m", "100m"], "Model sizes (SIZES).")
+_SHAPES = flags.DEFINE_list("shapes", ["2x128", "8x256", "4x1024"], "batch x seq shapes.")
+_PASSES = flags.DEFINE_list("passes", ["forward", "train"], "forward and/or train.")
+_IMPLS = flags.DEFINE_list("impls", ["torch_eager", "torch_sdpa", "torch_compile"],
+                           "PyTorch rows: torch_eager, torch_sdpa, torch_compile (sdpa).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps per runner (0: the size's default).")
-_BATCH = flags.DEFINE_integer("batch", 0, "Batch size (0: the size's default).")
-_SEQ = flags.DEFINE_integer("seq", 0, "Sequence length (0: the size's default).")
-_COMPILE = flags.DEFINE_bool("torch_compile", True, "Also try torch.compile (sdpa).")
+_ATTENTION = flags.DEFINE_string("attention_impl", "auto",
+                                 "flexolmo_jax attention_impl (auto: chunked on CPU).")
+_SCAN = flags.DEFINE_bool("scan_layers", False,
+                          "flexolmo_jax scan_layers (False unrolls the layers: faster on CPU).")
 _COMPILE_TIMEOUT = flags.DEFINE_integer("compile_timeout", 240, "Seconds allowed per torch.compile.")
 _MEMORY = flags.DEFINE_bool("memory", True, "Measure peak memory in a fresh subprocess per runner.")
 _MEMORY_COMPILE = flags.DEFINE_bool("memory_compile", False,
                                     "Also measure torch.compile memory (compiles again).")
-_WORKER = flags.DEFINE_string("_mem_worker", "", "Internal: size,kind,impl to measure memory of.")
+_WORKER = flags.DEFINE_string("_mem_worker", "", "Internal: case,kind,impl to measure memory of.")
 
 SIZES = {
     # name: (model dims, batch, seq, timed steps)
+    # name: (model dims, default timed steps)
     "tiny": (dict(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=192),
-             8, 128, 10),
+             10),
+    # The shape of issue 17's measurement.
+    "d256": (dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8,
+                  ffn_hidden=688), 5),
+    "25m": (dict(vocab_size=8192, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8,
+                 ffn_hidden=1376), 3),
     "100m": (dict(vocab_size=8192, d_model=768, n_layers=8, n_heads=12, n_kv_heads=12,
-                  ffn_hidden=2048), 2, 128, 3),
+                  ffn_hidden=2048), 3),
 }
 IMPLS = ("jax", "torch eager", "torch sdpa", "torch sdpa+compile")
+_IMPL_FLAGS = {"torch eager": "torch_eager", "torch sdpa": "torch_sdpa",
+               "torch sdpa+compile": "torch_compile"}
 
 
-def _shape(size):
-  dims, batch, seq, steps = SIZES[size]
-  return dims, _BATCH.value or batch, _SEQ.value or seq, _STEPS.value or steps
+def _shape(case):
+  """A case is "size@BATCHxSEQ": (model dims, batch, seq, timed steps)."""
+  size, shape = case.split("@")
+  dims, steps = SIZES[size]
+  batch, seq = (int(n) for n in shape.split("x"))
+  return dims, batch, seq, _STEPS.value or steps
 
 
-def _configs(size):
-  dims, batch, seq, _ = _shape(size)
-  public_cfg = ModelConfig(**dims, rope_theta=10_000.0, moe_backend="dense")
+def _configs(case):
+  dims, batch, seq, _ = _shape(case)
+  public_cfg = ModelConfig(**dims, rope_theta=10_000.0, moe_backend="dense",
+                           attention_impl=_ATTENTION.value, scan_layers=_SCAN.value)
   moe_cfg = experts.moe_config(public_cfg, 1, top_k=2, with_bias=False)
   tcfg = train_config(dict(
       mode="expert", data=dict(path="unused", seq_len=seq, batch_size=batch),
@@ -143,14 +167,15 @@ def _jax_runners(size, kinds):
     compiled = fwd.lower(full, tok).compile()
     out["forward"] = (lambda: jax.block_until_ready(fwd(full, tok)), _jax_mem(compiled))
   if "train" in kinds:
-    tx, schedule = T.make_optimizer(tcfg, expert)
+    tx, schedule = objective.make_optimizer(tcfg, expert)
     state = {"params": expert, "opt_state": tx.init(expert), "step": jnp.int32(0)}
     frozen = {"public": public, "public_router": r_pub}
     ones = jnp.ones((batch, seq), jnp.int32)
     b = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(targets), "segment_ids": ones,
          "loss_mask": ones.astype(jnp.float32),
          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
-    step = jax.jit(T.make_train_step(tcfg, moe_cfg, tx, schedule), donate_argnums=0)
+    step = jax.jit(objective.make_train_step(tcfg, moe_cfg, partition.EXPERT, tx, schedule),
+                   donate_argnums=0)
     compiled = step.lower(state, frozen, b).compile()
     box = [state]
 
@@ -274,7 +299,7 @@ def _rss():
 
 def _mem_worker(spec):
   """Runs in a fresh process: builds one runner, prints its peak step memory as JSON."""
-  size, kind, impl = spec.split(",", 2)
+  size, kind, impl = spec.split(",", 2)  # size: the case, size@BxS
   _, batch, seq, _ = _shape(size)
   public_cfg, moe_cfg, _ = _configs(size)
   tokens, targets = _batch(moe_cfg.vocab_size, batch, seq)
@@ -326,7 +351,7 @@ def _mem_worker(spec):
 
 def _measure_memory(size, kind, impl):
   args = [sys.executable, "-m", "benchmarks.bench_vs_torch", f"--_mem_worker={size},{kind},{impl}",
-          f"--batch={_BATCH.value}", f"--seq={_SEQ.value}",
+          f"--attention_impl={_ATTENTION.value}", f"--scan_layers={_SCAN.value}",
           f"--compile_timeout={_COMPILE_TIMEOUT.value}"]
   try:
     res = subprocess.run(args, capture_output=True, text=True,
@@ -350,10 +375,13 @@ def _check_logits(moe_cfg, full, tokens, hf_dir):
   return err
 
 
-def _bench_size(size, peak_flops):
-  dims, batch, seq, steps = _shape(size)
-  kinds = ("forward", "train")
-  jax_runners, (moe_cfg, full, tokens) = _jax_runners(size, kinds)
+def _bench_case(case, peak_flops):
+  """Rows (case, pass, implementation, tokens/s, speed-up of ours over it, MFU, memory, note)
+  and the case's one-line description."""
+  dims, batch, seq, steps = _shape(case)
+  kinds = tuple(_PASSES.value)
+  impls = ("jax",) + tuple(i for i in IMPLS[1:] if _IMPL_FLAGS[i] in _IMPLS.value)
+  jax_runners, (moe_cfg, full, tokens) = _jax_runners(case, kinds)
   _, targets = _batch(moe_cfg.vocab_size, batch, seq)
   runners = {("jax", k): fn for k, (fn, _) in jax_runners.items()}
   notes = {("jax", k): "" for k in kinds}
@@ -362,21 +390,17 @@ def _bench_size(size, peak_flops):
     hf_dir = os.path.join(tmp, "hf")
     convert.save_hf(moe_cfg, full, hf_dir)
     err = _check_logits(moe_cfg, full, tokens, hf_dir)
-    for impl in IMPLS[1:]:
-      if impl.endswith("compile") and not _COMPILE.value:
-        for k in kinds:
-          notes[(impl, k)] = "n/a (--notorch_compile)"
-        continue
+    for impl in impls[1:]:
       try:
-        built = _torch_runners(size, impl, kinds, hf_dir, tokens, targets)
+        built = _torch_runners(case, impl, kinds, hf_dir, tokens, targets)
       except Exception as e:  # pylint: disable=broad-except
         for k in kinds:
-          notes[(impl, k)] = f"n/a ({type(e).__name__}: {str(e)[:80]})"
+          notes[(impl, k)] = f"failed ({type(e).__name__}: {str(e)[:80]})"
         continue
       for k, fn in built.items():
         runners[(impl, k)] = fn
         notes[(impl, k)] = ""
-  # Warm-up (compilation) for every runner, torch.compile under a timeout.
+  # Warm-up (compilation) for every runner, torch.compile under a timeout; a failure is a row.
   for key, fn in list(runners.items()):
     try:
       if key[0].endswith("compile"):
@@ -387,7 +411,7 @@ def _bench_size(size, peak_flops):
         fn()
     except Exception as e:  # pylint: disable=broad-except
       del runners[key]
-      notes[key] = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+      notes[key] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
   times = {key: [] for key in runners}
   for _ in range(steps):
     for key, fn in runners.items():
@@ -397,23 +421,35 @@ def _bench_size(size, peak_flops):
   rows = []
   for kind in kinds:
     base = statistics.median(times[("jax", kind)]) if ("jax", kind) in times else None
-    for impl in IMPLS:
+    for impl in impls:
       key = (impl, kind)
       measure = _MEMORY.value and key in times and (_MEMORY_COMPILE.value or "compile" not in impl)
-      mem = _measure_memory(size, kind, impl) if measure else None
+      mem = _measure_memory(case, kind, impl) if measure else None
       if key not in times:
-        rows.append((size, kind, impl, None, None, None, mem, notes.get(key, "n/a")))
+        rows.append((case, kind, impl, None, None, None, mem, notes.get(key, "failed")))
         continue
       t = statistics.median(times[key])
-      rows.append((size, kind, impl, batch * seq / t, t / base if base else None,
+      rows.append((case, kind, impl, batch * seq / t, t / base if base else None,
                    flops[kind] / t / peak_flops, mem, notes[key]))
-    first = len(rows) - len(IMPLS)  # ours: add the compiled step's own memory accounting
+    first = len(rows) - len(impls)  # ours: add the compiled step's own memory accounting
     note = f"memory_analysis {_fmt_mib(jax_runners[kind][1])} MiB (weights included)"
     rows[first] = rows[first][:-1] + ((rows[first][-1] + "; " if rows[first][-1] else "") + note,)
-  info = (f"{size}: {flops['params'] / 1e6:.1f}M params ({flops['matmul_params'] / 1e6:.1f}M "
+  info = (f"{case}: {flops['params'] / 1e6:.1f}M params ({flops['matmul_params'] / 1e6:.1f}M "
           f"in matmuls, {flops['trainable'] / 1e6:.1f}M trained), batch {batch} x seq {seq}, "
           f"{steps} timed steps, max |logits ours - HF eager| = {err:.1e}")
   return rows, info
+
+
+def _best_torch(rows):
+  """{(case, pass): (flexolmo_jax tokens/s) / (best PyTorch tokens/s)}."""
+  out = {}
+  for case, kind, impl, rate, *_ in rows:
+    if impl == "jax" or rate is None:
+      continue
+    ours = next(r[3] for r in rows if r[:3] == (case, kind, "jax"))
+    best = max(r[3] for r in rows if r[:2] == (case, kind) and r[2] != "jax" and r[3])
+    out[(case, kind)] = None if ours is None else ours / best
+  return out
 
 
 def _fmt_mib(b):
@@ -428,35 +464,44 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   platform = jax.devices()[0].platform
+  load0 = os.getloadavg()
   peaks = _peak_matmul()
-  peak = max(peaks.values())
-  all_rows, infos = [], []
-  for size in _SIZES.value:
-    rows, info = _bench_size(size, peak)
-    all_rows += rows
-    infos.append(info)
-  load = os.getloadavg()
+  peak = peaks["jax"]  # The target is a fraction of what jnp reaches on one big matmul.
   on_gpu = platform != "cpu"
   print(f"device: {platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, load "
-        f"average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end; jax {jax.__version__}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-        f"{transformers.__version__}")
+        f"average {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at the start; jax "
+        f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}; flexolmo_jax attention_impl="
+        f"{_ATTENTION.value}, scan_layers={_SCAN.value}, XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r}")
   print(f"peak matmul (2048^3 f32): jnp {peaks['jax'] / 1e9:,.1f} GFLOP/s, torch "
-        f"{peaks['torch'] / 1e9:,.1f} GFLOP/s; MFU against {peak / 1e9:,.1f} GFLOP/s")
-  for info in infos:
-    print(info)
+        f"{peaks['torch'] / 1e9:,.1f} GFLOP/s; MFU against the jnp figure", flush=True)
   mem_how = ("peak device bytes in use (weights included), fresh process" if on_gpu else
              "peak RSS above the resident model during 2 steps, fresh process, sampled every ms")
   print(f"memory: {mem_how}. torch training: fused expert tensors trained with gradient hooks "
         "zeroing expert 0 and router row 0.\n")
-  print("| size | pass | implementation | tokens/s | JAX speed-up over it (x) | MFU | peak memory (MiB) | "
-        "notes |")
-  print("|---|---|---|---|---|---|---|---|")
-  for size, kind, impl, rate, ratio, mfu, mem, note in all_rows:
-    cells = ["n/a" if rate is None else f"{rate:,.0f}",
-             "n/a" if ratio is None else f"{ratio:.2f}",
-             "n/a" if mfu is None else f"{100 * mfu:.1f}%", _fmt_mib(mem)]
-    print(f"| {size} | {kind} | {impl} | {' | '.join(cells)} | {note} |")
+  print("| case | pass | implementation | tokens/s | JAX speed-up over it (x) | MFU | peak memory "
+        "(MiB) | notes |")
+  print("|---|---|---|---|---|---|---|---|", flush=True)
+  all_rows, infos = [], []
+  for size in _SIZES.value:
+    for shape in _SHAPES.value:
+      rows, info = _bench_case(f"{size}@{shape}", peak)
+      all_rows += rows
+      infos.append(info)
+      for case, kind, impl, rate, ratio, mfu, mem, note in rows:  # As each case finishes.
+        cells = ["n/a" if rate is None else f"{rate:,.0f}",
+                 "n/a" if ratio is None else f"{ratio:.2f}",
+                 "n/a" if mfu is None else f"{100 * mfu:.1f}%", _fmt_mib(mem)]
+        print(f"| {case} | {kind} | {impl} | {' | '.join(cells)} | {note} |", flush=True)
+  print()
+  for info in infos:
+    print(info)
+  for (case, kind), ratio in _best_torch(all_rows).items():
+    print(f"{case} {kind}: flexolmo_jax / best PyTorch = "
+          f"{'n/a' if ratio is None else f'{ratio:.2f}'}x")
+  load = os.getloadavg()
+  print(f"load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")
 
 
 if __name__ == "__main__":

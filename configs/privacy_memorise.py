@@ -44,4 +44,5 @@ def get_config(kind: str = "expert"):
     # Same clipping and noise as configs/math_expert_dp.py; epsilon goes into the manifest.
     c.dp = ml_collections.ConfigDict(dict(enabled=True, clip_norm=1.0, noise_multiplier=1.0,
                                           delta=1e-5))
+    c.expert.router_source = "public"  # Not the math data: that row would be unaccounted.
   return c

@@ -27,4 +27,6 @@ def get_config():
   c.batch_size = 16
   c.seed = 0
   c.log_every = 50
+  c.checkpoint_every = 100
+  c.workdir = ""  # Checkpoints, so a killed run resumes; default: OUT.run.
   return c

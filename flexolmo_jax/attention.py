@@ -15,8 +15,8 @@ at all gets zeros.
            segment ids; interpreted off TPU (slow: for tests only). Its masks are numpy
            structures fixed at trace time, so a call with a KV cache (a traced write offset)
            uses xla instead (`for_cache`).
-  auto     splash on TPU, cudnn on GPU for 16-bit compute (else xla), chunked on CPU (the faster
-           of chunked and xla at every measured length, docs/attention.md).
+  auto     splash on TPU, cudnn on GPU for 16-bit compute (else xla); on CPU xla up to one block
+           of queries and chunked above (docs/attention.md, "The default").
 
 A KV cache (model.init_cache) goes through `attend_cache`: a decoding step's few queries attend in
 the cache's heads-major layout with the xla einsums; a prefill uses the implementations above.
@@ -37,8 +37,10 @@ DEFAULT_BLOCK = 512
 _SPLASH_LANES = 128  # splash tiles the sequence in multiples of 128.
 
 
-def resolve(impl: str, dtype="float32", platform: str | None = None) -> str:
-  """The implementation `impl` names on `platform` (default: JAX's default backend)."""
+def resolve(impl: str, dtype="float32", platform: str | None = None, *,
+            length: int | None = None, block_size: int = 0) -> str:
+  """The implementation `impl` names on `platform` (default: JAX's default backend) for
+  `length` queries (None: unknown)."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl {impl!r} not in {ATTENTION_IMPLS}")
   if impl != "auto":
@@ -49,6 +51,9 @@ def resolve(impl: str, dtype="float32", platform: str | None = None) -> str:
   if platform == "gpu":
     # cuDNN's fused kernel takes 16-bit inputs only.
     return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"
+  # Within one block, chunked computes xla's single score tile plus a recomputing backward.
+  if length is not None and length <= (block_size or DEFAULT_BLOCK):
+    return "xla"
   return "chunked"
 
 
@@ -65,7 +70,7 @@ def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, kv_segment_BxS=Non
   query sees at least itself. q_offset may be traced (a KV cache's write slot). block_size: the
   chunked / splash tile (0: DEFAULT_BLOCK).
   """
-  impl = resolve(impl, q_BxTxHxDh.dtype)
+  impl = resolve(impl, q_BxTxHxDh.dtype, length=q_BxTxHxDh.shape[1], block_size=block_size)
   scale = q_BxTxHxDh.shape[-1] ** -0.5
   block = block_size or DEFAULT_BLOCK
   self_attention = kv_segment_BxS is None
@@ -165,7 +170,9 @@ def _xla(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, scale):
 
 
 def _cudnn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, scale):
-  implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  # cuDNN's fused kernel refuses 32-bit inputs: those take XLA's path, on GPU as elsewhere.
+  fused = jax.default_backend() == "gpu" and q_BxTxHxDh.dtype.itemsize == 2
+  implementation = "cudnn" if fused else "xla"
   return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
                                       mask=visible_BxTxS[:, None], scale=scale,
                                       implementation=implementation)

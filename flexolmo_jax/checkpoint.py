@@ -2,7 +2,7 @@
 
 Layout of an artifact directory:
   params/         Orbax StandardCheckpointer save of the nested parameter dict
-  manifest.json   {"kind", "config", "fingerprint", "versions", ...extra}
+  manifest.json   {"version", "kind", "config", "fingerprint", "versions", ...extra} (manifest.py)
 
 The manifest is written last and the whole directory is renamed into place, so a directory
 without manifest.json is an interrupted write and is refused.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -23,10 +22,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flexolmo_jax import manifest as manifest_lib
+from flexolmo_jax import paths
 from flexolmo_jax.config import ModelConfig
 
 KINDS = ("public", "expert", "merged")
-MANIFEST = "manifest.json"
+MANIFEST = manifest_lib.FILE
 PARAMS = "params"
 
 
@@ -69,13 +70,21 @@ def fingerprint(params: Mapping[str, Any]) -> str:
   return digest.hexdigest()
 
 
+def require_local_artifact(path: str | os.PathLike) -> None:
+  """Refuses a remote output artifact directory (before a command does any work)."""
+  paths.require_local(path, "artifact directory", "an artifact is written into a temporary "
+                      "directory that is renamed when complete, and object stores have no rename")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """Yields a temporary sibling directory that is renamed to `path` only if the block succeeds.
 
   `path` may be absent or an empty directory (rename replaces an empty one); anything else is
-  refused, so a finished artifact is never overwritten or mixed with another.
+  refused, so a finished artifact is never overwritten or mixed with another. A remote `path`
+  is refused (object stores have no directory rename).
   """
+  require_local_artifact(path)
   path = pathlib.Path(path).absolute()
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise FileExistsError(f"{path} exists and is not an empty directory; refusing to overwrite it")
@@ -112,28 +121,29 @@ def save_params_artifact(path: str | os.PathLike, config: ModelConfig, params: M
   clash = set(manifest) & set(extra_manifest or {})
   if clash:
     raise ValueError(f"extra_manifest may not override {sorted(clash)}")
-  manifest.update(extra_manifest or {})
+  manifest = manifest_lib.of({**manifest, **(extra_manifest or {})})
   with atomic_directory(path) as tmp:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / PARAMS, dict(params))
     checkpointer.wait_until_finished()
     checkpointer.close()
     for name, source in (files or {}).items():
-      shutil.copyfile(source, tmp / name)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-  return manifest
+      paths.path(source).copy(paths.path(tmp) / name)
+    manifest_lib.write(tmp, manifest)
+  return manifest.to_dict()
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-  """The manifest of the artifact at `path`; refuses a directory left by an interrupted write."""
-  path = pathlib.Path(path)
+  """The manifest of the artifact or run at `path`, as a dict; refuses a directory left by an
+  interrupted write, and a manifest version this package does not read."""
+  path = paths.path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"no artifact directory at {path}")
   manifest_path = path / MANIFEST
   if not manifest_path.exists():
     raise ValueError(f"{path} has no {MANIFEST}: it is incomplete (an interrupted write?) "
                      "or not a flexolmo_jax artifact")
-  return json.loads(manifest_path.read_text())
+  return manifest_lib.read(path).to_dict()
 
 
 def load_params_artifact(path: str | os.PathLike, *, verify: bool = True
@@ -144,7 +154,7 @@ def load_params_artifact(path: str | os.PathLike, *, verify: bool = True
   fingerprint is recomputed and must match the manifest, so a corrupted or edited artifact is
   refused (hashing reads every byte: about a minute for a 7x7B model).
   """
-  path = pathlib.Path(path).absolute()
+  path = paths.absolute(path)
   manifest = read_manifest(path)
   config = ModelConfig.from_dict(manifest["config"])
   checkpointer = ocp.StandardCheckpointer()

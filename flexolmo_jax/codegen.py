@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flexolmo_jax import generate
+from flexolmo_jax import generate, progress
 from flexolmo_jax import sandbox
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
@@ -47,7 +47,7 @@ def greedy_generate(config: ModelConfig, params, tokenizer, prompts: Sequence[st
   encoded = [(tokenizer.encode(p) or [eos])[-(max_len - max_new_tokens):] for p in prompts]
   out: list[str] = [""] * len(prompts)
   order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-  for start in range(0, len(order), batch_size):
+  for start in progress.bar(range(0, len(order), batch_size), desc="generate", unit="batch"):
     chunk = order[start:start + batch_size]
     rows = [encoded[i] for i in chunk] + [[eos]] * (batch_size - len(chunk))
     new = generate.generate(config, params, rows, max_new_tokens=max_new_tokens, eos_id=eos,
@@ -109,7 +109,8 @@ def evaluate_humaneval(config: ModelConfig, params, tokenizer, *, problems: Sequ
                                 batch_size=batch_size, max_len=max_len, expert_mask=expert_mask)
   seen = _training_hashes(data_root)
   samples = []
-  for problem, completion in zip(problems, completions):
+  for problem, completion in progress.bar(list(zip(problems, completions)),
+                                          desc="humaneval: run tests", unit="problem"):
     outcome = sandbox.run_sandboxed(humaneval_program(problem, completion), timeout=timeout,
                                     allow_unsandboxed=allow_unsandboxed)
     in_training = corpus.normalized_hash(problem["prompt"] + problem["canonical_solution"]) in seen

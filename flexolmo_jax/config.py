@@ -51,7 +51,7 @@ class ModelConfig:
   remat: str = "none"
   # attention.py: "xla" (the einsum reference), "chunked", "cudnn", "splash", or "auto" (per
   # platform); attention_block_size is the chunked / splash tile (0: attention.DEFAULT_BLOCK).
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   attention_block_size: int = 0
   dtype: str = "float32"  # Activations / matmul inputs.
   param_dtype: str = "float32"

@@ -26,13 +26,10 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import struct
-import sys
 import types
 from typing import Any, Callable, Mapping, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -40,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from flexolmo_jax import checkpoint, cli
+from flexolmo_jax import checkpoint, cli, paths, progress
 from flexolmo_jax import model
 from flexolmo_jax import router_init
 from flexolmo_jax import runs
@@ -64,7 +61,6 @@ _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 _FFN = ("gate_proj", "up_proj", "down_proj")
-_EXPERT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 # Tokens of the probe on which `bias_effect` measures what dropping an expert bias changes.
 _BIAS_PROBE_TOKENS = 64
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -192,7 +188,7 @@ def check_expert_names(names: Sequence[str], num_experts: int | None) -> list[st
   if len(names) != num_experts:
     raise HFCheckpointError(f"{len(names)} expert names {names} for a model with {num_experts} "
                             f"experts; give exactly {num_experts}, the first one public")
-  bad = [n for n in names if not _EXPERT_NAME.fullmatch(n)]
+  bad = [n for n in names if not cli.NAME.fullmatch(n)]
   if bad:
     raise HFCheckpointError(f"expert names {bad} are not made of letters, digits, _ and -")
   duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -378,7 +374,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[ModelConfig,
   flat = {leaf: np.empty(shape, param_dtype) for leaf, shape in shapes.items()}
   used = set()
   with _SafetensorsReader(path) as reader:
-    for tensor in tensors:
+    for tensor in progress.bar(tensors, desc=f"read {path.name}", unit="tensor"):
       target = flat[tensor.leaf]
       value, source = _read_tensor(reader, tensor, _hf_shape(tensor, target.shape), config)
       target[tensor.index] = value.T if tensor.transpose else value  # Casts on assignment.
@@ -450,7 +446,8 @@ def _write_safetensors(path: pathlib.Path,
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
-    for key, shape, dtype, produce in tensors:
+    for key, shape, dtype, produce in progress.bar(tensors, desc=f"write {path.name}",
+                                                   unit="tensor"):
       array = np.ascontiguousarray(produce(), dtype=dtype.newbyteorder("<"))
       if array.shape != shape:
         raise HFCheckpointError(f"tensor {key} came out with shape {array.shape}, expected {shape}")
@@ -532,7 +529,7 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathL
   with checkpoint.atomic_directory(path) as tmp:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for name, source in (files or {}).items():
-      shutil.copyfile(source, tmp / name)
+      paths.path(source).copy(paths.path(tmp) / name)
     if len(shards) == 1:
       _write_safetensors(tmp / _SINGLE_FILE, specs)
       return
@@ -550,9 +547,10 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], path: str | os.PathL
 # Artifacts and command line.
 
 
-def carried_files(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
-  """The tokenizer, generation-config and chat-template files present in `directory`."""
-  directory = pathlib.Path(directory)
+def carried_files(directory: str | os.PathLike) -> dict[str, paths.epath.Path]:
+  """The tokenizer, generation-config and chat-template files present in `directory` (local or
+  remote)."""
+  directory = paths.path(directory)
   return {name: directory / name for name in tokenizer_lib.HF_COMPANION_FILES
           if (directory / name).is_file()}
 
@@ -647,47 +645,28 @@ def define_flags() -> None:
                       "router rows to this .npz (config.expert.router_embeddings format).")
 
 
-# Bad input of any kind: each becomes one line and exit code 2, never a traceback.
-_INPUT_ERRORS = (HFCheckpointError, ValueError, KeyError, OSError, SafetensorError)
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
   if bool(FLAGS.from_hf) == bool(FLAGS.to_hf) or not FLAGS.out:
-    _fail("give exactly one of --from_hf=HF_DIR and --to_hf=ARTIFACT_DIR, and --out=DIR")
+    cli.fail("give exactly one of --from_hf=HF_DIR and --to_hf=ARTIFACT_DIR, and --out=DIR")
+  checkpoint.require_local_artifact(FLAGS.out)  # Before the conversion's work.
   if (FLAGS.expert_names is not None or FLAGS.router_rows) and not FLAGS.from_hf:
-    _fail("--expert_names and --router_rows go with --from_hf (an artifact's names travel in its "
+    cli.fail("--expert_names and --router_rows go with --from_hf (an artifact's names travel in its "
           "manifest)")
-  try:
-    if FLAGS.from_hf:
-      manifest = hf_to_artifact(FLAGS.from_hf, FLAGS.out, dtype=FLAGS.dtype,
-                                expert_names=FLAGS.expert_names, router_rows=FLAGS.router_rows)
-      names = f", experts {manifest['expert_names']}" if "expert_names" in manifest else ""
-      print(f"wrote {manifest['kind']} artifact {FLAGS.out} (fingerprint "
-            f"{manifest['fingerprint'][:16]}{names})")
-    else:
-      artifact_to_hf(FLAGS.to_hf, FLAGS.out, dtype=FLAGS.dtype,
-                     max_shard_size=FLAGS.max_shard_size, drop_expert_bias=FLAGS.drop_expert_bias)
-      print(f"wrote Hugging Face checkpoint {FLAGS.out}")
-  except _INPUT_ERRORS as err:
-    _fail(str(err) or type(err).__name__)
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing, with an unknown or malformed flag reported like any other bad input."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as err:
-    _fail(str(err))
+  if FLAGS.from_hf:
+    manifest = hf_to_artifact(FLAGS.from_hf, FLAGS.out, dtype=FLAGS.dtype,
+                              expert_names=FLAGS.expert_names, router_rows=FLAGS.router_rows)
+    names = f", experts {manifest['expert_names']}" if "expert_names" in manifest else ""
+    print(f"wrote {manifest['kind']} artifact {FLAGS.out} (fingerprint "
+          f"{manifest['fingerprint'][:16]}{names})")
+  else:
+    artifact_to_hf(FLAGS.to_hf, FLAGS.out, dtype=FLAGS.dtype,
+                   max_shard_size=FLAGS.max_shard_size, drop_expert_bias=FLAGS.drop_expert_bias)
+    print(f"wrote Hugging Face checkpoint {FLAGS.out}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, errors=(SafetensorError,))  # Bad input of any kind: one line, exit status 2.

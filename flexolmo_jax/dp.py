@@ -14,16 +14,9 @@ Poisson-subsampled epsilon for it is the usual approximation, and the manifest s
 
 from __future__ import annotations
 
-import os
-import pathlib
-import secrets
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-NOISE_KEY_FILE = "dp_noise_key.npy"
-
 
 def per_example_grads(loss_fn, trainable, batch):
   """((loss, aux), grads) of `loss_fn(trainable, example) -> (loss, aux)` for each example of
@@ -93,23 +86,6 @@ def epsilon(*, sampling_prob: float, noise_multiplier: float, steps: int, delta:
   accountant.compose(dp_accounting.PoissonSampledDpEvent(
       sampling_prob, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
   return float(accountant.get_epsilon(delta))
-
-
-def noise_key(workdir: str | os.PathLike) -> jax.Array:
-  """The run's secret noise key, created from the OS's randomness on first use.
-
-  Noise drawn from a known seed could be subtracted again, so the key is neither the config's
-  seed nor in the manifest; it lives in a file only the owner can read, and a resumed run reuses it
-  (so resuming stays exact).
-  """
-  path = pathlib.Path(workdir) / NOISE_KEY_FILE
-  if not path.exists():
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, np.frombuffer(secrets.token_bytes(8), np.uint32))
-    os.replace(tmp, path)
-  return jax.random.wrap_key_data(np.load(path), impl="threefry2x32")
 
 
 def report(config_dp, *, batch_size: int, num_examples: int, steps: int) -> dict:

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from flexolmo_jax import checkpoint, cli, router_init, runs
+from flexolmo_jax import atomic, checkpoint, cli, progress, router_init, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
@@ -55,7 +55,7 @@ def sample_documents(data: str, domain: str, num_docs: int, seed: int = 0) -> li
 
 def _document_batches(tokenizer, texts: Sequence[str], max_tokens: int, batch_size: int):
   """One document per row, truncated to max_tokens: batches for mean_hidden_embedding."""
-  for start in range(0, len(texts), batch_size):
+  for start in progress.bar(range(0, len(texts), batch_size), desc="embed", unit="batch"):
     ids = tokenizer.encode_batch(list(texts[start:start + batch_size]))
     tokens = np.zeros((len(ids), max_tokens), np.int32)
     mask = np.zeros((len(ids), max_tokens), np.float32)
@@ -106,9 +106,7 @@ def add_row(out: str, domain: str, row: np.ndarray, info: dict) -> None:
   rows[domain] = row
   router_init.save_embeddings(out, rows)
   meta[domain] = info
-  tmp = sidecar.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, sidecar)
+  atomic.write_text(sidecar, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def embed_domain(data: str, domain: str, embedder: str, public: str, out: str, *,
@@ -152,15 +150,12 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
-  try:
-    row = embed_domain(FLAGS.data, FLAGS.domain, FLAGS.embedder, FLAGS.public, FLAGS.out,
-                       num_docs=FLAGS.num_docs, seed=FLAGS.seed,
-                       projection_seed=FLAGS.projection_seed, max_tokens=FLAGS.max_tokens)
-  except (ValueError, FileNotFoundError, data_lib.DataError) as err:
-    raise SystemExit(f"error: {err}") from None
+  row = embed_domain(FLAGS.data, FLAGS.domain, FLAGS.embedder, FLAGS.public, FLAGS.out,
+                     num_docs=FLAGS.num_docs, seed=FLAGS.seed,
+                     projection_seed=FLAGS.projection_seed, max_tokens=FLAGS.max_tokens)
   print(f"wrote row {FLAGS.domain!r} {list(row.shape)} to {FLAGS.out}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

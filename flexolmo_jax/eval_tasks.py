@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
 
+from flexolmo_jax import atomic, cli
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data.sources import DataError
 
@@ -151,7 +152,7 @@ def load_jsonl(path: str) -> list[Item]:
 def write_jsonl(items: Sequence[Item], path: str) -> None:
   """Writes items in the task format."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  with atomic.replacing(path, encoding="utf-8") as f:
     for item in items:
       f.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
 
@@ -436,23 +437,23 @@ def _flag_values() -> flags.FlagValues:
 
 def main(argv: Sequence[str]) -> int:
   """Converts a public benchmark file into the task format; `argv` holds the arguments after the
-  program name. Returns the exit code."""
+  program name. Returns 0; bad input ends the program (cli.fail: one line, exit status 2)."""
   f = _flag_values()
   try:
     f(["eval_tasks", *argv])
     if f.num_fewshot and not f.fewshot_input:
       raise flags.ValidationError("--num_fewshot needs --fewshot_input")
   except flags.Error as err:
-    print(f"error: {err}\nflags:\n{f.get_help()}", file=sys.stderr)
-    return 2
+    cli.fail(f"{err} (see --help)")
   options = dict(fewshot_path=f.fewshot_input, num_fewshot=f.num_fewshot)
   if f.format == "mmlu":
     options["style"] = f.style
   try:
     items = CONVERTERS[f.format](f.input, **options)
-  except (DataError, FileNotFoundError, ValueError, KeyError, TypeError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 1
+    if not items:
+      raise DataError(f"{f.input} holds no {f.format} items; check --input and --format")
+  except (*cli.INPUT_ERRORS, TypeError) as err:
+    cli.fail(err)
   write_jsonl(items, f.out)
   print(f"wrote {len(items)} items to {f.out}")
   return 0

@@ -26,19 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from absl import app
 from absl import flags
 
-from flexolmo_jax import baselines, cli, codegen, eval_tasks, routing_analysis, runs, scoring
-from flexolmo_jax import subsets
+from flexolmo_jax import atomic, baselines, cli, codegen, eval_tasks, paths, progress
+from flexolmo_jax import routing_analysis, runs, scoring, subsets
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import DataError, load_manifest
+from flexolmo_jax.data import load_manifest
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 
 def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]:
@@ -52,7 +49,15 @@ def expert_names(config: ModelConfig, manifest: dict | None = None) -> list[str]
 def run_multiple_choice(scorer: scoring.Scorer, items: Sequence[eval_tasks.Item]) -> dict:
   """Accuracy of choosing the choice of highest log-likelihood: raw, per token and per char."""
   requests = [(item.prompt, choice) for item in items for choice in item.choices]
-  scored = iter(scorer.loglikelihood(requests))
+  # Scored in chunks only to report progress; each request's score does not depend on the others.
+  chunk = 256
+  bar = progress.bar(desc="multiple choice", total=len(requests), unit="choice")
+  scores = []
+  for start in range(0, len(requests), chunk):
+    scores += scorer.loglikelihood(requests[start:start + chunk])
+    bar.update(len(requests[start:start + chunk]))
+  bar.close()
+  scored = iter(scores)
   hits = {"acc": 0, "acc_per_token": 0, "acc_per_char": 0}
   for item in items:
     choices = [next(scored) for _ in item.choices]
@@ -124,8 +129,13 @@ class Context:
   allow_unsandboxed_code: bool = False
 
   def batches(self, domain: str):
-    return scoring.domain_batches(self.data_root, domain, self.split,
-                                  batch_size=self.batch_size, seq_len=self.seq_len)
+    """The domain's held-out batches, with a progress bar (its total estimated from the
+    manifest's token count)."""
+    tokens = load_manifest(self.data_root)["domains"][domain][self.split]["tokens"]
+    return progress.bar(scoring.domain_batches(self.data_root, domain, self.split,
+                                               batch_size=self.batch_size, seq_len=self.seq_len),
+                        desc=f"{domain} ({self.split})", unit="batch",
+                        total=-(-tokens // (self.batch_size * self.seq_len)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +155,10 @@ def _perplexity(ctx: Context, name: str) -> dict:
 
 def _routing(ctx: Context, name: str) -> dict:
   del name
-  by_domain = routing_analysis.domain_shares(ctx.config, ctx.params, ctx.data_root, ctx.domains,
-                                             split=ctx.split, batch_size=ctx.batch_size,
-                                             seq_len=ctx.seq_len, expert_mask=ctx.expert_mask)
+  by_domain = {d: routing_analysis.domain_shares(
+      ctx.config, ctx.params, ctx.data_root, [d], split=ctx.split, batch_size=ctx.batch_size,
+      seq_len=ctx.seq_len, expert_mask=ctx.expert_mask)[d]
+               for d in progress.bar(ctx.domains, desc="routing", unit="domain")}
   paths = routing_analysis.write_report(by_domain, ctx.names, ctx.out_dir)
   return {"tokens": {d: v["tokens"] for d, v in by_domain.items()}, **paths}
 
@@ -252,13 +263,14 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *, ou
                        f"every expert, and only the tasks {list(BASELINE_TASKS)} (got tasks "
                        f"{list(tasks)})")
     score_batches = baseline.build(baselines.Parts.from_merged(config, params, names, data_root))
-  os.makedirs(out_dir, exist_ok=True)
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   ctx = Context(config, params, tokenizer, out_dir, data_root, list(domains), split, expert_mask,
                 list(names), batch_size, max_len, seq_len, mc_items, max_new_tokens,
                 humaneval_limit, timeout, score_batches, allow_unsandboxed_code)
   if "routing" in tasks and not config.is_moe:
     raise ValueError("the routing task needs a mixture-of-experts model; this one is dense")
-  return {task: TASKS[task_kind(task)].run(ctx, task) for task in tasks}
+  return {task: TASKS[task_kind(task)].run(ctx, task)
+          for task in progress.bar(tasks, desc="evaluate", unit="task")}
 
 
 def _slug(task: str) -> str:
@@ -267,11 +279,11 @@ def _slug(task: str) -> str:
 
 def _with_samples_file(result: dict, out_dir: str, task: str) -> dict:
   """Moves a result's samples into <out_dir>/<task>_samples.jsonl."""
-  path = os.path.join(out_dir, f"{_slug(task)}_samples.jsonl")
-  with open(path, "w", encoding="utf-8") as f:
+  path = paths.path(out_dir) / f"{_slug(task)}_samples.jsonl"
+  with atomic.replacing(path, encoding="utf-8") as f:
     for sample in result.pop("samples"):
       f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-  return {**result, "samples_file": path}
+  return {**result, "samples_file": str(path)}
 
 
 def markdown(report: dict) -> str:
@@ -295,13 +307,12 @@ def _fmt(value) -> str:
 
 
 def write_results(report: dict, out_dir: str) -> dict[str, str]:
-  """Writes results.json and results.md under `out_dir`."""
-  paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, sort_keys=False)
-  with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write(markdown(report))
-  return paths
+  """Writes results.json and results.md under `out_dir` (local or remote, paths.py), atomically."""
+  out = paths.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  atomic.write_text(out / "results.json", json.dumps(report, indent=1, sort_keys=False))
+  atomic.write_text(out / "results.md", markdown(report))
+  return {"json": str(out / "results.json"), "md": str(out / "results.md")}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -343,38 +354,34 @@ def main(argv):
   del argv
   cli.default_verbosity()
   f = flags.FLAGS
-  try:
-    config, params, manifest = runs.load_params(f.model)
-    names = expert_names(config, manifest)
-    mask = subsets.expert_mask(f.expert_mask, names)
-    baseline = None if f.baseline is None else baselines.get(
-        f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
-    domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
-    tasks = parse_tasks(f.tasks, domains)
-    tokenizer = tokenizer_lib.for_model(f.model, manifest, data_root=f.data, override=f.tokenizer)
-    if f.data:  # Perplexity and routing read the corpus's own token ids.
-      tokenizer_lib.check_matches(manifest, load_manifest(f.data), model=f.model)
-    if tokenizer.vocab_size > config.vocab_size:
-      raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                       f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
-    results = evaluate(config, params, tokenizer, tasks, out_dir=f.out, data_root=f.data,
-                       domains=domains, split=f.split, expert_mask=mask, names=names,
-                       batch_size=f.batch_size, max_len=f.max_len, seq_len=f.seq_len,
-                       mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
-                       humaneval_limit=f.humaneval_limit, timeout=f.timeout,
-                       baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
-  except (ValueError, FileNotFoundError, DataError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  config, params, manifest = runs.load_params(f.model)
+  names = expert_names(config, manifest)
+  mask = subsets.expert_mask(f.expert_mask, names)
+  baseline = None if f.baseline is None else baselines.get(
+      f.baseline, baselines.Options(f.btm_top_k, f.tune_steps, f.seed))
+  domains = f.domains or (sorted(load_manifest(f.data)["domains"]) if f.data else [])
+  tasks = parse_tasks(f.tasks, domains)
+  tokenizer = tokenizer_lib.for_model(f.model, manifest, data_root=f.data, override=f.tokenizer)
+  if f.data:  # Perplexity and routing read the corpus's own token ids.
+    tokenizer_lib.check_matches(manifest, load_manifest(f.data), model=f.model)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                     f"{config.vocab_size}; pass the model's own tokenizer with --tokenizer")
+  results = evaluate(config, params, tokenizer, tasks, out_dir=f.out, data_root=f.data,
+                     domains=domains, split=f.split, expert_mask=mask, names=names,
+                     batch_size=f.batch_size, max_len=f.max_len, seq_len=f.seq_len,
+                     mc_items=f.mc_items, max_new_tokens=f.max_new_tokens,
+                     humaneval_limit=f.humaneval_limit, timeout=f.timeout,
+                     baseline=baseline, allow_unsandboxed_code=f.allow_unsandboxed_code)
   report = {"model": f.model, "baseline": f.baseline, "data": f.data, "split": f.split,
             "experts": names,
             "allowed_experts": [] if mask is None else [n for n, m in zip(names, mask) if m],
             "config": config.to_dict(), "tasks": results}
-  paths = write_results(report, f.out)
+  written = write_results(report, f.out)
   print(markdown(report))
-  print(f"wrote {paths['json']} and {paths['md']}")
+  print(f"wrote {written['json']} and {written['md']}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -4,7 +4,8 @@ An expert is a small tree holding ONLY what its owner trains, per layer:
   {"gate_proj": [L, D, F], "up_proj": [L, D, F], "down_proj": [L, F, D], "router": [L, D],
    "expert_bias": [L]  (when the bias is enabled)}
 The public model contributes expert 0 (its dense FFN) and the public router row `r_pub` [L, D].
-Training and merging both build the MoE the same way, with `assemble_moe`, so a model trained as
+Training and merging both build the MoE the same way, with `assemble_moe` (training with its
+`training_moe` layout, which leaves the frozen public FFN unstacked), so a model trained as
 {public, math} and one merged from {public, math, code} place the math expert identically.
 """
 
@@ -42,18 +43,40 @@ def assemble_moe(public_params, public_router_LxD, experts: Sequence[Mapping[str
   carry "expert_bias"; the public expert gets a zero bias (it is never applied to expert 0).
   """
   mlp = public_params["layers"]["mlp"]
+  moe = _routers(public_params, public_router_LxD, experts, with_bias=with_bias)
+  moe.update({k: jnp.stack([mlp[k]] + [e[k] for e in experts], axis=1) for k in FFN_KEYS})
+  return {**public_params, "layers": {**public_params["layers"], "mlp": moe}}
+
+
+def training_moe(public_params, public_router_LxD, experts: Sequence[Mapping[str, jax.Array]],
+                 *, with_bias: bool):
+  """`assemble_moe`'s model in the layout expert training reads (partition.EXPERT).
+
+  The router rows and biases are stacked as in `assemble_moe`; the FFNs are not: the public
+  FFN stays whole under "public_ffn" and the given experts' FFNs are stacked under "new_ffn"
+  ([L, E - 1, ...]). `model.Mlp` computes the same output from either layout; from this one
+  the frozen public FFN is neither copied into a stacked tensor nor differentiated (no weight
+  gradient is computed for it) in every training step.
+  """
+  mlp = public_params["layers"]["mlp"]
+  moe = _routers(public_params, public_router_LxD, experts, with_bias=with_bias)
+  moe["public_ffn"] = {k: mlp[k] for k in FFN_KEYS}
+  moe["new_ffn"] = {k: jnp.stack([e[k] for e in experts], axis=1) for k in FFN_KEYS}
+  return {**public_params, "layers": {**public_params["layers"], "mlp": moe}}
+
+
+def _routers(public_params, public_router_LxD, experts, *, with_bias):
+  """The stacked router rows (and biases) of the MoE: the public row first."""
+  dtype = public_params["layers"]["mlp"]["gate_proj"].dtype
   stack = lambda rows: jnp.stack(rows, axis=1)
-  moe = {k: stack([mlp[k]] + [e[k] for e in experts]) for k in FFN_KEYS}
-  moe["router"] = stack([jnp.asarray(public_router_LxD, mlp["gate_proj"].dtype)]
-                        + [e["router"] for e in experts])
+  moe = {"router": stack([jnp.asarray(public_router_LxD, dtype)] + [e["router"] for e in experts])}
   if with_bias:
     missing = [j + 1 for j, e in enumerate(experts) if "expert_bias" not in e]
     if missing:
       raise ValueError(f"experts {missing} have no expert_bias; merge with the bias dropped")
     moe["expert_bias"] = stack([jnp.zeros_like(experts[0]["expert_bias"])]
                                + [e["expert_bias"] for e in experts])
-  layers = {**public_params["layers"], "mlp": moe}
-  return {**public_params, "layers": layers}
+  return moe
 
 
 def moe_config(public_config: ModelConfig, num_new_experts: int, *, top_k: int,

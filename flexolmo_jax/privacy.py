@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from flexolmo_jax import checkpoint, cli, experts, runs, subsets
+from flexolmo_jax import atomic, checkpoint, cli, merge, progress, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -69,7 +68,7 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
 
 def extraction(config: ModelConfig, params, documents: Sequence[Sequence[int]], *, prefix: int,
                length: int, samples: int, sampling: Sampling, threshold: float, seed: int = 0,
-               expert_mask=None, batch_docs: int = 8) -> dict:
+               expert_mask=None, batch_docs: int = 8, desc: str = "extraction") -> dict:
   """Extraction rate of `documents` (token lists of >= prefix + length tokens) under one model.
 
   `expert_mask` [E] bool applies to every sequence (opt-out). Returns the rate, counts, Wilson
@@ -78,6 +77,7 @@ def extraction(config: ModelConfig, params, documents: Sequence[Sequence[int]], 
   if not documents:
     raise ValueError("no documents to test: every document is shorter than prefix + generate")
   best = []
+  bar = progress.bar(desc=desc, total=len(documents), unit="doc")
   for start in range(0, len(documents), batch_docs):
     chunk = documents[start:start + batch_docs]
     prompts = [list(doc[:prefix]) for doc in chunk for _ in range(samples)]
@@ -88,6 +88,8 @@ def extraction(config: ModelConfig, params, documents: Sequence[Sequence[int]], 
     for d, doc in enumerate(chunk):
       truth = doc[prefix:prefix + length]
       best.append(max(similarity(out[d * samples + s], truth) for s in range(samples)))
+    bar.update(len(chunk))
+  bar.close()
   extracted = int(sum(b >= threshold for b in best))
   low, high = wilson_interval(extracted, len(best))
   return {"rate": extracted / len(best), "extracted": extracted, "documents": len(best),
@@ -110,17 +112,13 @@ def load_documents(data: str, domain: str, *, min_tokens: int, limit: int, first
   return docs
 
 
-def flexolmo_model(public_params, expert_dir: str) -> tuple[ModelConfig, dict, dict]:
-  """(config, params, manifest) of the public model with one trained expert merged in."""
-  config, expert, manifest = runs.load_params(expert_dir)
+def flexolmo_model(public: str, expert_dir: str) -> tuple[ModelConfig, dict, dict]:
+  """(config, params, the expert's manifest) of the public model with one trained expert merged
+  in, by merge.assemble (which refuses an expert trained on another public model)."""
+  manifest = checkpoint.read_manifest(expert_dir)
   if manifest.get("kind") != "expert":
     raise ValueError(f"{expert_dir} is not an expert run (manifest kind {manifest.get('kind')!r})")
-  found = checkpoint.fingerprint(public_params)
-  if found != manifest.get("public_fingerprint"):
-    raise ValueError(f"expert {expert_dir} was trained on another public model (fingerprint "
-                     f"{manifest.get('public_fingerprint')}, given public {found})")
-  r_pub = runs.load_public_router(expert_dir, manifest)
-  params = experts.assemble_moe(public_params, r_pub, [expert], with_bias="expert_bias" in expert)
+  config, params, _ = merge.assemble(public, {manifest["name"]: expert_dir})
   return config, params, manifest
 
 
@@ -170,7 +168,7 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
   tokenizer_lib.check_matches(public_manifest, corpus.load_manifest(data), model=public)
   if public_config.is_moe:
     raise ValueError(f"{public} holds a mixture of experts; --public needs the dense public model")
-  moe_config, moe_params, moe_manifest = flexolmo_model(public_params, expert)
+  moe_config, moe_params, moe_manifest = flexolmo_model(public, expert)
   tokenizer_lib.check_matches(moe_manifest, corpus.load_manifest(data), model=expert)
   check_subset(moe_manifest, expert, domain, train_docs)
   models = [("public", public_config, public_params, None, None)]
@@ -181,7 +179,7 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
              (f"FlexOlmo, {domain} opted out", moe_config, moe_params,
               subsets.expert_mask(f"-{domain}", ["public", domain]), None)]
   if dp_expert:
-    dp_config, dp_params, dp_manifest = flexolmo_model(public_params, dp_expert)
+    dp_config, dp_params, dp_manifest = flexolmo_model(public, dp_expert)
     if "dp" not in dp_manifest:
       raise ValueError(f"{dp_expert} was not trained with DP-SGD (no dp record in its manifest)")
     check_subset(dp_manifest, dp_expert, domain, train_docs)
@@ -191,7 +189,7 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
   for name, config, params, mask, dp_record in models:
     result = extraction(config, params, docs, prefix=prefix, length=length, samples=samples,
                         sampling=sampling, threshold=threshold, seed=seed, expert_mask=mask,
-                        batch_docs=batch_docs)
+                        batch_docs=batch_docs, desc=name)
     rows.append({"model": name, **result,
                  "mean_best_similarity": float(np.mean(result["best_similarity"])),
                  "epsilon": None if dp_record is None else dp_record["epsilon"],
@@ -204,8 +202,8 @@ def run_study(*, data: str, domain: str, public: str, expert: str, out: str, den
              "rows": rows}
   out_dir = pathlib.Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  (out_dir / "results.md").write_text(format_table(results))
+  atomic.write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+  atomic.write_text(out_dir / "results.md", format_table(results))
   return results
 
 
@@ -269,19 +267,15 @@ def main(argv):
   del argv
   cli.default_verbosity()
   f = flags.FLAGS
-  try:
-    results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,
-                        dense=f.dense, dp_expert=f.dp_expert, num_docs=f.num_docs, prefix=f.prefix,
-                        length=f.generate, samples=f.samples,
-                        sampling=Sampling(f.temperature, f.top_k, f.top_p),
-                        threshold=f.threshold, seed=f.seed, train_docs=f.train_docs,
-                        batch_docs=f.batch_docs, split=f.split)
-  except (ValueError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  results = run_study(data=f.data, domain=f.domain, public=f.public, expert=f.expert, out=f.out,
+                      dense=f.dense, dp_expert=f.dp_expert, num_docs=f.num_docs, prefix=f.prefix,
+                      length=f.generate, samples=f.samples,
+                      sampling=Sampling(f.temperature, f.top_k, f.top_p),
+                      threshold=f.threshold, seed=f.seed, train_docs=f.train_docs,
+                      batch_docs=f.batch_docs, split=f.split)
   print(format_table(results), end="")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -23,9 +23,9 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from flexolmo_jax import baselines, cli, merge, router_init, router_tuning, routing_analysis, runs
+from flexolmo_jax import atomic, baselines, cli, merge, router_init, router_tuning, routing_analysis, runs
 from flexolmo_jax import scoring
 from flexolmo_jax.data import corpus
 
@@ -331,8 +331,8 @@ def reproduce(opts: Options) -> dict:
   report["findings"] = findings(report)
   out = root / "results"
   os.makedirs(out, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-  (out / "results.md").write_text(markdown(report))
+  atomic.write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
+  atomic.write_text(out / "results.md", markdown(report))
   print(markdown(report))
   log(f"done: {out / 'results.md'}, {out / 'results.json'}")
   return report
@@ -341,9 +341,14 @@ def reproduce(opts: Options) -> dict:
 def main(argv):
   del argv
   cli.default_verbosity()
-  reproduce(options_from_flags())
+  opts = options_from_flags()
+  try:
+    runs.require_local_workdir(opts.workdir)  # It trains there.
+  except ValueError as err:
+    sys.exit(f"error: {err}")
+  reproduce(opts)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

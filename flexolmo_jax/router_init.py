@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexolmo_jax import atomic
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer
 
@@ -41,9 +42,8 @@ def load_embeddings(path: str, domains: Iterable[str], num_layers: int, d_model:
 
 def save_embeddings(path: str, rows: dict[str, np.ndarray]) -> None:
   """Writes an embeddings .npz atomically."""
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in rows.items()})
-  os.replace(tmp, path)
+  with atomic.replacing(path, "wb") as f:
+    np.savez(f, **{k: np.asarray(v, np.float32) for k, v in rows.items()})
 
 
 @functools.partial(jax.jit, static_argnums=0)

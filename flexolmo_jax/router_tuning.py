@@ -20,12 +20,12 @@ bit-identical; the output is a merged artifact with the same expert names, so op
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import pathlib
 import re
-import sys
+import tempfile
 import zlib
 from typing import Mapping, Sequence
 
@@ -37,14 +37,14 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexolmo_jax import checkpoint, cli
+from flexolmo_jax import atomic, checkpoint, cli, partition, paths, runs
 from flexolmo_jax import data as data_lib
+from flexolmo_jax import fit as fit_lib
 from flexolmo_jax.config import check_keys
-from flexolmo_jax.data import corpus, pipeline
-from flexolmo_jax.train import loss_terms
-from flexolmo_jax.train_config import LossConfig
+from flexolmo_jax.data import DataConfig, corpus, pipeline
+from flexolmo_jax.manifest import Manifest
+from flexolmo_jax.train_config import LossConfig, OptimConfig, TrainConfig, to_dict
 
-TRAINABLE = ("router", "expert_bias")
 _WORD = re.compile(r"\w+|[^\w\s]")
 # Hashed bag-of-words width: 4096 buckets separate these domains as well as 16k did at a quarter
 # of the classifier's cost (its full-batch matmuls dominate proxy selection).
@@ -109,9 +109,7 @@ def save_proxies(path: str, domain: str, proxies: Mapping) -> None:
   path = pathlib.Path(path)
   sets = json.loads(path.read_text()) if path.exists() else {}
   sets[domain] = dict(proxies)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(sets, indent=1, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(sets, indent=1, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- router training
@@ -136,6 +134,8 @@ class RouterTuningConfig:
   router_z_loss: float = 1e-3
   seed: int = 0
   log_every: int = 50
+  checkpoint_every: int = 100
+  workdir: str = ""  # Checkpoints, to resume a killed run; default: OUT.run next to `out`.
 
 
 def tuning_config(raw: Mapping) -> RouterTuningConfig:
@@ -173,65 +173,56 @@ def _batches(records: Sequence[bytes], seq_len: int, batch_size: int, seed: int)
   return iter(ds.map(pipeline._to_batch))  # pylint: disable=protected-access
 
 
-def split_router(params):
-  """(trainable {router, expert_bias}, frozen rest) of merged MoE parameters."""
-  mlp = params["layers"]["mlp"]
-  trainable = {k: mlp[k] for k in TRAINABLE if k in mlp}
-  frozen_mlp = {k: v for k, v in mlp.items() if k not in TRAINABLE}
-  return trainable, {**params, "layers": {**params["layers"], "mlp": frozen_mlp}}
+def _records_hash(records: Sequence[bytes]) -> str:
+  """sha256 over the tuning documents, so a resumed run refuses other documents."""
+  digest = hashlib.sha256()
+  for record in records:
+    digest.update(len(record).to_bytes(8, "little") + record)
+  return digest.hexdigest()
 
 
-def join_router(trainable, frozen):
-  mlp = {**frozen["layers"]["mlp"], **trainable}
-  return {**frozen, "layers": {**frozen["layers"], "mlp": mlp}}
+def _train_config(model_config, cfg: RouterTuningConfig) -> TrainConfig:
+  """The training core's settings for `cfg`: AdamW (b2 0.999) with clipping, warmup and cosine
+  decay to lr / 10; token cross-entropy plus the router z-loss, no output z-loss; one device.
+  Checkpoints are written synchronously: the trainable tree is a few router rows."""
+  return TrainConfig(
+      mode="public", model=model_config, mesh={"data": 1},
+      data=DataConfig(path=cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size),
+      optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.1, b2=0.999,
+                        weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm),
+      loss=LossConfig(z_loss=0.0, router_z_loss=cfg.router_z_loss, load_balancing=0.0),
+      steps=cfg.steps, seed=cfg.seed, log_every=cfg.log_every, eval_every=cfg.steps,
+      checkpoint_every=cfg.checkpoint_every, async_checkpoint=False, progress=False)
 
 
-def make_step(model_config, cfg: RouterTuningConfig):
-  """(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
-                                                max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
-
-  # Token cross-entropy plus the router z-loss: the trainer's objective, no output z-loss.
-  loss_cfg = LossConfig(z_loss=0.0, router_z_loss=cfg.router_z_loss, load_balancing=0.0)
-
-  def objective(trainable, frozen, batch):
-    num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    return loss_terms(model_config, join_router(trainable, frozen), batch, loss_cfg, num_tokens)
-
-  @jax.jit
-  def step(trainable, opt_state, frozen, batch):
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable, frozen, batch)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, {**metrics, "loss": loss}
-
-  return tx, step
-
-
-def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConfig):
+def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConfig,
+                 workdir: str | os.PathLike | None = None):
   """Trains only the router rows and biases of MoE `params` on `records` (top-k = all experts);
-  returns (host params, last metrics)."""
-  batches = _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed)
+  returns (host params, last metrics). With `workdir`, a killed run resumes exactly from there;
+  without, it trains in a temporary directory."""
+  if workdir is None:
+    with tempfile.TemporaryDirectory() as tmp:
+      return train_router(config, params, records, cfg, tmp)
   model_config = config.replace(top_k=config.num_experts)  # Every expert sees every token.
-  trainable, frozen = split_router(jax.tree.map(jnp.asarray, params))
-  tx, step = make_step(model_config, cfg)
-  opt_state = tx.init(trainable)
-  metrics = {}
-  for i in range(1, cfg.steps + 1):
-    trainable, opt_state, metrics = step(trainable, opt_state, frozen,
-                                         jax.tree.map(jnp.asarray, next(batches)))
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      raise FloatingPointError(f"non-finite loss at router-tuning step {i}; lower lr")
-    if i % cfg.log_every == 0 or i == cfg.steps:
-      print(f"step {i}: loss {loss:.4f} ce {float(metrics['ce']):.4f}", flush=True)
-  return jax.tree.map(np.asarray, join_router(trainable, frozen)), metrics
+  trainable, frozen = partition.split_router(jax.tree.map(np.asarray, params))
+  train_config = _train_config(model_config, cfg)
+  manifest = Manifest(kind="router_tuning", config=model_config.to_dict(),
+                      init_fingerprint=checkpoint.fingerprint(params),
+                      train_config=to_dict(train_config), versions=checkpoint.library_versions(),
+                      data_manifest_hash=_records_hash(records),
+                      extra={"router_tuning": dataclasses.asdict(cfg)})
+  runs.check_resumable(workdir, manifest)
+  trained, metrics = fit_lib.fit(train_config, workdir, model_config, partition.ROUTER, trainable,
+                                 frozen, _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed),
+                                 manifest=manifest, label="router tuning")
+  return partition.join_router(jax.tree.map(np.asarray, trained), frozen), metrics
 
 
 def tune(cfg: RouterTuningConfig) -> dict:
   """Tunes the merged model's router on proxies + public slice; writes `cfg.out`; returns its
   manifest (with the last metrics)."""
+  checkpoint.require_local_artifact(cfg.out)
+  runs.require_local_workdir(cfg.workdir or cfg.out)
   config, params, manifest = checkpoint.load_params_artifact(cfg.merged)
   if not config.is_moe or manifest.get("kind") != "merged":
     raise ValueError(f"{cfg.merged} is not a merged model; build one with python -m "
@@ -242,10 +233,10 @@ def tune(cfg: RouterTuningConfig) -> dict:
     logging.warning("no proxy set for experts %s: their rows learn only from the others' data",
                     missing)
   records = tuning_documents(cfg.data, proxies, cfg.public_slice, cfg.seed)
-  tuned, metrics = train_router(config, params, records, cfg)
+  tuned, metrics = train_router(config, params, records, cfg, cfg.workdir or f"{cfg.out}.run")
   extra = {k: v for k, v in manifest.items()
            if k not in ("kind", "config", "fingerprint", "versions")}
-  extra["router_tuning"] = {"from": str(pathlib.Path(cfg.merged).absolute()),
+  extra["router_tuning"] = {"from": str(paths.absolute(cfg.merged)),
                             "config": dataclasses.asdict(cfg), "documents": len(records),
                             "proxy_sets": sorted(proxies), "final_ce": float(metrics["ce"])}
   return checkpoint.save_params_artifact(cfg.out, config, tuned, "merged", extra_manifest=extra)
@@ -270,23 +261,20 @@ def main(argv: Sequence[str]) -> None:
   cli.default_verbosity()
   if len(argv) != 2 or argv[1] not in ("select", "tune"):
     raise app.UsageError("usage: python -m flexolmo_jax.router_tuning select|tune [flags]")
-  try:
-    if argv[1] == "select":
-      if not (FLAGS.data and FLAGS.domain and FLAGS.out):
-        raise app.UsageError("select needs --data, --domain and --out")
-      proxies = select_proxies(FLAGS.data, FLAGS.domain, FLAGS.num_proxies, seed=FLAGS.seed)
-      save_proxies(FLAGS.out, FLAGS.domain, proxies)
-      print(f"{FLAGS.domain}: {len(proxies['indices'])} proxy documents written to {FLAGS.out}")
-    else:
-      if FLAGS.config is None:
-        raise app.UsageError("tune needs --config=configs/router_tuning.py")
-      manifest = tune(tuning_config(FLAGS.config))
-      print(f"wrote {manifest['router_tuning']['config']['out']}")
-  except (KeyError, ValueError, FileNotFoundError, FloatingPointError, data_lib.DataError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  if argv[1] == "select":
+    if not (FLAGS.data and FLAGS.domain and FLAGS.out):
+      raise app.UsageError("select needs --data, --domain and --out")
+    cli.check_name(FLAGS.domain, "--domain")
+    proxies = select_proxies(FLAGS.data, FLAGS.domain, FLAGS.num_proxies, seed=FLAGS.seed)
+    save_proxies(FLAGS.out, FLAGS.domain, proxies)
+    print(f"{FLAGS.domain}: {len(proxies['indices'])} proxy documents written to {FLAGS.out}")
+  else:
+    if FLAGS.config is None:
+      raise app.UsageError("tune needs --config=configs/router_tuning.py")
+    manifest = tune(tuning_config(FLAGS.config))
+    print(f"wrote {manifest['router_tuning']['config']['out']}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, errors=(fit_lib.NonFiniteError,))

@@ -11,14 +11,25 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from flexolmo_jax.cli import check_name
 from flexolmo_jax.config import ModelConfig, check_keys
 from flexolmo_jax.data.config import DataConfig, data_config
 
 MODES = ("public", "expert")
+MASTER_DTYPES = ("float32", "bfloat16")  # docs/precision.md
 # Fields of ModelConfig an expert run may set: how to execute, never the architecture, which
 # comes from the public checkpoint.
 EXECUTION_FIELDS = ("moe_backend", "moe_block_size", "expert_parallel", "expert_capacity_factor",
                     "scan_layers", "remat", "dtype", "attention_impl", "attention_block_size")
+# TrainConfig keys a resumed run may change: how it executes, logs and saves (model_overrides
+# holds only execution fields), and `steps`, to extend a run (its learning-rate schedule then
+# follows the new length), and where the secrets are kept (a moved key is found there; a missing
+# one is refused, runs.dp_noise_key). Any other change is refused on resume.
+RESUME_MAY_CHANGE = ("steps", "model_overrides", "mesh", "progress", "async_checkpoint",
+                     "secrets_dir", "keep_checkpoints", "log_every", "eval_every", "eval_batches",
+                     "eval_domains", "checkpoint_every", "data.num_workers", "frozen_dtype",
+                     "profile_steps",
+                     *(f"model.{field}" for field in EXECUTION_FIELDS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +54,17 @@ class LossConfig:
   load_balancing: float = 0.0
 
 
+# Where an expert's router row comes from (docs/method.md, section 4), and what it reads:
+ROUTER_SOURCES = {
+    # router_embeddings, or the public model's mean hidden state over the owner's training data.
+    "owner_data": "the owner's training data",
+    # The public row (public data only); training moves it, under DP-SGD in a DP run.
+    "public": "public training data (the public row)",
+    # The mean hidden state of the owner's proxy set: public documents.
+    "proxies": "the owner's proxy set (public training documents)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
   """One data owner's expert, trained against a frozen public model (docs/method.md, section 3)."""
@@ -54,9 +76,27 @@ class ExpertConfig:
   # hidden state (FFN input) over `embed_batches` batches of public and of the owner's data.
   router_embeddings: str = ""
   embed_batches: int = 8
+  # Where the expert's router row comes from (ROUTER_SOURCES). A DP run may not use
+  # "owner_data": that row would release the owner's data with no noise and no accounting.
+  router_source: str = "owner_data"
+  router_proxies: str = ""  # router_source "proxies": a proxies JSON (router_tuning select).
   bias: bool = True
   bias_init: float = -0.5
   top_k: int = 2  # Both experts on every token while training (top-2 of 2).
+
+  def __post_init__(self):
+    if self.name:
+      check_name(self.name, "config.expert.name")
+    if self.router_source not in ROUTER_SOURCES:
+      raise ValueError(f"config.expert.router_source {self.router_source!r} is not one of "
+                       f"{tuple(ROUTER_SOURCES)}")
+    if (self.router_source == "proxies") != bool(self.router_proxies):
+      raise ValueError("config.expert.router_source='proxies' and config.expert.router_proxies "
+                       "(a proxies JSON from python -m flexolmo_jax.router_tuning select) go "
+                       "together; set both or neither")
+    if self.router_embeddings and self.router_source != "owner_data":
+      raise ValueError("config.expert.router_embeddings gives the rows itself (router_source "
+                       f"'owner_data'); drop it or router_source={self.router_source!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +140,25 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
   progress: bool = True
+  # DP runs keep their secret noise key here, never in the run directory that merge and convert
+  # read; "" is WORKDIR.secrets beside it (runs.secrets_dir).
+  secrets_dir: str = ""
+
+  # Mixed precision (docs/precision.md): the trained tree and its AdamW moments are kept in
+  # master_dtype; the frozen tree (an expert's public model, router tuning's experts) is stored
+  # in frozen_dtype ("": as loaded). Compute is model.dtype / model_overrides.dtype.
+  master_dtype: str = "float32"
+  frozen_dtype: str = ""
+  # "START:END": a jax.profiler trace of steps START..END (inclusive) into WORKDIR/profile.
+  profile_steps: str = ""
+
+  @property
+  def profile_range(self) -> tuple[int, int] | None:
+    """(first, last) step to trace, or None."""
+    if not self.profile_steps:
+      return None
+    start, end = (int(x) for x in self.profile_steps.split(":"))
+    return start, end
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -115,6 +174,13 @@ class TrainConfig:
     if self.dp.enabled and self.mode != "expert":
       raise ValueError("config.dp.enabled needs mode 'expert': DP-SGD protects one owner's data "
                        "in its expert; the public model is trained on public data without it")
+    if self.dp.enabled and self.expert.router_source == "owner_data":
+      raise ValueError(
+          "config.dp.enabled: the expert's router row would be embedded from the owner's "
+          "training data (config.expert.router_source='owner_data', the default, or "
+          "router_embeddings) and released with no noise and no accounting; set "
+          "config.expert.router_source='public', or 'proxies' with "
+          "config.expert.router_proxies=PROXIES.json (python -m flexolmo_jax.router_tuning select)")
     bad = sorted(set(self.model_overrides) - set(EXECUTION_FIELDS))
     if bad:
       raise KeyError(f"config.model_overrides may only set {EXECUTION_FIELDS}; got {bad} "
@@ -122,6 +188,17 @@ class TrainConfig:
     if self.data.batch_size % self.grad_accum:
       raise ValueError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
                        f"grad_accum ({self.grad_accum})")
+    if self.master_dtype not in MASTER_DTYPES:
+      raise ValueError(f"master_dtype {self.master_dtype!r} not in {MASTER_DTYPES}")
+    if self.frozen_dtype not in ("", *MASTER_DTYPES):
+      raise ValueError(f"frozen_dtype {self.frozen_dtype!r} not in {('', *MASTER_DTYPES)} "
+                       "('': as the checkpoint stores it)")
+    if self.profile_steps:
+      parts = self.profile_steps.split(":")
+      if not (len(parts) == 2 and all(p.isdigit() for p in parts)
+              and 1 <= int(parts[0]) <= int(parts[1])):
+        raise ValueError(f"profile_steps {self.profile_steps!r} is not START:END with "
+                         "1 <= START <= END (e.g. 10:12)")
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

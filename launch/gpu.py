@@ -23,6 +23,7 @@ from typing import Sequence
 
 from absl import app, flags
 
+from flexolmo_jax import cli
 from launch.runner import Runner
 
 FLAGS = flags.FLAGS
@@ -105,4 +106,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(lambda argv: sys.exit(main(argv)))

@@ -34,7 +34,7 @@ from typing import Sequence
 import jax
 from absl import app, flags
 
-from flexolmo_jax import baselines, cli, distributed, evaluate, runs, subsets
+from flexolmo_jax import atomic, baselines, cli, distributed, evaluate, progress, runs, subsets
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import load_manifest, load_tokenizer
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -137,6 +137,7 @@ def run(cells: Sequence[Cell], *, data: str, out: str, domains: Sequence[str], s
         f"{len(cells) - len(todo)} finished or on other hosts", flush=True)
   tokenizer = load_tokenizer(data)
   computed = []
+  bar = progress.bar(desc="sweep", total=len(todo), unit="cell")
   for path in dict.fromkeys(c.path for c in todo):
     config, params, manifest = runs.load_params(path)
     tokenizer_lib.check_matches(manifest, load_manifest(data), model=path)
@@ -154,8 +155,10 @@ def run(cells: Sequence[Cell], *, data: str, out: str, domains: Sequence[str], s
                 "metrics": flatten(results[cell.task])}
       _append(out, suffix, record)
       computed.append(cell.id)
+      bar.update(1)
       print(f"[{len(computed)}/{len(todo)}] {cell.model} {cell.subset} {cell.task} "
             f"({record['seconds']:.1f}s)", flush=True)
+  bar.close()
   return computed
 
 
@@ -177,7 +180,7 @@ def summary(out: str) -> str:
       lines.append(f"| {r['model']} | {r['subset']} | " + " | ".join(cells) + " |")
     lines.append("")
   text = "\n".join(lines)
-  pathlib.Path(out, "summary.md").write_text(text)
+  atomic.write_text(pathlib.Path(out, "summary.md"), text)
   return text
 
 
@@ -226,16 +229,13 @@ def main(argv: Sequence[str]) -> None:
     distributed.initialize(True)  # Also reads JAX_NUM_PROCESSES / JAX_PROCESS_ID (multi-node GPU).
   host_index = jax.process_index() if f.host_index is None else f.host_index
   host_count = jax.process_count() if f.host_count is None else f.host_count
-  try:
-    domains = f.domains or sorted(load_manifest(f.data)["domains"])
-    tasks = evaluate.parse_tasks(f.tasks, domains)
-    options = dict(batch_size=f.batch_size, seq_len=f.seq_len, mc_items=f.mc_items)
-    baseline_options = baselines.Options(f.btm_top_k, f.tune_steps, f.seed)
-    cells = make_cells(_pairs(f.models), f.subsets, tasks,
-                       {**options, "split": f.split, "domains": domains, "data": f.data},
-                       f.baselines, baseline_options)
-  except (ValueError, FileNotFoundError) as err:
-    raise SystemExit(f"error: {err}") from None
+  domains = f.domains or sorted(load_manifest(f.data)["domains"])
+  tasks = evaluate.parse_tasks(f.tasks, domains)
+  options = dict(batch_size=f.batch_size, seq_len=f.seq_len, mc_items=f.mc_items)
+  baseline_options = baselines.Options(f.btm_top_k, f.tune_steps, f.seed)
+  cells = make_cells(_pairs(f.models), f.subsets, tasks,
+                     {**options, "split": f.split, "domains": domains, "data": f.data},
+                     f.baselines, baseline_options)
   run(cells, data=f.data, out=f.workdir, domains=domains, split=f.split, host_index=host_index,
       host_count=host_count, baseline_options=baseline_options, **options)
   print(summary(f.workdir))
@@ -243,4 +243,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -312,3 +312,12 @@ def test_data_config_refuses_unknown_keys():
     data_config(cd)
   cfg = data_config({"path": "/x", "domains": "news", "owner_dirs": {"legal": "/d"}})
   assert cfg.domains == ("news",) and cfg.owner_dirs == {"legal": "/d"}
+
+
+def test_sentencepiece_decode_skips_ids_past_its_vocabulary(tmp_path):
+  """A model padded past its tokenizer can emit ids the tokenizer lacks: they decode to nothing."""
+  from flexolmo_jax.data import tokenizer as tokenizer_lib
+  text = "\n".join(f"line {i}: the quick brown fox {i * 7}" for i in range(400))
+  tok = tokenizer_lib.train_sentencepiece([text], str(tmp_path / "sp.model"), vocab_size=300)
+  ids = tok.encode("the quick brown fox")
+  assert tok.decode(ids + [tok.vocab_size, tok.vocab_size + 50]) == tok.decode(ids)

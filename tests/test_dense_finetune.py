@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint, privacy
+from flexolmo_jax import checkpoint, objective, partition, privacy
 from flexolmo_jax import data as data_lib
+from flexolmo_jax import fit
 from flexolmo_jax import train as T
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
@@ -40,8 +41,8 @@ def _finetune_config(corpus_dir, init_from, **model):
 def test_init_from_starts_at_the_loaded_params(corpus_dir, tmp_path):
   source, params = _source(tmp_path)
   _, start, frozen, manifest = T.setup(_finetune_config(corpus_dir, source))
-  assert frozen is None and manifest["init_from"] == source
-  assert manifest["init_fingerprint"] == checkpoint.fingerprint(params)
+  assert frozen is None and manifest.init_from == source
+  assert manifest.init_fingerprint == checkpoint.fingerprint(params)
   jax.tree.map(np.testing.assert_array_equal, start, params)
 
 
@@ -50,8 +51,9 @@ def test_init_from_run_starts_at_the_source_loss(corpus_dir, tmp_path):
   source, params = _source(tmp_path)
   config = _finetune_config(corpus_dir, source)
   # The run's step-0 validation loss is the source model's own loss on the fine-tuning domain.
-  eval_fn = jax.jit(T.make_eval_step(config, config.model))
-  want = T._evaluate(config, eval_fn, params, None, ("math",), None)["val_loss/math"]
+  eval_fn = jax.jit(objective.make_eval_step(config.model, partition.PUBLIC))
+  want = fit.evaluate_domains(config.data, eval_fn, params, None, ("math",), config.eval_batches,
+                               None)["val_loss/math"]
   T.train(config, str(tmp_path / "dense"))
   rows = [json.loads(line) for line in open(tmp_path / "dense" / "metrics.jsonl")]
   assert rows[0]["step"] == 0 and rows[0]["val_loss/math"] == pytest.approx(want, rel=1e-5)

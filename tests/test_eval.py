@@ -17,7 +17,7 @@ import pytest
 
 from flexolmo_jax import checkpoint, codegen, eval_tasks, evaluate, sandbox, scoring, subsets
 from flexolmo_jax import config as config_lib
-from flexolmo_jax import train as train_lib
+from flexolmo_jax import objective
 from flexolmo_jax.train_config import LossConfig
 from flexolmo_jax.data import DataConfig, DataError, load_tokenizer, make_pipeline
 from flexolmo_jax.model import Transformer, init_params
@@ -157,7 +157,7 @@ def test_perplexity_is_exp_mean_nll_and_matches_training_loss(dense, corpus_dir)
   assert result["nll"] == pytest.approx(total / count, abs=1e-5)
   assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
   no_aux = LossConfig(z_loss=0.0, router_z_loss=0.0, load_balancing=0.0)
-  ce_fn = jax.jit(lambda b: train_lib.loss_terms(config, params, b, no_aux, 1.0)[1]["ce"])
+  ce_fn = jax.jit(lambda b: objective.loss_terms(config, params, b, no_aux, 1.0)[1]["ce"])
   ce = sum(float(ce_fn(scoring.pad_rows(b, 4))) for b in batches)
   assert result["nll"] == pytest.approx(ce / count, abs=1e-5)  # what training reports as val loss
 
@@ -349,7 +349,9 @@ def test_convert_cli(tmp_path):
   out = tmp_path / "out.jsonl"
   assert eval_tasks.main(["--format=arc", f"--input={arc}", f"--out={out}"]) == 0
   assert eval_tasks.load_jsonl(str(out))[0].gold == 1
-  assert eval_tasks.main(["--format=arc", f"--input={tmp_path / 'none.jsonl'}", f"--out={out}"]) == 1
+  with pytest.raises(SystemExit) as refused:  # Bad input: cli.fail, exit status 2.
+    eval_tasks.main(["--format=arc", f"--input={tmp_path / 'none.jsonl'}", f"--out={out}"])
+  assert refused.value.code == 2
 
 
 def test_domain_mc_items_hold_the_true_continuation():
@@ -406,7 +408,7 @@ def test_cli_runs_on_a_saved_model_and_rejects_bad_tasks(dense, corpus_dir, tmp_
           "--seq_len=32", "--batch_size=2", "--max_len=64", "--mc_items=3"]
   bad = subprocess.run(base + ["--tasks=perplexity,mmul"], capture_output=True, text=True,
                        cwd=REPO, env=env)
-  assert bad.returncode == 1 and "unknown task 'mmul'; valid tasks:" in bad.stderr
+  assert bad.returncode == 2 and "unknown task 'mmul'; valid tasks:" in bad.stderr
   ok = subprocess.run(base + ["--tasks=perplexity,mc"], capture_output=True, text=True, cwd=REPO,
                       env=env)
   assert ok.returncode == 0, ok.stderr

@@ -18,7 +18,8 @@ from flexolmo_jax import expert_parallel as EP
 from flexolmo_jax import model as M
 from flexolmo_jax import moe
 from flexolmo_jax import sharding as S
-from flexolmo_jax import train as T
+from flexolmo_jax import objective, partition
+from flexolmo_jax.fit import on_mesh
 from flexolmo_jax.train_config import train_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -236,10 +237,11 @@ def test_train_step_loss_equals_single_device():
                segment_ids=jnp.ones((8, 16), jnp.int32), loss_mask=jnp.ones((8, 16), jnp.float32))
 
   def run(model_config, mesh):
-    tx, schedule = T.make_optimizer(config, params)
+    tx, schedule = objective.make_optimizer(config, params)
     placed = jax.device_put(params, S.tree_shardings(params, M.logical_axes(model_config), mesh))
     state = {"params": placed, "opt_state": jax.jit(tx.init)(placed), "step": jnp.int32(0)}
-    step = T.on_mesh(mesh, jax.jit(T.make_train_step(config, model_config, tx, schedule)))
+    step = on_mesh(mesh, jax.jit(objective.make_train_step(config, model_config, partition.PUBLIC,
+                                                         tx, schedule)))
     state, metrics = step(state, None, jax.device_put(batch, S.batch_sharding(mesh)))
     return metrics, state["params"]
 

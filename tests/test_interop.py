@@ -285,7 +285,7 @@ def test_released_workflow_through_the_command_lines(tmp_path):
       json.dumps({"id": "mc/0", "context": "Owners share", "choices": [" documents", " vectors"],
                   "gold": 1}) + "\n"
       + json.dumps({"id": "gen/0", "context": prompt, "answer": "42", "stop": ["\n\n"]}) + "\n")
-  _cli("evaluate", f"--model={flex}", "--expert_mask=public,code",
+  _cli("evaluate", f"--model={flex}", "--expert_mask=public+code",
        f"--tasks=file:{tmp_path / 'tasks.jsonl'}", f"--out={tmp_path / 'eval_opt_out'}",
        "--max_new_tokens=6", "--max_len=64")
   report = json.loads((tmp_path / "eval_opt_out" / "results.json").read_text())

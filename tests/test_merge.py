@@ -56,7 +56,7 @@ def _synthetic_expert(corpus_dir, public, name, embeddings, workdir, seed):
   manager.wait_until_finished()
   manager.close()
   runs.write_public_router(workdir, frozen["public_router"])
-  runs.write_manifest(workdir, {**manifest, "step": 1})
+  runs.write_manifest(workdir, manifest.replace(step=1))
 
 
 @pytest.fixture(scope="module")

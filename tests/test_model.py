@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import config as C
+from flexolmo_jax import experts
 from flexolmo_jax import model as M
 from flexolmo_jax import moe
 
@@ -133,3 +134,27 @@ def test_kv_cache_prefill_then_steps_equal_one_full_forward():
     logits.append(got)
   np.testing.assert_allclose(jnp.concatenate(logits, 1), want, atol=1e-5)
   assert state["cache"]["segment_ids"][:, 10:].sum() == 0  # slots past the last write are empty
+
+
+@pytest.mark.parametrize("backend", ["dense", "blocked"])
+def test_expert_training_layout_equals_the_assembled_moe(backend):
+  # partition.EXPERT joins into experts.training_moe's layout (public FFN unstacked); the model
+  # must compute exactly what it computes from the merged (assemble_moe) parameters.
+  public_cfg = C.tiny(moe_backend=backend)
+  public = M.init_params(public_cfg, jax.random.key(0))
+  keys = jax.random.split(jax.random.key(1), 3)
+  rows = jax.random.normal(keys[0], (public_cfg.n_layers, public_cfg.d_model))
+  expert = experts.upcycle_expert(public, rows, bias_init=-0.5)
+  expert = {k: v + 0.05 * jax.random.normal(keys[1], v.shape) for k, v in expert.items()}
+  moe_cfg = experts.moe_config(public_cfg, 1, top_k=2, with_bias=True)
+  tokens = jax.random.randint(keys[2], (2, 16), 0, public_cfg.vocab_size)
+
+  def loss(expert, join):
+    params = join(public, rows[::-1], [expert], with_bias=True)
+    return jnp.sum(jnp.sin(M.Transformer(moe_cfg).apply({"params": params}, tokens)))
+
+  want, want_grad = jax.value_and_grad(loss)(expert, experts.assemble_moe)
+  got, got_grad = jax.value_and_grad(loss)(expert, experts.training_moe)
+  assert got == want
+  for k in expert:
+    np.testing.assert_allclose(got_grad[k], want_grad[k], atol=1e-6, rtol=1e-5)

@@ -88,17 +88,18 @@ def test_tiny_study_writes_table(corpus_dir, tmp_path):
   T.train(train_config(dict(mode="public", model=tiny, init_from=str(public), steps=2,
                             data=dict(subset, domains=("math",)), **common)), str(dense))
 
-  def expert_run(name, **extra):
+  def expert_run(name, router_source="owner_data", **extra):
     workdir = tmp_path / name
     T.train(train_config(dict(mode="expert", expert=dict(name="math", public=str(public),
-                                                         embed_batches=1),
+                                                         embed_batches=1,
+                                                         router_source=router_source),
                               model_overrides=dict(moe_backend="dense"), data=subset, steps=2,
                               optim=dict(lr=1e-3, warmup_steps=1), **extra, **common)),
             str(workdir))
     return str(workdir)
 
   expert = expert_run("expert")
-  dp_expert = expert_run("dp", dp=dict(enabled=True, noise_multiplier=1.0))
+  dp_expert = expert_run("dp", router_source="public", dp=dict(enabled=True, noise_multiplier=1.0))
   out = tmp_path / "study"
   study = dict(data=corpus_dir, domain="math", public=str(public), prefix=8, length=8)
   results = privacy.run_study(**study, expert=expert, dense=str(dense), dp_expert=dp_expert,

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import killing
 from flexolmo_jax import checkpoint, merge
 from flexolmo_jax import router_tuning as R
 from flexolmo_jax.config import ModelConfig
@@ -110,3 +111,26 @@ def test_select_command_line(corpus_dir, tmp_path):
                  cwd=REPO, check=True, capture_output=True,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert len(json.loads(out.read_text())["news"]["indices"]) == 3
+
+
+@pytest.mark.slow
+def test_tuning_resumes_exactly_after_sigkill(merged, corpus_dir, proxies, tmp_path):
+  cfg = lambda out: dict(merged=merged, data=corpus_dir, proxies=proxies, out=str(tmp_path / out),
+                         public_slice=8, steps=8, warmup_steps=2, seq_len=32, batch_size=4,
+                         lr=1e-2, log_every=1, checkpoint_every=3)
+  R.tune(R.tuning_config(cfg("straight")))
+  killing.run_killed_after(5, "import json, sys\nfrom flexolmo_jax import router_tuning as R\n"
+                           "R.tune(R.tuning_config(json.loads(sys.argv[1])))",
+                           json.dumps(cfg("killed")))
+  assert max(killing.losses(tmp_path / "killed.run")) == 5
+  assert not (tmp_path / "killed").exists()
+  R.tune(R.tuning_config(cfg("killed")))
+  steps = killing.logged_steps(tmp_path / "killed.run")
+  assert steps.count(1) == 1 and steps.count(4) == 2  # Resumed from the step-3 checkpoint.
+  want, got = killing.losses(tmp_path / "straight.run"), killing.losses(tmp_path / "killed.run")
+  assert sorted(got) == list(range(1, 9)) and got == want
+  _, tuned, _ = checkpoint.load_params_artifact(tmp_path / "straight")
+  _, resumed, _ = checkpoint.load_params_artifact(tmp_path / "killed")
+  for key, value in checkpoint.flatten(tuned).items():
+    np.testing.assert_array_equal(checkpoint.flatten(resumed)[key], value, err_msg=key)
+

@@ -91,3 +91,54 @@ def test_dense_model_is_refused():
   dense = MOE.replace(num_experts=0, expert_bias=False, expert_bias_init=0.0)
   with pytest.raises(ValueError, match="mixture-of-experts"):
     routing_analysis.routing_shares(dense, {}, [])
+
+
+def _drawn_label_texts(fig):
+  """Every heatmap panel's x/y tick label strings, after a draw (labels are laid out then)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  canvas = FigureCanvasAgg(fig)  # What savefig renders PNGs with.
+  canvas.draw()
+  renderer = canvas.get_renderer()
+  figure_box = fig.bbox
+  out = []
+  for ax in fig.axes:
+    if not ax.images:
+      continue  # the colour bar
+    for label in ax.get_xticklabels() + ax.get_yticklabels():
+      if label.get_text():
+        box = label.get_window_extent(renderer)
+        # Whole on the canvas: nothing cut off at an edge.
+        assert (box.x0 >= figure_box.x0 and box.y0 >= figure_box.y0 and box.x1 <= figure_box.x1
+                and box.y1 <= figure_box.y1), label.get_text()
+        out.append(label.get_text())
+  return out
+
+
+def test_heatmap_colour_scale_labels_and_cell_values():
+  names = ["public", "academic", "educational"]
+  domains = ["academic", "news"]
+  shares = np.random.default_rng(0).dirichlet(np.ones(3), size=(2, 4)) * 0.35  # all <= 0.35
+  fig = routing_analysis.heatmap_figure(shares, domains, names)
+  images = [ax.images[0] for ax in fig.axes if ax.images]
+  assert len(images) == 4  # one panel per layer
+  for image in images:
+    np.testing.assert_allclose(image.get_clim(), (shares.min(), shares.max()))
+  texts = _drawn_label_texts(fig)
+  assert set(texts) == set(names) | set(domains)
+  for layer, image in enumerate(images):
+    cells = sorted((t.get_position(), t.get_text()) for t in image.axes.texts)
+    expected = sorted(((e, d), f"{shares[d, layer, e]:.2f}") for d in range(2) for e in range(3))
+    assert cells == expected
+
+
+def test_heatmap_of_a_deep_model_is_the_layer_mean_with_its_spread():
+  layers = routing_analysis.MAX_LAYER_PANELS + 1
+  shares = np.random.default_rng(1).dirichlet(np.ones(2), size=(1, layers))
+  fig = routing_analysis.heatmap_figure(shares, ["math"], ["public", "math"])
+  (image,) = [ax.images[0] for ax in fig.axes if ax.images]
+  mean = shares.mean(axis=1)
+  np.testing.assert_allclose(image.get_array(), mean)
+  np.testing.assert_allclose(image.get_clim(), (mean.min(), mean.max()))
+  texts = [t.get_text() for t in image.axes.texts]
+  assert texts == [f"{mean[0, e]:.2f}\n[{shares[0, :, e].min():.2f}-{shares[0, :, e].max():.2f}]"
+                   for e in range(2)]

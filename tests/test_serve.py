@@ -86,7 +86,8 @@ def server(tmp_path_factory):
   port, audit = free_port(), root / "audit.jsonl"
   proc = subprocess.Popen(
       [sys.executable, "-m", "flexolmo_jax.serve", f"--model={model_dir}",
-       f"--policies={root / 'policies.json'}", f"--audit_log={audit}", f"--port={port}", *LIMITS],
+       f"--policies={root / 'policies.json'}", f"--audit_log={audit}", f"--port={port}",
+       "--insecure_no_auth", *LIMITS],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   deadline = time.time() + 60
   while True:
@@ -108,15 +109,21 @@ def server(tmp_path_factory):
 
 
 def audited(server, status, body, path="/score", raw=None):
-  """Sends an audited request and counts it."""
+  """Sends an audited request, counts it, and waits for its closing audit line (a stream's comes
+  just after its last byte)."""
   got = request(server["port"], "POST", path, body, raw)
   server["audited"] += 1
+  deadline = time.time() + 10
+  while len(audit_lines(server)) < server["audited"] and time.time() < deadline:
+    time.sleep(0.05)
   assert got[0] == status, got
   return got[1]
 
 
 def audit_lines(server):
-  return [json.loads(line) for line in server["audit"].read_text().splitlines()]
+  """The audit lines that close a request (a stream's "started" lines left out)."""
+  lines = [json.loads(line) for line in server["audit"].read_text().splitlines()]
+  return [line for line in lines if line["event"] != "started"]
 
 
 SCORES = [("public-only", "The sum of 2 and 3", " is 5."), ("no-news", "Breaking: ", "rain."),
@@ -264,6 +271,7 @@ def test_audit_log_complete_after_sigkill(server):
   raw = server["audit"].read_bytes()
   assert raw.endswith(b"\n")
   lines = [json.loads(l) for l in raw.decode().splitlines()]
+  lines = [l for l in lines if l["event"] != "started"]
   assert len(lines) == server["audited"]
   for line in lines:
     assert {"time", "endpoint", "status"} <= set(line)
@@ -311,7 +319,7 @@ def test_the_app_routes_every_endpoint_of_the_table(tmp_path, monkeypatch):
   monkeypatch.setitem(serve.ENDPOINTS, "echo", echo)
   config = ModelConfig(**MODEL)
   app = serve.make_app(config, init_params(config, jax.random.key(0)), NAMES, None,
-                       {"all": tuple(NAMES)}, tmp_path / "audit.jsonl")
+                       {"all": tuple(NAMES)}, tmp_path / "audit.jsonl", keys=None)
   assert {(r.path, tuple(sorted(r.methods))) for r in app.routes} == {
       ("/score", ("POST",)), ("/generate", ("POST",)), ("/echo", ("POST",)),
       ("/health", ("GET", "HEAD"))}

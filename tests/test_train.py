@@ -1,6 +1,7 @@
 """Training: frozen public weights, trainable-only optimizer state, exact resume after SIGKILL,
 1 vs 8 devices, the NaN guard, and bad input."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,11 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexolmo_jax import checkpoint, runs
+import killing
+from flexolmo_jax import checkpoint, objective, partition, runs
 from flexolmo_jax import config as C
 from flexolmo_jax import train as T
 from flexolmo_jax.data import DataError
-from flexolmo_jax.train_config import train_config
+from flexolmo_jax.manifest import Manifest
+from flexolmo_jax.model import Transformer
+from flexolmo_jax.train_config import to_dict, train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
@@ -71,13 +75,13 @@ def test_expert_step_freezes_public_and_optimizes_only_the_expert(corpus_dir, pu
   config = _expert_config(corpus_dir, public_dir)
   model_config, trainable, frozen, _ = T.setup(config)
   frozen_before = jax.tree.map(np.array, frozen)
-  tx, schedule = T.make_optimizer(config, trainable)
+  tx, schedule = objective.make_optimizer(config, trainable)
   opt_state = tx.init(trainable)
   size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   # AdamW moments for the trainable expert only: 2x its parameters (+ scalar step counters).
   assert size(trainable) < size(frozen) / 3
   assert 2 * size(trainable) <= size(opt_state) <= 2 * size(trainable) + 8
-  step = jax.jit(T.make_train_step(config, model_config, tx, schedule))
+  step = jax.jit(objective.make_train_step(config, model_config, partition.EXPERT, tx, schedule))
   state = {"params": trainable, "opt_state": opt_state, "step": jnp.int32(0)}
   batches = iter(T.data_lib.make_pipeline(T._domain_data(config), "train"))
   for _ in range(3):
@@ -106,9 +110,9 @@ def test_upcycled_model_equals_public_model(corpus_dir, public_dir):
       name="math", public=str(public_dir), embed_batches=1, bias=False))
   model_config, trainable, frozen, _ = T.setup(config)
   tokens = jnp.arange(64, dtype=jnp.int32).reshape(2, 32)
-  full = T.build_full_params("expert", trainable, frozen, False)
-  got = T.Transformer(model_config).apply({"params": full}, tokens)
-  want = T.Transformer(model_config.replace(num_experts=0, expert_bias=False)).apply(
+  full = partition.EXPERT.join(trainable, frozen)
+  got = Transformer(model_config).apply({"params": full}, tokens)
+  want = Transformer(model_config.replace(num_experts=0, expert_bias=False)).apply(
       {"params": frozen["public"]}, tokens)
   np.testing.assert_allclose(got, want, atol=1e-5)  # Top-2 of 2 identical experts: weights sum to 1.
 
@@ -214,8 +218,77 @@ def test_resume_check_ignores_execution_settings_but_not_the_architecture(tmp_pa
   (tmp_path / runs.MANIFEST).write_text(json.dumps(old))
   faster = {**old, "config": {**cfg, "moe_backend": "blocked", "expert_parallel": "allgather",
                               "remat": "full"}}
-  T._check_resumable(tmp_path, faster)  # A field added later, or a new back end: same run.
+  runs.check_resumable(tmp_path, faster)  # A field added later, or a new back end: same run.
   with pytest.raises(ValueError, match="holds another run.*use a new --workdir"):
-    T._check_resumable(tmp_path, {**old, "config": {**cfg, "d_model": cfg["d_model"] * 2}})
+    runs.check_resumable(tmp_path, {**old, "config": {**cfg, "d_model": cfg["d_model"] * 2}})
   with pytest.raises(ValueError, match="name differs"):
-    T._check_resumable(tmp_path, {**faster, "name": "code"})
+    runs.check_resumable(tmp_path, {**faster, "name": "code"})
+
+
+@pytest.mark.slow
+def test_nan_guard_checks_the_parameters_before_a_save(corpus_dir, tmp_path):
+  # lr overflows float32: step 1's loss and gradient are finite, the parameters after it are not.
+  config = _public_config(corpus_dir, steps=3, checkpoint_every=1, eval_every=100,
+                          optim=dict(lr=1e39, warmup_steps=0))
+  with pytest.raises(T.NonFiniteError, match="non-finite parameters .* at step 1"):
+    T.train(config, str(tmp_path))
+  with pytest.raises(ValueError, match="no complete checkpoint"):
+    runs.load_params(tmp_path)
+
+
+def test_resume_refuses_changed_training_settings_naming_them(corpus_dir, tmp_path):
+  config = _expert_config(corpus_dir, tmp_path / "public",
+                          expert=dict(name="math", public=str(tmp_path / "public"),
+                                      router_source="public"),
+                          dp=dict(enabled=True, noise_multiplier=1.0))
+  manifest = Manifest(
+      kind="expert", name="math", config=C.tiny(num_experts=2).to_dict(),
+      train_config=to_dict(config), data_manifest_hash="abc")
+  runs.write_manifest(tmp_path, manifest)
+  faster = to_dict(dataclasses.replace(config, mesh={"data": 2}, log_every=5, progress=True))
+  runs.check_resumable(tmp_path, manifest.replace(train_config=faster))  # How it runs: allowed.
+  noisier = to_dict(dataclasses.replace(config, dp=dataclasses.replace(config.dp,
+                                                                         noise_multiplier=2.0)))
+  with pytest.raises(ValueError, match=r"dp\.noise_multiplier 1\.0 -> 2\.0.*new --workdir"):
+    runs.check_resumable(tmp_path, manifest.replace(train_config=noisier))
+  changed = r"data_manifest_hash 'abc' -> 'def'; optim\.lr 0\.003 -> 0\.1"
+  with pytest.raises(ValueError, match=changed):
+    runs.check_resumable(tmp_path, manifest.replace(data_manifest_hash="def", train_config=to_dict(
+        dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=0.1)))))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_exits_zero_and_resumes_exactly(corpus_dir, tmp_path):
+  config = _public_config(corpus_dir, steps=8, eval_every=100, checkpoint_every=100,
+                          async_checkpoint=True)
+  T.train(config, str(tmp_path / "straight"))
+  status = killing.run_signalled_after(
+      5, signal.SIGTERM, "import json, sys\nfrom flexolmo_jax import train as T\n"
+      "from flexolmo_jax.train_config import train_config\n"
+      "T.train(train_config(json.loads(sys.argv[1])), sys.argv[2])",
+      json.dumps(to_dict(config)), str(tmp_path / "stopped"))
+  assert status == 0
+  manager = runs.checkpoint_manager(tmp_path / "stopped")
+  assert manager.latest_step() == 5  # Saved at the step it was on.
+  manager.close()
+  T.train(config, str(tmp_path / "stopped"))
+  assert killing.logged_steps(tmp_path / "stopped").count(5) == 1  # Nothing was redone.
+  assert killing.losses(tmp_path / "stopped") == killing.losses(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(corpus_dir, tmp_path, caplog):
+  config = _public_config(corpus_dir, steps=6, eval_every=100, checkpoint_every=2)
+  T.train(config, str(tmp_path))
+  want = killing.losses(tmp_path)
+  data = max((p for p in (tmp_path / "checkpoints" / "6" / "params").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)  # Zero 64 bytes inside the tensors.
+  data.write_bytes(bytes(raw))
+  T.train(config, str(tmp_path))
+  assert "checkpoint step 6" in caplog.text and "falling back" in caplog.text
+  assert killing.logged_steps(tmp_path).count(5) == 2  # Resumed from step 4, redid 5 and 6.
+  assert killing.losses(tmp_path) == want
+  assert (tmp_path / "damaged_checkpoints" / "6").is_dir()
+  assert runs.load_params(tmp_path)[2]["step"] == 6

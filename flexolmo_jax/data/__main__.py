@@ -10,11 +10,14 @@ then adds each --owner directory (.txt / .jsonl files) as a closed domain, and p
 counts per domain and split. Re-running reuses every complete part.
 """
 
+import dataclasses
+import os
 import time
 
 from absl import app
 from absl import flags
 
+from flexolmo_jax import cli
 from flexolmo_jax.data import corpus
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the prepared corpus.")
@@ -34,24 +37,43 @@ _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSON field holding the 
 def main(argv):
   if len(argv) != 2 or argv[1] != "prepare":
     raise app.UsageError("usage: python -m flexolmo_jax.data prepare --out=DIR [flags]")
+  cli.default_verbosity()
   if not _OUT.value:
     raise app.UsageError("--out=DIR is required.")
+  owners = [_owner(spec) for spec in _OWNER.value]  # All checked before anything is written.
   start = time.time()
-  opts = corpus.BuildOptions(seed=_SEED.value, vocab_size=_VOCAB.value,
-                             max_docs_per_domain=_MAX_DOCS.value,
-                             max_chars_per_domain=_MAX_CHARS.value, tokenizer=_TOKENIZER.value)
+  opts = _options()
   corpus.prepare(_OUT.value, opts)
-  for spec in _OWNER.value:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-      raise app.UsageError(f"--owner={spec}: expected NAME=DIR.")
-    corpus.add_domain(_OUT.value, name,
-                      corpus.documents_from_spec({"dir": path, "text_field": _TEXT_FIELD.value}),
-                      seed=_SEED.value)
+  for name, path, docs in owners:
+    corpus.add_domain(_OUT.value, name, docs, seed=opts.seed)
     print(f"{name}: added from {path}", flush=True)
   print(corpus.format_table(corpus.load_manifest(_OUT.value)))
   print(f"prepared {_OUT.value} in {time.time() - start:.1f} s")
 
 
+def _options() -> corpus.BuildOptions:
+  """The build options: an existing corpus keeps the ones it was built with (so adding an owner's
+  directory never rebuilds it, nor retrains its tokenizer), except flags given explicitly."""
+  given = {flag.name: flag.value for flag in (_SEED, _VOCAB, _MAX_DOCS, _MAX_CHARS, _TOKENIZER)}
+  manifest = os.path.join(_OUT.value, "manifest.json")
+  if not os.path.exists(manifest):
+    return corpus.BuildOptions(**given)  # Flag names are the field names.
+  recorded = corpus.load_manifest(_OUT.value).get("options", {})
+  explicit = {name: value for name, value in given.items() if flags.FLAGS[name].present}
+  known = {f.name for f in dataclasses.fields(corpus.BuildOptions)}
+  return corpus.BuildOptions(**{**{k: v for k, v in recorded.items() if k in known},
+                                **explicit})
+
+
+def _owner(spec: str) -> tuple[str, str, list[str]]:
+  """(name, directory, documents) of an --owner=NAME=DIR; a bad name, a missing or empty
+  directory or an unreadable file is refused here, before the corpus is built."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise app.UsageError(f"--owner={spec}: expected NAME=DIR")
+  cli.check_name(name, f"--owner={spec}: domain")
+  return name, path, corpus.documents_from_spec({"dir": path, "text_field": _TEXT_FIELD.value})
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from flexolmo_jax import cli, progress
 from flexolmo_jax.data import math_gen
 from flexolmo_jax.data import sources
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -306,7 +307,8 @@ def prepare(root: str, opts: BuildOptions = BuildOptions()) -> dict:
     tok = _train_tokenizer(root, opts, public_train["sha256"])
   tok_sha = tok.fingerprint
   domains = {}
-  for domain in (PUBLIC,) + CLOSED_DOMAINS:
+  for domain in progress.bar((PUBLIC,) + CLOSED_DOMAINS, desc="prepare: tokenize domains",
+                             unit="domain"):
     domains[domain] = _domain_parts(root, domain, splits[domain], tok, tok_sha)
     domains[domain]["source"] = SOURCE_NOTES[domain]
     domains[domain]["dedup"] = dedup[domain]
@@ -353,6 +355,7 @@ def add_domain(root: str, name: str, docs: Sequence[str], seed: int = 0) -> dict
   Documents already present in any other domain are dropped (no document sits in two domains);
   the corpus tokenizer is reused. Idempotent like `prepare`. Returns the domain's manifest entry.
   """
+  cli.check_name(name, "domain", sources.DataError)
   manifest = load_manifest(root)
   seen = set()
   for other in manifest["domains"]:

@@ -207,7 +207,8 @@ def read_text_dir(path: str, text_field: str = "text") -> list[str]:
   Files are read recursively in sorted order. Errors name the file (and line) and the fix.
   """
   if not os.path.isdir(path):
-    raise DataError(f"Owner data directory {path} does not exist or is not a directory.")
+    raise DataError(f"Owner data directory {path} does not exist or is not a directory; give "
+                    "the directory holding the owner's .txt/.jsonl files.")
   files = sorted(p for ext in ("txt", "jsonl")
                  for p in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
   if not files:

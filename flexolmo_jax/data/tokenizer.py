@@ -92,7 +92,9 @@ class SentencePieceTokenizer:
     return out
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
+    # A model's vocabulary may be padded past the tokenizer's (8192 vs a 512-piece corpus
+    # tokenizer): ids in the padding have no text, and sentencepiece would raise on them.
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
 class HFTokenizer:
