@@ -25,7 +25,6 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
 

@@ -4,7 +4,6 @@ workflow through the command lines against a stand-in for the released files (ti
 
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
 import subprocess

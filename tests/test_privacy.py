@@ -2,7 +2,6 @@
 extracted, and a tiny end-to-end study writes its table."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
