@@ -149,23 +149,13 @@ def main(argv):
   keys = {"good": api_keys.add_key(root / "keys.json", "good", list(test_serve.POLICIES), "all"),
           "narrow": api_keys.add_key(root / "keys.json", "narrow", ["public-only"], None)}
   port, log = test_serve.free_port(), root / "audit.jsonl"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "flexolmo_jax.serve", f"--model={model_dir}",
-       f"--policies={root / 'policies.json'}", f"--api_keys={root / 'keys.json'}",
-       f"--audit_log={log}", f"--port={port}", f"--max_batch={FLAGS.clients}",
-       f"--batch_wait_ms={FLAGS.batch_wait_ms}", f"--max_new_tokens={max(FLAGS.new, 1)}"],
-      cwd=REPO)
+  proc = test_serve.start_server(
+      port, [f"--model={model_dir}", f"--policies={root / 'policies.json'}",
+             f"--api_keys={root / 'keys.json'}", f"--audit_log={log}",
+             f"--max_batch={FLAGS.clients}", f"--batch_wait_ms={FLAGS.batch_wait_ms}",
+             f"--max_new_tokens={max(FLAGS.new, 1)}"], timeout=120, capture=False)
   counter = Counter()
   try:
-    deadline = time.time() + 120
-    while True:
-      try:
-        if test_serve.request(port, "GET", "/health", timeout=2)[0] == 200:
-          break
-      except OSError:
-        if time.time() > deadline or proc.poll() is not None:
-          raise SystemExit("the server did not start") from None
-        time.sleep(0.2)
     rows = []
     for endpoint in ("score", "generate", "stream"):
       for i in range(3 * FLAGS.clients):  # Warm-up: compiles every bucket.

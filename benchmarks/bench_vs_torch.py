@@ -69,8 +69,9 @@ _PASSES = flags.DEFINE_list("passes", ["forward", "train"], "forward and/or trai
 _IMPLS = flags.DEFINE_list("impls", ["torch_eager", "torch_sdpa", "torch_compile"],
                            "PyTorch rows: torch_eager, torch_sdpa, torch_compile (sdpa).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps per runner (0: the size's default).")
-_ATTENTION = flags.DEFINE_string("attention_impl", "auto",
-                                 "flexolmo_jax attention_impl (auto: chunked on CPU).")
+_ATTENTION = flags.DEFINE_string("attention_impl", "chunked",
+                                 "flexolmo_jax attention_impl (chunked: what the rows in "
+                                 "docs/performance.md ran; auto would pick xla up to one block).")
 _SCAN = flags.DEFINE_bool("scan_layers", False,
                           "flexolmo_jax scan_layers (False unrolls the layers: faster on CPU).")
 _COMPILE_TIMEOUT = flags.DEFINE_integer("compile_timeout", 240, "Seconds allowed per torch.compile.")

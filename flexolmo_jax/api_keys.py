@@ -24,6 +24,7 @@ import re
 import secrets
 from typing import Mapping, Sequence
 
+from flexolmo_jax import atomic
 from flexolmo_jax import policies as policies_lib
 
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -71,13 +72,9 @@ def add_key(path: str | os.PathLike, key_id: str, policies: Sequence[str],
   if key_id in data["keys"]:
     raise KeysError(f"{path}: key id {key_id!r} exists already; choose another id")
   secret, data["keys"][key_id] = new_entry(policies, experts)
-  tmp = f"{path}.tmp{os.getpid()}"
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
+  owner_only = lambda name, flags: os.open(name, flags, 0o600)  # A secret's hash: mode 0600.
+  with atomic.replacing(path, "w", encoding="utf-8", opener=owner_only) as f:
     json.dump(data, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
   return f"{key_id}.{secret}"
 
 

@@ -77,24 +77,23 @@ def attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, kv_segment_BxS=Non
   if self_attention:
     kv_segment_BxS = q_segment_BxT
   q_offset = jnp.asarray(q_offset, jnp.int32)
+  if impl in ("xla", "cudnn"):
+    visible_BxTxS = visible(q_segment_BxT, kv_segment_BxS, q_offset)
   if impl == "xla":
-    out = _xla(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
-               visible(q_segment_BxT, kv_segment_BxS, q_offset), scale)
+    out = _xla(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, scale)
   elif impl == "chunked":
     return _chunked(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, kv_segment_BxS, q_offset,
                     scale, block)  # Queries that see nothing are exact zeros already.
   elif impl == "cudnn":
-    out = _cudnn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
-                 visible(q_segment_BxT, kv_segment_BxS, q_offset), scale)
+    out = _cudnn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, scale)
   elif impl == "splash":
     if not self_attention:
       raise ValueError("splash attention takes self-attention only; attend over a KV cache with "
                        "attention.for_cache(impl)")
     out = _splash(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, scale, block)
-  if self_attention:
+  if self_attention:  # Every query sees at least itself (splash is self-attention only).
     return out
-  has_key_BxT = _has_visible_key(q_segment_BxT, kv_segment_BxS, q_offset)
-  return jnp.where(has_key_BxT[:, :, None, None], out, 0).astype(out.dtype)
+  return _zero_unseeing(out, visible_BxTxS)
 
 
 # attend_cache: calls with at most this many queries (a decoding step) attend in the cache's own
@@ -126,8 +125,7 @@ def attend_cache(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, q_segment_BxT, kv_segment_B
   scores = jnp.where(visible_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxHxDh.dtype)
   out = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxDh).reshape(batch, length, heads, head_dim)
-  has_key_BxT = _has_visible_key(q_segment_BxT, kv_segment_BxS, q_offset)
-  return jnp.where(has_key_BxT[:, :, None, None], out, 0).astype(out.dtype)
+  return _zero_unseeing(out, visible_BxTxS)
 
 
 def visible(q_segment_BxT, kv_segment_BxS, q_offset=0):
@@ -137,18 +135,11 @@ def visible(q_segment_BxT, kv_segment_BxS, q_offset=0):
   return causal_TxS[None] & (q_segment_BxT[:, :, None] == kv_segment_BxS[:, None, :])
 
 
-def _has_visible_key(q_segment_BxT, kv_segment_BxS, q_offset):
-  """[B, T] bool without the [T, S] mask: the first key slot of the query's segment is <= its own
-  slot. (A stable sort finds each segment's first slot.)"""
-  length = q_segment_BxT.shape[1]
-
-  def one(q_seg_T, kv_seg_S):
-    order_S = jnp.argsort(kv_seg_S, stable=True)
-    sorted_S = kv_seg_S[order_S]
-    at_T = jnp.minimum(jnp.searchsorted(sorted_S, q_seg_T), sorted_S.shape[0] - 1)
-    return (sorted_S[at_T] == q_seg_T) & (order_S[at_T] <= q_offset + jnp.arange(length))
-
-  return jax.vmap(one)(q_segment_BxT, kv_segment_BxS)
+def _zero_unseeing(out_BxTxHxDh, visible_BxTxS):
+  """Zeros for queries that see no key (a softmax over only masked scores would average every
+  value instead)."""
+  has_key_BxT = jnp.any(visible_BxTxS, axis=-1)
+  return jnp.where(has_key_BxT[:, :, None, None], out_BxTxHxDh, 0).astype(out_BxTxHxDh.dtype)
 
 
 # ----------------------------------------------------------------------------- xla (reference)
@@ -184,7 +175,7 @@ def _cudnn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_BxTxS, scale):
 def _splash(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_BxL, scale, block):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
 
-  batch, length, heads, _ = q_BxLxHxDh.shape
+  _, length, heads, _ = q_BxLxHxDh.shape
   padded = -(-length // _SPLASH_LANES) * _SPLASH_LANES
   tile = max(t for t in (block, 256, _SPLASH_LANES)
              if t % _SPLASH_LANES == 0 and padded % t == 0)

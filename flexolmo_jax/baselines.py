@@ -81,12 +81,17 @@ def _btm(parts: Parts, options: Options) -> scoring.BatchScorer:
   return functools.partial(btm_perplexity, members, top_k=options.btm_top_k)
 
 
+def tune_config(data: str, steps: int, seed: int) -> router_tuning.RouterTuningConfig:
+  """Router training of an in-memory model (BTX, the reproduction's router tuning): the method's
+  100 warmup steps, shortened to a third of a short run."""
+  return router_tuning.RouterTuningConfig(
+      merged="", data=data, proxies="", out="", steps=steps, warmup_steps=min(100, steps // 3),
+      seed=seed, log_every=steps)
+
+
 def _btx(parts: Parts, options: Options) -> scoring.BatchScorer:
   config, params, _ = parts.merged
-  steps = options.tune_steps
-  cfg = router_tuning.RouterTuningConfig(
-      merged="", data=parts.data, proxies="", out="", steps=steps,
-      warmup_steps=min(100, steps // 3), seed=options.seed, log_every=steps)
+  cfg = tune_config(parts.data, options.tune_steps, options.seed)
   return scoring.model_scorer(*btx(config, params, parts.data, cfg))
 
 
@@ -115,9 +120,7 @@ def get(name: str, options: Options = Options()) -> Baseline:
   return Baseline(name, functools.partial(BUILDERS[name], options=options))
 
 
-def dense_config(config: ModelConfig) -> ModelConfig:
-  """The dense (public-model) config of a merged MoE config."""
-  return config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
+dense_config = experts.dense_config  # The name tests and callers of this module use.
 
 
 # ----------------------------------------------------------------------------- model soup

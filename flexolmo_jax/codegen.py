@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flexolmo_jax import generate, progress
+from flexolmo_jax import generate, progress, scoring
 from flexolmo_jax import sandbox
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import corpus
@@ -50,8 +50,9 @@ def greedy_generate(config: ModelConfig, params, tokenizer, prompts: Sequence[st
   for start in progress.bar(range(0, len(order), batch_size), desc="generate", unit="batch"):
     chunk = order[start:start + batch_size]
     rows = [encoded[i] for i in chunk] + [[eos]] * (batch_size - len(chunk))
+    # Rows are longest first: one power-of-two width per batch keeps the compiled shapes few.
     new = generate.generate(config, params, rows, max_new_tokens=max_new_tokens, eos_id=eos,
-                            expert_mask=mask)
+                            expert_mask=mask, prompt_bucket=scoring.bucket_length(len(rows[0])))
     for r, i in enumerate(chunk):
       out[i] = _completion(tokenizer, new[r].tolist(), eos, stop)
   return out

@@ -79,6 +79,11 @@ def _routers(public_params, public_router_LxD, experts, *, with_bias):
   return moe
 
 
+def dense_config(config: ModelConfig) -> ModelConfig:
+  """The dense (public-model) config of an MoE config: moe_config's inverse."""
+  return config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
+
+
 def moe_config(public_config: ModelConfig, num_new_experts: int, *, top_k: int,
                with_bias: bool, bias_init: float = 0.0, backend: str | None = None) -> ModelConfig:
   """The config of the public model with its FFN turned into 1 + num_new_experts experts."""

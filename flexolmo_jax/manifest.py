@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from flexolmo_jax import paths
+from flexolmo_jax import atomic, paths
 
 VERSION = 1
 FILE = "manifest.json"
@@ -75,8 +75,5 @@ def of(manifest: Manifest | Mapping[str, Any]) -> Manifest:
 
 def write(directory: str | os.PathLike, manifest: Manifest | Mapping[str, Any]) -> None:
   """Writes `manifest` into `directory` atomically (temp file + rename)."""
-  manifest = of(manifest)
-  path = paths.path(directory) / FILE
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)  # Atomic locally; on an object store a copy, never a half-written file.
+  atomic.write_text(paths.path(directory) / FILE,
+                    json.dumps(of(manifest).to_dict(), indent=2, sort_keys=True) + "\n")

@@ -509,8 +509,7 @@ def add_to_merged_dir(merged, expert_list, out, *, opt_out_names=(), top_k=None,
   if clash:
     raise MergeError(f"{merged} already has experts {clash}; give the new experts other names")
   public_params, released_r_pub = experts.dense_public_params(params)
-  public_config = config.replace(num_experts=0, top_k=1, expert_bias=False,
-                                 expert_bias_init=0.0)
+  public_config = experts.dense_config(config)
   public_fp = checkpoint.fingerprint(public_params)
   manifests = {n: _source_manifest(n, p, public_config, public_params, public_fp)
                for n, p in pairs}

@@ -50,17 +50,13 @@ def join_router(trainable, frozen):
   return {**frozen, "layers": {**frozen["layers"], "mlp": mlp}}
 
 
-def _dense(config: ModelConfig) -> ModelConfig:
-  return config.replace(num_experts=0, top_k=1, expert_bias=False, expert_bias_init=0.0)
-
-
 def _expert_axes(config: ModelConfig, trainable):
   """The expert subtree's axes: the MoE's expert tensors without their "expert" axis; the frozen
   public model's and public router row's axes."""
   moe = config if config.is_moe else config.replace(num_experts=2, top_k=2, expert_bias=True)
   mlp = logical_axes(moe)["layers"]["mlp"]
   drop = lambda spec: PartitionSpec(*[a for a in spec if a != "expert"])
-  frozen = {"public": logical_axes(_dense(config)),
+  frozen = {"public": logical_axes(experts.dense_config(config)),
             "public_router": PartitionSpec("layers", "embed")}
   return {k: drop(mlp[k]) for k in trainable}, frozen
 

@@ -165,9 +165,7 @@ def seeded_models(opts: Options, ev: Evaluator, parts: baselines.Parts,
                   seed: int) -> dict[str, dict[str, float]]:
   """Router tuning (fresh proxy sets), BTX and prompt routing with one seed."""
   config, params, _ = parts.merged
-  tune_cfg = router_tuning.RouterTuningConfig(
-      merged="", data=parts.data, proxies="", out="", steps=opts.tune_steps,
-      warmup_steps=min(100, opts.tune_steps // 3), seed=seed, log_every=opts.tune_steps)
+  tune_cfg = baselines.tune_config(parts.data, opts.tune_steps, seed)
   log(f"seed {seed}: proxy sets, then router tuning on them + a public slice")
   proxies = {d: router_tuning.select_proxies(parts.data, d, 200, seed=seed) for d in opts.domains}
   records = router_tuning.tuning_documents(parts.data, proxies, tune_cfg.public_slice, seed)

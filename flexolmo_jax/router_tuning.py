@@ -163,7 +163,7 @@ def tuning_documents(data: str, proxies: Mapping[str, Mapping], public_slice: in
   return [source[i] for i in indices]
 
 
-def _batches(records: Sequence[bytes], seq_len: int, batch_size: int, seed: int):
+def tuning_batches(records: Sequence[bytes], seq_len: int, batch_size: int, seed: int):
   """The training pipeline's packing and batch format over an in-memory list of documents."""
   ds = grain.MapDataset.source(list(records)).shuffle(seed=seed).repeat(None)
   ds = ds.map(pipeline._next_token_pairs).to_iter_dataset()  # pylint: disable=protected-access
@@ -196,24 +196,27 @@ def _train_config(model_config, cfg: RouterTuningConfig) -> TrainConfig:
 
 
 def train_router(config, params, records: Sequence[bytes], cfg: RouterTuningConfig,
-                 workdir: str | os.PathLike | None = None):
+                 workdir: str | os.PathLike | None = None, init_fingerprint: str | None = None):
   """Trains only the router rows and biases of MoE `params` on `records` (top-k = all experts);
   returns (host params, last metrics). With `workdir`, a killed run resumes exactly from there;
-  without, it trains in a temporary directory."""
+  without, it trains in a temporary directory. `init_fingerprint`: the fingerprint of `params` when
+  the caller already has it (hashing a 7x7B model takes about a minute)."""
   if workdir is None:
     with tempfile.TemporaryDirectory() as tmp:
-      return train_router(config, params, records, cfg, tmp)
+      # Never resumed, so there is no start to check a resume against: skip the hash.
+      return train_router(config, params, records, cfg, tmp, init_fingerprint="")
   model_config = config.replace(top_k=config.num_experts)  # Every expert sees every token.
   trainable, frozen = partition.split_router(jax.tree.map(np.asarray, params))
   train_config = _train_config(model_config, cfg)
   manifest = Manifest(kind="router_tuning", config=model_config.to_dict(),
-                      init_fingerprint=checkpoint.fingerprint(params),
+                      init_fingerprint=(checkpoint.fingerprint(params) if init_fingerprint is None
+                                        else init_fingerprint),
                       train_config=to_dict(train_config), versions=checkpoint.library_versions(),
                       data_manifest_hash=_records_hash(records),
                       extra={"router_tuning": dataclasses.asdict(cfg)})
   runs.check_resumable(workdir, manifest)
   trained, metrics = fit_lib.fit(train_config, workdir, model_config, partition.ROUTER, trainable,
-                                 frozen, _batches(records, cfg.seq_len, cfg.batch_size, cfg.seed),
+                                 frozen, tuning_batches(records, cfg.seq_len, cfg.batch_size, cfg.seed),
                                  manifest=manifest, label="router tuning")
   return partition.join_router(jax.tree.map(np.asarray, trained), frozen), metrics
 
@@ -233,7 +236,9 @@ def tune(cfg: RouterTuningConfig) -> dict:
     logging.warning("no proxy set for experts %s: their rows learn only from the others' data",
                     missing)
   records = tuning_documents(cfg.data, proxies, cfg.public_slice, cfg.seed)
-  tuned, metrics = train_router(config, params, records, cfg, cfg.workdir or f"{cfg.out}.run")
+  # load_params_artifact verified the manifest's fingerprint against these parameters.
+  tuned, metrics = train_router(config, params, records, cfg, cfg.workdir or f"{cfg.out}.run",
+                                init_fingerprint=manifest["fingerprint"])
   extra = {k: v for k, v in manifest.items()
            if k not in ("kind", "config", "fingerprint", "versions")}
   extra["router_tuning"] = {"from": str(paths.absolute(cfg.merged)),

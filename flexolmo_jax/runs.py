@@ -39,7 +39,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexolmo_jax import checkpoint, distributed, paths
+from flexolmo_jax import atomic, checkpoint, distributed, paths
 from flexolmo_jax import manifest as manifest_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import init_params
@@ -59,10 +59,8 @@ def write_public_router(workdir: str | os.PathLike, row_LxD) -> None:
   """Stores the public router row an expert run trains against, atomically (temp file + rename)."""
   path = pathlib.Path(workdir) / PUBLIC_ROUTER
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".npy.tmp")
-  with open(tmp, "wb") as f:
+  with atomic.replacing(path, "wb") as f:
     np.save(f, np.asarray(row_LxD, np.float32))
-  os.replace(tmp, path)
 
 
 def load_public_router(workdir: str | os.PathLike, manifest: dict) -> np.ndarray:

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 
-from flexolmo_jax import cli, partition, runs
+from flexolmo_jax import cli, experts, partition, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import train as train_lib
 from flexolmo_jax.fit import NonFiniteError, fit
@@ -30,8 +30,7 @@ def train_solo(config, workdir: str) -> dict[str, float]:
   if config.mode != "expert":
     raise ValueError("the solo ablation trains an owner's expert: use an expert config")
   model_config, trainable, frozen, manifest = train_lib.setup(config)
-  dense_config = model_config.replace(num_experts=0, top_k=1, expert_bias=False,
-                                      expert_bias_init=0.0)
+  dense_config = experts.dense_config(model_config)
   manifest = manifest.replace(ablation="solo", train_config=to_dict(config))
   runs.check_resumable(workdir, manifest)
   runs.write_public_router(workdir, frozen["public_router"])

@@ -132,7 +132,7 @@ def _router_rows(config: TrainConfig, public_config: ModelConfig, public_params)
   elif e.router_source == "proxies":
     proxy_set = _proxy_set(e.router_proxies, e.name)
     records = router_tuning.tuning_documents(config.data.path, {e.name: proxy_set}, 0)
-    rows[e.name] = embed(router_tuning._batches(  # pylint: disable=protected-access
+    rows[e.name] = embed(router_tuning.tuning_batches(
         records, config.data.seq_len, config.data.batch_size, config.seed))
     source = {**source, "router_proxies": str(e.router_proxies), "documents": len(records)}
   else:

@@ -78,28 +78,33 @@ def request(port, method, path, body=None, raw=None, timeout=60):
     return resp.status, text
 
 
+def start_server(port, args, *, timeout=60, capture=True):
+  """`python -m flexolmo_jax.serve --port=PORT *args`, returned once /health answers."""
+  pipe = subprocess.PIPE if capture else None
+  proc = subprocess.Popen([sys.executable, "-m", "flexolmo_jax.serve", f"--port={port}", *args],
+                          cwd=REPO, stdout=pipe, stderr=subprocess.STDOUT if capture else None)
+  deadline = time.time() + timeout
+  while True:
+    try:
+      if request(port, "GET", "/health", timeout=2)[0] == 200:
+        return proc
+    except OSError:
+      pass
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail("server did not start: "
+                  + (proc.stdout.read().decode()[-3000:] if capture else "see its output"))
+    time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
   root = tmp_path_factory.mktemp("serve")
   model_dir, config, params = make_model_dir(root)
   (root / "policies.json").write_text(json.dumps({"policies": POLICIES}))
   port, audit = free_port(), root / "audit.jsonl"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "flexolmo_jax.serve", f"--model={model_dir}",
-       f"--policies={root / 'policies.json'}", f"--audit_log={audit}", f"--port={port}",
-       "--insecure_no_auth", *LIMITS],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  deadline = time.time() + 60
-  while True:
-    try:
-      if request(port, "GET", "/health", timeout=2)[0] == 200:
-        break
-    except OSError:
-      pass
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      pytest.fail(f"server did not start: {proc.stdout.read().decode()[-3000:]}")
-    time.sleep(0.2)
+  proc = start_server(port, [f"--model={model_dir}", f"--policies={root / 'policies.json'}",
+                             f"--audit_log={audit}", "--insecure_no_auth", *LIMITS])
   state = {"port": port, "proc": proc, "audit": audit, "config": config, "params": params,
            "tokenizer": load_tokenizer(str(model_dir)), "audited": 0}
   yield state

@@ -333,23 +333,10 @@ def live(tmp_path_factory, keys_file):
   model_dir, _, _ = test_serve.make_model_dir(root)
   (root / "policies.json").write_text(json.dumps({"policies": test_serve.POLICIES}))
   port, path = test_serve.free_port(), root / "audit.jsonl"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "flexolmo_jax.serve", f"--model={model_dir}",
-       f"--policies={root / 'policies.json'}", f"--api_keys={keys_file[0]}",
-       f"--audit_log={path}", f"--port={port}", "--max_new_tokens=64", "--stream_chunk=1",
-       "--batch_wait_ms=300"], cwd=test_serve.REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT)
-  deadline = time.time() + 90
-  while True:
-    try:
-      if test_serve.request(port, "GET", "/health", timeout=2)[0] == 200:
-        break
-    except OSError:
-      pass
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      pytest.fail(f"server did not start: {proc.stdout.read().decode()[-3000:]}")
-    time.sleep(0.2)
+  proc = test_serve.start_server(
+      port, [f"--model={model_dir}", f"--policies={root / 'policies.json'}",
+             f"--api_keys={keys_file[0]}", f"--audit_log={path}", "--max_new_tokens=64",
+             "--stream_chunk=1", "--batch_wait_ms=300"], timeout=90)
   yield {"port": port, "proc": proc, "audit": path, "key": keys_file[1]["bob"]}
   if proc.poll() is None:
     proc.kill()
