@@ -178,10 +178,10 @@ def mixture_logprobs(log_w_Mx, logp_Mx):
   return np.logaddexp.reduce(log_w_Mx + logp_Mx, axis=0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _target_logprobs(config: ModelConfig, params, batch, expert_mask_E):
-  logp, _ = scoring.target_logprobs(config, params, batch["tokens"], batch["targets"],
-                                    expert_mask_E, batch["positions"], batch["segment_ids"])
+  logp, _ = scoring.jitted_target_logprobs(config)(params, batch["tokens"], batch["targets"],
+                                                   expert_mask_E, batch["positions"],
+                                                   batch["segment_ids"])
   return logp
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from flexolmo_jax import distributed, objective, precision, runs, sharding, train_state
+from flexolmo_jax import distributed, objective, precision, runs, sharding, train_state, xla_options
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.manifest import Manifest
@@ -162,8 +162,10 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
   step_fn = on_mesh(mesh, jax.jit(
       objective.make_train_step(config, model_config, part, tx, schedule, dp_key),
       in_shardings=(state_shardings, None, batch_sharding),
-      out_shardings=(state_shardings, None), donate_argnums=0))
-  eval_fn = on_mesh(mesh, jax.jit(objective.make_eval_step(model_config, part)))
+      out_shardings=(state_shardings, None), donate_argnums=0,
+      compiler_options=xla_options.large_gemms()))
+  eval_fn = on_mesh(mesh, jax.jit(objective.make_eval_step(model_config, part),
+                                  compiler_options=xla_options.large_gemms()))
   evaluate = lambda params: evaluate_domains(config.data, eval_fn, params, frozen, eval_domains,
                                              config.eval_batches, batch_sharding)
 

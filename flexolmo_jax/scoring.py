@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexolmo_jax import xla_options
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import DataConfig, make_pipeline
 from flexolmo_jax.model import Transformer
@@ -73,9 +74,10 @@ def target_logprobs(config: ModelConfig, params, tokens_BxL, targets_BxL, expert
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_target_logprobs(config: ModelConfig):
+def jitted_target_logprobs(config: ModelConfig):
   # Cached per config, so scorers of one model share compiled buckets.
-  return jax.jit(functools.partial(target_logprobs, config))
+  return jax.jit(functools.partial(target_logprobs, config),
+                 compiler_options=xla_options.large_gemms())
 
 
 class Scorer:
@@ -90,7 +92,7 @@ class Scorer:
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.batch_size, self.max_len = batch_size, max_len
     self.expert_mask = None if expert_mask is None else np.asarray(expert_mask, bool)
-    self._logprobs = _jitted_target_logprobs(config)
+    self._logprobs = jitted_target_logprobs(config)
 
   def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of the context and of the continuation, tokenized together."""
@@ -148,7 +150,7 @@ def nll_sum(config: ModelConfig, params, batch, expert_mask=None):
 @functools.lru_cache(maxsize=8)
 def jitted_nll_sum(config: ModelConfig):
   """nll_sum of `config`, jitted once per config."""
-  return jax.jit(functools.partial(nll_sum, config))
+  return jax.jit(functools.partial(nll_sum, config), compiler_options=xla_options.large_gemms())
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
