@@ -28,6 +28,9 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
+# The variable collection of transposed_decode_weights.
+DECODE_WEIGHTS = "decode_weights"
+
 _NO_CACHE = ("cache_index needs a KV cache: apply with {'cache': model.init_cache(...)} and "
              "mutable=['cache']")
 
@@ -170,7 +173,12 @@ class Mlp(nn.Module, _ParamMixin):
       self.sow("routing", "routed", routed_TxE.reshape(batch, length, E))
     cast = lambda w: jax.tree.map(lambda a: a.astype(dtype), w)  # A list per expert, or stacked.
     weights = (cast(gate), cast(up), cast(down))
-    if decode:
+    if decode and self.has_variable(DECODE_WEIGHTS, "ffn"):
+      # transposed_decode_weights: the same experts, transposed for few-row matmuls.
+      ffn = self.get_variable(DECODE_WEIGHTS, "ffn")
+      out_TxD = moe.dispatch_decode(h_TxD, routing, *cast((ffn["gate"], ffn["up"], ffn["down"])),
+                                    transposed=True)
+    elif decode:
       out_TxD = moe.dispatch_decode(h_TxD, routing, *(jnp.stack(w) if isinstance(w, list) else w
                                                       for w in weights))
     else:
@@ -283,8 +291,25 @@ def unstack_layers(tree, n_layers: int):
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n_layers)]
 
 
+def transposed_decode_weights(config: ModelConfig, layer_params):
+  """Per-layer DECODE_WEIGHTS collections for decode_step, or None where there is nothing to
+  transpose (a dense FFN, or experts.training_moe's layout).
+
+  With 2 or more rows per step, XLA:CPU's kernels multiply by a weight stored [out, in] faster
+  than by one stored [in, out] (16 rows x [768, 4096]: 15.8 against 21.5 ms; at 1 row the
+  reverse, 9.1 against 7.2 ms; docs/performance.md, Decoding). The mixture's experts, most of a
+  FlexOlmo step's bytes, are copied once per generate call into that layout."""
+  mlp = layer_params[0]["mlp"]
+  if not config.is_moe or "gate_proj" not in mlp:
+    return None
+  return [{"mlp": {"ffn": dict(zip(("gate", "up", "down"), moe.transposed_ffn(
+      layer["mlp"]["gate_proj"], layer["mlp"]["up_proj"], layer["mlp"]["down_proj"])))}}
+          for layer in layer_params]
+
+
 def decode_step(config: ModelConfig, params, layer_params, layer_caches, tokens_BxL, positions_BxL,
-                segment_ids_BxL, kv_segment_ids_BxS, cache_index, expert_mask=None):
+                segment_ids_BxL, kv_segment_ids_BxS, cache_index, expert_mask=None,
+                decode_weights=None):
   """`Transformer` with its KV cache, for a decoding loop: (logits [B, L, V], new layer caches).
 
   The same Blocks as Transformer.__call__ with cache_index, layer by layer over per-layer
@@ -293,13 +318,17 @@ def decode_step(config: ModelConfig, params, layer_params, layer_caches, tokens_
   and writes every layer's cache back into a stacked output on every step, about three times the
   bytes a step needs to read. kv_segment_ids_BxS: the cache's segment ids with this call's
   already written (the caller keeps them; they are the same for every layer).
+  decode_weights: transposed_decode_weights(config, layer_params), or None.
   """
   c = config
   x = _embed(params["embed"], tokens_BxL, jnp.dtype(c.dtype))
   block = Block(c)
   new_caches = []
-  for weights, cache in zip(layer_params, layer_caches):
-    (x, _), state = block.apply({"params": weights, "cache": cache}, x, positions_BxL,
+  for i, (weights, cache) in enumerate(zip(layer_params, layer_caches)):
+    variables = {"params": weights, "cache": cache}
+    if decode_weights is not None:
+      variables[DECODE_WEIGHTS] = decode_weights[i]
+    (x, _), state = block.apply(variables, x, positions_BxL,
                                 segment_ids_BxL, kv_segment_ids_BxS, cache_index, expert_mask,
                                 mutable=["cache"])
     new_caches.append(state["cache"])

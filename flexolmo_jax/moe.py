@@ -137,21 +137,32 @@ def _dense_oracle(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down):
   return out_TxD
 
 
-def dispatch_decode(x_TxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+def dispatch_decode(x_TxD, routing: Routing, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *,
+                    transposed: bool = False):
   """`dispatch` for the few tokens of a decoding step: the dense back end's sum, with the expert
   as the matmuls' leading batch dimension. The dense einsum "td,edf->tef" makes XLA:CPU
   transpose every expert's weights into one [D, E*F] operand on every call, a copy of the whole
   FFN per step; here each expert's weights are read where they lie. Every expert runs: with top-k
   of E, skipping the unchosen ones would need a gather of the chosen weights (a copy), which only
-  pays when 2 * tokens * k < E (docs/performance.md, Decoding)."""
+  pays when 2 * tokens * k < E (docs/performance.md, Decoding).
+
+  transposed: the weights come as [E, F, D], [E, F, D], [E, D, F] (transposed_ffn), the layout in
+  which XLA:CPU's kernels multiply a few rows fastest from 2 rows up (docs/performance.md)."""
   num_experts = w_gate_ExDxF.shape[0]
   combine_TxE = jnp.sum(jax.nn.one_hot(routing.top_experts_TxK, num_experts, dtype=x_TxD.dtype)
                         * routing.top_weights_TxK.astype(x_TxD.dtype)[..., None], axis=1)
   x_ExTxD = jnp.broadcast_to(x_TxD, (num_experts,) + x_TxD.shape)
-  h_ExTxF = jax.nn.silu(jnp.einsum("etd,edf->etf", x_ExTxD, w_gate_ExDxF)) * jnp.einsum(
-      "etd,edf->etf", x_ExTxD, w_up_ExDxF)
-  y_ExTxD = jnp.einsum("etf,efd->etd", h_ExTxF, w_down_ExFxD)
+  up_spec, down_spec = ("etd,efd->etf", "etf,edf->etd") if transposed else ("etd,edf->etf",
+                                                                            "etf,efd->etd")
+  h_ExTxF = jax.nn.silu(jnp.einsum(up_spec, x_ExTxD, w_gate_ExDxF)) * jnp.einsum(
+      up_spec, x_ExTxD, w_up_ExDxF)
+  y_ExTxD = jnp.einsum(down_spec, h_ExTxF, w_down_ExFxD)
   return jnp.einsum("etd,te->td", y_ExTxD, combine_TxE)
+
+
+def transposed_ffn(w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+  """The expert weights in dispatch_decode's transposed layout (a copy)."""
+  return tuple(jnp.swapaxes(w, 1, 2) for w in (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD))
 
 
 def sort_by_expert(experts_TxK):

@@ -63,6 +63,9 @@ def test_decode_dispatch_matches_dense_oracle(top_k):
   routing = moe.route(x, router, top_k)
   np.testing.assert_allclose(moe.dispatch_decode(x, routing, *weights),
                              moe.dispatch(x, routing, *weights, backend="dense"), **TOL)
+  np.testing.assert_allclose(
+      moe.dispatch_decode(x, routing, *moe.transposed_ffn(*weights), transposed=True),
+      moe.dispatch(x, routing, *weights, backend="dense"), **TOL)
 
 
 def test_route_softmax_before_topk_not_renormalised():
