@@ -139,3 +139,29 @@ def test_topk_end_to_end_on_tiny_models(corpus_dir, tmp_path):
   assert report["command"] == ("python -m flexolmo_jax.research --experiment=topk --workdir="
                                f"{tmp_path} --out={tmp_path / 'out'} --domains=math,code "
                                "--expert_steps=1 --eval_batches=1")
+
+
+@pytest.mark.slow  # About 20 s: two training runs compile.
+def test_an_owner_trains_with_public_rows_and_the_full_moe_trains_everything(corpus_dir, tmp_path):
+  _reproduction(tmp_path, corpus_dir)
+  run = dict(data=dict(path=corpus_dir, seq_len=16, batch_size=4), optim=dict(warmup_steps=0),
+             steps=1, log_every=1, eval_every=100, eval_batches=1, checkpoint_every=100,
+             mesh=dict(data=1), progress=False, async_checkpoint=False)
+  T.train(train_config(dict(run, mode="expert", model_overrides=dict(moe_backend="dense"),
+                            expert=dict(name="math", public=str(tmp_path / "public"),
+                                        router_embeddings=str(tmp_path / "emb.npz"),
+                                        public_share=0.25))), str(tmp_path / "mixed"))
+  manifest = json.loads((tmp_path / "mixed" / runs.MANIFEST).read_text())
+  assert manifest["step"] == 1 and manifest["train_config"]["expert"]["public_share"] == 0.25
+
+  from flexolmo_jax import full_moe, merge  # pylint: disable=g-import-not-at-top
+  merge.merge_to_dir(tmp_path / "public", {d: str(tmp_path / "experts" / d) for d in
+                                           ("math", "code")}, tmp_path / "merged", top_k=2)
+  full_moe.train_full_moe(dict(run, init_from=str(tmp_path / "merged"),
+                               data=dict(run["data"], domains=("public", "math", "code"))),
+                          str(tmp_path / "full"))
+  before_config, before, _ = runs.load_params(tmp_path / "merged")
+  config, after, manifest = runs.load_params(tmp_path / "full")
+  assert config == before_config and manifest["kind"] == "merged"
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+  assert all(jax.tree.leaves(changed))  # Every parameter trains, the public expert's too.
