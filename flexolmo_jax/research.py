@@ -287,6 +287,7 @@ def full_moe(ctx: Context) -> dict:
   ctx.score_merged("flexolmo", ctx.experts())
   merged, run = ctx.dir("merged"), ctx.dir("run")
   if not merged.exists():
+    merged.parent.mkdir(parents=True, exist_ok=True)
     merge.merge_to_dir(ctx.public, ctx.experts(), merged, top_k=ctx.opts.top_k)
   steps = ctx.opts.full_moe_steps or ctx.opts.expert_steps * len(ctx.opts.domains)
   if reproduce._finished(run, steps):  # pylint: disable=protected-access
