@@ -124,7 +124,10 @@ class Context:
     self.rows: dict[str, dict] = {}
 
   def dir(self, *parts: str) -> pathlib.Path:
-    return self.root / "research" / self.opts.experiment / pathlib.Path(*parts)
+    """A path under the experiment's own directory (created)."""
+    home = self.root / "research" / self.opts.experiment
+    home.mkdir(parents=True, exist_ok=True)
+    return home.joinpath(*parts)
 
   def score(self, name: str, config, params, over=None) -> None:
     """Scores a model on `over` (default: every domain) into the table's row `name`."""
@@ -287,7 +290,6 @@ def full_moe(ctx: Context) -> dict:
   ctx.score_merged("flexolmo", ctx.experts())
   merged, run = ctx.dir("merged"), ctx.dir("run")
   if not merged.exists():
-    merged.parent.mkdir(parents=True, exist_ok=True)
     merge.merge_to_dir(ctx.public, ctx.experts(), merged, top_k=ctx.opts.top_k)
   steps = ctx.opts.full_moe_steps or ctx.opts.expert_steps * len(ctx.opts.domains)
   if reproduce._finished(run, steps):  # pylint: disable=protected-access

@@ -165,3 +165,83 @@ def test_an_owner_trains_with_public_rows_and_the_full_moe_trains_everything(cor
   assert config == before_config and manifest["kind"] == "merged"
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
   assert all(jax.tree.leaves(changed))  # Every parameter trains, the public expert's too.
+
+
+def _dry_run(monkeypatch, root, experiment, **options):
+  """Runs an experiment with training and scoring recorded, not done: (runs, merged rows)."""
+  trained, merged = [], {}
+  monkeypatch.setattr(research.reproduce, "_run", lambda *args: trained.append(args))
+  monkeypatch.setattr(research.Context, "score_public", lambda self: None)
+  monkeypatch.setattr(research.Context, "score_merged",
+                      lambda self, name, experts, *, top_k=None, keep_bias=True, over=None:
+                      merged.__setitem__(name, (experts, keep_bias, over)))
+  opts = research.Options(experiment=experiment, workdir=str(root), domains=("math", "code"),
+                          ablation_domains=("math",), expert_steps=1, eval_batches=1, **options)
+  research.EXPERIMENTS[experiment](research.Context(opts))
+  return trained, merged
+
+
+def _runs(trained):
+  """{workdir: (trainer module, the run's own flags)} of recorded trainer runs."""
+  common = ("--config=", "--workdir=", "--config.data.path=", "--config.expert.public=",
+            "--config.steps=1", "--config.eval_every=1", "--config.checkpoint_every=1")
+  return {next(a for a in args if a.startswith("--workdir="))[10:]:
+          (args[0], tuple(a for a in args[1:] if not a.startswith(common))) for args in trained}
+
+
+def test_ablations_train_every_ablation_for_every_expert(corpus_dir, tmp_path, monkeypatch):
+  _reproduction(tmp_path, corpus_dir)
+  trained, merged = _dry_run(monkeypatch, tmp_path, "ablations")
+  emb = tmp_path / "research" / "ablations" / "random_rows.npz"
+  rows = f"--config.expert.router_embeddings={emb}"
+  want = {}
+  for d in ("math", "code"):
+    want[f"{tmp_path}/ablations/solo/{d}"] = ("flexolmo_jax.solo_expert", ())
+    want[f"{tmp_path}/research/ablations/random_init/{d}"] = ("flexolmo_jax.train", (rows,))
+    want[f"{tmp_path}/ablations/no_bias/{d}"] = ("flexolmo_jax.train",
+                                                 ("--config.expert.bias=false",))
+    want[f"{tmp_path}/research/ablations/random_init_no_bias/{d}"] = (
+        "flexolmo_jax.train", (rows, "--config.expert.bias=false"))
+  assert _runs(trained) == want
+  assert {name: keep for name, (_, keep, _) in merged.items()} == {
+      "flexolmo": True, "ablation solo": True, "ablation random_init": True,
+      "ablation no_bias": False, "ablation random_init_no_bias": False}
+  with np.load(emb) as data:
+    assert sorted(data.files) == ["code", "math", "public"]
+    assert data["math"].shape == (TINY_MODEL["n_layers"], TINY_MODEL["d_model"])
+
+
+def test_bias_and_public_mix_train_what_they_vary(corpus_dir, tmp_path, monkeypatch):
+  _reproduction(tmp_path, corpus_dir)
+  trained, merged = _dry_run(monkeypatch, tmp_path, "bias", bias_inits=(-1.0, -0.5))
+  # -0.5 is the configs' default: the reproduction's own math expert, not retrained.
+  assert _runs(trained) == {f"{tmp_path}/research/bias/-1/math": (
+      "flexolmo_jax.train", ("--config.expert.bias_init=-1.0",))}
+  assert merged["bias_init -0.5 (default)"] == (
+      {"math": f"{tmp_path}/experts/math"}, True, ["public", "math"])
+  trained, merged = _dry_run(monkeypatch, tmp_path, "public_mix", public_share=0.25)
+  assert _runs(trained) == {f"{tmp_path}/research/public_mix/share_0.25/{d}": (
+      "flexolmo_jax.train", ("--config.expert.public_share=0.25",)) for d in ("math", "code")}
+  assert list(merged) == ["flexolmo", "flexolmo + public share 0.25 (extension)"]
+
+
+def test_experiments_refuse_experts_of_another_length(corpus_dir, tmp_path, monkeypatch):
+  _reproduction(tmp_path, corpus_dir)
+  with pytest.raises(ValueError, match=r"math expert at .* has 1 steps, not --expert_steps=40: "
+                                       r"run python -m flexolmo_jax.reproduce"):
+    research.topk(research.Context(research.Options(
+        experiment="topk", workdir=str(tmp_path), domains=("math", "code"), eval_batches=1)))
+
+
+def test_router_source_embeds_with_minilm_then_trains_on_those_rows(corpus_dir, tmp_path,
+                                                                     monkeypatch):
+  _reproduction(tmp_path, corpus_dir)
+  trained, merged = _dry_run(monkeypatch, tmp_path, "router_source")
+  emb = tmp_path / "research" / "router_source" / "minilm.npz"
+  embeds = [args for args in trained if args[0] == "flexolmo_jax.embed"]
+  assert [a for args in embeds for a in args if a.startswith("--domain=")] == [
+      "--domain=public", "--domain=math"]
+  assert all("--embedder=minilm" in args and f"--out={emb}" in args for args in embeds)
+  assert _runs(trained[2:]) == {f"{tmp_path}/research/router_source/minilm/math": (
+      "flexolmo_jax.train", (f"--config.expert.router_embeddings={emb}",))}
+  assert list(merged) == ["public model's mean hidden state (default)", "MiniLM sentence encoder"]
