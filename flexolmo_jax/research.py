@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Callable
@@ -333,13 +334,14 @@ EXPERIMENTS: dict[str, Callable[[Context], dict]] = {
 # ----------------------------------------------------------------------------- tables
 
 
-def reduced_settings(opts: Options, public_steps: int) -> list[str]:
-  """The settings below the reproduction's defaults (a table made with them must say so)."""
+def reduced_settings(opts: Options, public_steps: int | None) -> list[str]:
+  """The settings below the reproduction's defaults (a table made with them must say so);
+  `public_steps` None: a public model that is not a training run (e.g. a converted one)."""
   d = reproduce.Options()
   out = [f"{name} {have} < {want}" for name, have, want in (
       ("public_steps", public_steps, d.public_steps), ("expert_steps", opts.expert_steps,
                                                         d.expert_steps),
-      ("eval_batches", opts.eval_batches, d.eval_batches)) if have < want]
+      ("eval_batches", opts.eval_batches, d.eval_batches)) if have is not None and have < want]
   if set(opts.domains) != set(d.domains):
     out.append(f"domains {', '.join(opts.domains)} of {', '.join(d.domains)}")
   return out
@@ -354,10 +356,11 @@ def markdown(report: dict) -> str:
               "Numbers show that the command runs, not what the method does.", ""]
   s = report["settings"]
   lines += [report["about"], "",
-            f"Command: `{report['command']}`. Public model {s['public_steps']} steps, experts "
-            f"{s['expert_steps']} steps, {s['eval_tokens_per_domain']} test tokens per domain "
-            f"(the reproduction's evaluator), one seed; wall time {report['wall_seconds'] / 60:.1f} "
-            "min on a 2-core CPU shared with other jobs.", "",
+            f"Command: `{report['command']}`. Public model "
+            f"{'(not a training run)' if s['public_steps'] is None else s['public_steps']} steps, "
+            f"experts {s['expert_steps']} steps, {s['eval_tokens_per_domain']} test tokens per "
+            f"domain (the reproduction's evaluator), one seed; {report['wall_seconds'] / 60:.1f} "
+            f"min after start-up, on {report['machine']}.", "",
             "Each cell: mean token loss in nats (perplexity). avg: the mean over the row's "
             "domains of the loss (the geometric mean of perplexity). "
             f"Δ avg: avg loss minus the `{ref}` row's over the same domains.", ""]
@@ -397,17 +400,19 @@ def command(opts: Options) -> str:
 def run(opts: Options) -> dict:
   """Runs one experiment; writes <out>/<experiment>.{md,json}; returns the report."""
   start = time.perf_counter()
+  # How busy the machine was: timings on a shared machine are not the method's cost.
+  machine = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start"
   ctx = Context(opts)
   reproduce.use_compilation_cache(ctx.root)
   report = EXPERIMENTS[opts.experiment](ctx)
-  public_steps = json.loads((ctx.public / runs.MANIFEST).read_text()).get("step", 0) if (
-      ctx.public / runs.MANIFEST).exists() else 0
+  public_steps = json.loads((ctx.public / runs.MANIFEST).read_text()).get("step") if (
+      ctx.public / runs.MANIFEST).exists() else None
   report.update(
       experiment=opts.experiment, domains=ctx.domains, rows=ctx.rows,
       command=command(opts),
       reduced=reduced_settings(opts, public_steps), wall_seconds=time.perf_counter() - start,
-      settings={**{k: v for k, v in dataclasses.asdict(opts).items()},
-                "public_steps": public_steps,
+      machine=machine,
+      settings={**dataclasses.asdict(opts), "public_steps": public_steps,
                 "eval_tokens_per_domain": reproduce.EVAL_BATCH * reproduce.EVAL_SEQ
                 * opts.eval_batches})
   out = pathlib.Path(opts.out)

@@ -129,8 +129,9 @@ def test_topk_end_to_end_on_tiny_models(corpus_dir, tmp_path):
         np.mean([row[d]["nll"] for d in ("public", "math", "code")]))
   text = (tmp_path / "out" / "topk.md").read_text()
   assert text.startswith("# Top-k sweep\n\n**Reduced settings, not the reproduction's: "
-                         "public_steps 0 < 300; expert_steps 1 < 40; eval_batches 1 < 4; "
+                         "expert_steps 1 < 40; eval_batches 1 < 4; "
                          "domains math, code of ")
+  assert "Public model (not a training run) steps" in text  # An artifact, as a converted model.
   avg = rows["public"]["average"]["nll"]
   assert f"| public | {rows['public']['public']['nll']:.4f} (" in text
   assert f"| {avg:.4f} ({np.exp(avg):.2f}) | +0.0000 |" in text
