@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from flexolmo_jax import checkpoint, cli, distributed, dp, experts, partition, paths, router_init
 from flexolmo_jax import router_tuning, runs
 from flexolmo_jax import data as data_lib
+from flexolmo_jax.data import mix as data_mix
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.fit import NonFiniteError, fit
 from flexolmo_jax.manifest import Manifest
@@ -171,8 +172,8 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   data_cfg = _domain_data(config)
   # data.batch_size is the global batch; each host reads its own documents (pipeline.py shards
   # by jax.process_index()) and yields its share of the rows.
-  batches = iter(data_lib.make_pipeline(
-      data_cfg, "train", batch_size=distributed.host_batch_size(data_cfg.batch_size)))
+  batches = data_mix.owner_batches(data_cfg, config.expert.public_share,
+                                   distributed.host_batch_size(data_cfg.batch_size))
   eval_domains = config.eval_domains or (
       data_cfg.domains + (("public",) if config.mode == "expert" else ()))
   _, last = fit(config, workdir, model_config, partition.BY_MODE[config.mode], trainable, frozen,

@@ -83,6 +83,9 @@ class ExpertConfig:
   bias: bool = True
   bias_init: float = -0.5
   top_k: int = 2  # Both experts on every token while training (top-2 of 2).
+  # A research extension beyond the paper (flexolmo_jax/data/mix.py): this share of every batch's
+  # rows comes from the public data instead of the owner's domain. 0: the paper's setting.
+  public_share: float = 0.0
 
   def __post_init__(self):
     if self.name:
@@ -94,6 +97,9 @@ class ExpertConfig:
       raise ValueError("config.expert.router_source='proxies' and config.expert.router_proxies "
                        "(a proxies JSON from python -m flexolmo_jax.router_tuning select) go "
                        "together; set both or neither")
+    if not 0 <= self.public_share < 1:
+      raise ValueError(f"config.expert.public_share {self.public_share} must be in [0, 1): the "
+                       "share of each batch's rows drawn from public data")
     if self.router_embeddings and self.router_source != "owner_data":
       raise ValueError("config.expert.router_embeddings gives the rows itself (router_source "
                        f"'owner_data'); drop it or router_source={self.router_source!r}")
@@ -174,6 +180,9 @@ class TrainConfig:
     if self.dp.enabled and self.mode != "expert":
       raise ValueError("config.dp.enabled needs mode 'expert': DP-SGD protects one owner's data "
                        "in its expert; the public model is trained on public data without it")
+    if self.dp.enabled and self.expert.public_share:
+      raise ValueError("config.dp.enabled with config.expert.public_share: the DP accounting "
+                       "counts only the owner's examples; set public_share=0 for a DP run")
     if self.dp.enabled and self.expert.router_source == "owner_data":
       raise ValueError(
           "config.dp.enabled: the expert's router row would be embedded from the owner's "
