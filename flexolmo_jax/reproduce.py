@@ -1,12 +1,21 @@
 r"""The small end-to-end reproduction (launch/small_demo.sh runs it): FlexMix-mini -> public model
--> one expert per closed domain, each trained in its own process on its own domain only ->
-ablation experts -> merge -> router tuning -> FlexOlmo, baselines, ablations and opt-out scored
-by per-domain held-out perplexity -> the routing plot -> results.json / results.md with the
-paper's findings checked against the numbers.
+-> one expert and one dense fine-tune (the BTM and soup members) per closed domain, each trained
+in its own process on its own domain only -> ablation experts -> merge -> router tuning ->
+FlexOlmo, baselines, ablations and opt-out scored by per-document held-out loss on the same
+tokens -> the routing plot -> results.json / results.md with the paper's findings judged from
+bootstrap intervals (flexolmo_jax.stats: holds / does not hold / cannot tell).
+
+results.json: "loss" and "perplexity" {model: {domain: value}}, "loss_interval" {model: {domain:
+[lo, hi]}}, "average" {model: {"all"/"closed": {"loss", "perplexity" (geometric mean),
+"interval"}}}, "opt_out" {removed domain: {domain: perplexity}}, "per_seed_loss", the raw
+"document_tokens" {domain: [...]} and "document_nll" {model or "without_<domain>": {domain:
+[...]}} the intervals are computed from, "findings" and "settings".
 
   python -m flexolmo_jax.reproduce --workdir=runs [--public_steps=300 --expert_steps=40 --seeds=0,1,2 ...]
 
-The defaults take about 20 minutes on a quiet 2-core CPU; every stage prints progress.
+The defaults took about 20 minutes on a quiet 2-core CPU before the dense fine-tunes were added;
+they add one 40-step run per closed domain, about as long as the experts (about 5.5 minutes for
+six). Every stage prints progress.
 
 Every stage reuses finished work (a trained run, a merged artifact), so re-running continues.
 """
