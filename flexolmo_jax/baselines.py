@@ -325,7 +325,9 @@ def train_prompt_router(data_root: str, proxies: Mapping[str, Mapping], *,
                          f"this corpus does not hold; select proxies on the same corpus ({data_root})")
     texts[domain] = [rows[i]["text"] for i in proxy["indices"][:docs_per_class]]
     taken.update(proxy["indices"])
-  rest = [i for i in np.random.default_rng(seed).permutation(len(rows)) if i not in taken]
+  order = np.random.default_rng(seed).permutation(len(rows))
+  # Tiny corpora can have every public document in some proxy set: then "public" draws from all.
+  rest = [i for i in order if i not in taken] or list(order)
   return PromptRouter.fit({corpus.PUBLIC: [rows[i]["text"] for i in rest[:docs_per_class]],
                            **texts})
 

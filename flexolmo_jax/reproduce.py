@@ -205,8 +205,7 @@ SEEDED = ("flexolmo_router_tuned", "btx", "prompt_routing")
 # Baselines scored beside FlexOlmo; the *_dense ones average or ensemble dense fine-tunes.
 UNSEEDED_BASELINES = ("soup_uniform", "soup_weighted", "btm", "soup_dense_uniform",
                       "soup_dense_weighted", "btm_dense")
-BASELINES = ("soup_uniform", "soup_weighted", "btm", "btx", "prompt_routing", "soup_dense_uniform",
-             "soup_dense_weighted", "btm_dense")
+BASELINES = UNSEEDED_BASELINES + SEEDED[1:]
 BOOTSTRAP = {"resamples": 2000, "seed": 0, "level": 0.95}
 
 

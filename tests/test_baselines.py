@@ -251,3 +251,10 @@ def test_dense_baselines_average_and_ensemble_the_dense_fine_tunes(moe, corpus_d
       public[0], B.dense_soup([public[1], math_ft[1], code_ft[1]], weights), batches)
   with pytest.raises(ValueError, match="need dense fine-tunes of the public model"):
     B.get("btm_dense").build(B.Parts.from_merged(config, params, NAMES, corpus_dir))
+
+
+def test_prompt_router_public_class_falls_back_when_proxies_cover_every_public_document(corpus_dir):
+  rows = corpus.read_text_split(corpus_dir, corpus.PUBLIC, "train")
+  every = {"indices": list(range(len(rows))), "hashes": [r["hash"] for r in rows]}
+  router = B.train_prompt_router(corpus_dir, {"math": every}, docs_per_class=4)
+  assert router.classes == ["public", "math"]
