@@ -413,7 +413,8 @@ def markdown(report: dict) -> str:
             + f" | {avg_cell(m, 'closed', key)} | {avg_cell(m, 'all', key)} |")
 
   s = report["settings"]
-  tokens = ", ".join(f"{d} {n}" for d, n in s["scored_tokens"].items())
+  tokens = ", ".join(f"{d} {n} ({len(report['document_tokens'][d])} documents)"
+                     for d, n in s["scored_tokens"].items())
   lines = ["# FlexOlmo small reproduction", "",
            f"Public model {s['public_steps']} steps, experts and dense fine-tunes "
            f"{s['expert_steps']} steps, top-{s['top_k']} of {len(report['experts'])} experts, "
@@ -422,7 +423,8 @@ def markdown(report: dict) -> str:
            f"(each row's first {s['unscored_prefix_tokens']} tokens, prompt routing's prefix, are "
            f"not scored): {tokens}. Averages over domains are taken in loss (their perplexity is "
            f"the geometric mean); brackets: {100 * s['bootstrap']['level']:.0f}% bootstrap "
-           f"interval over documents ({s['bootstrap']['resamples']} resamples).", "",
+           f"interval over documents ({s['bootstrap']['resamples']} resamples; a domain with few "
+           f"documents gets a narrow interval that understates its uncertainty).", "",
            "Mean test token loss (nats):", "", *head("avg")]
   lines += [row(m, m, v, "{:.3f}", "loss") for m, v in loss.items()]
   lines += ["", "Test perplexity:", "", *head("geo-mean")]

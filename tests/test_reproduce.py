@@ -122,4 +122,4 @@ def test_markdown_has_every_model_opt_out_row_and_finding():
   verdicts = (stats.HOLDS, stats.DOES_NOT_HOLD, stats.CANNOT_TELL)
   assert sum(text.count(f"| {v} |") for v in verdicts) == len(report["findings"])
   assert "| btx | 2.000 | 3.000 | 2.500 | 0.500 |" in text  # Per-seed averages, mean, std.
-  assert "each row's first 32 tokens" in text
+  assert "each row's first 32 tokens" in text and "math 100 (4 documents)" in text
