@@ -123,3 +123,24 @@ def test_markdown_has_every_model_opt_out_row_and_finding():
   assert sum(text.count(f"| {v} |") for v in verdicts) == len(report["findings"])
   assert "| btx | 2.000 | 3.000 | 2.500 | 0.500 |" in text  # Per-seed averages, mean, std.
   assert "each row's first 32 tokens" in text and "math 100 (4 documents)" in text
+
+
+def test_evaluator_scores_every_model_on_the_tokens_after_the_routing_prefix(corpus_dir):
+  ev = reproduce.Evaluator(corpus_dir, ["math", "code"], eval_batches=1)
+
+  def scorer(nll_at):  # A stand-in model: NLL 1 wherever nll_at(position) holds.
+    def score(batches, per_token=False):
+      assert per_token
+      cols = nll_at(np.arange(reproduce.EVAL_SEQ))
+      return {"token_nll": [b["loss_mask"] * cols for b in batches]}
+    return score
+
+  prefix = reproduce.baselines.PROMPT_TOKENS
+  after = ev("after", scorer(lambda p: p >= prefix))
+  inside = ev("inside", scorer(lambda p: p < prefix))
+  for d in ("math", "code"):
+    batches = ev.batches[d]
+    want = sum(float(b["loss_mask"][:, prefix:].sum()) for b in batches)
+    assert after[d].sum() == ev.tokens[d].sum() == want  # Every token after the prefix counts...
+    assert not inside[d].any()  # ...and none inside it, whatever a model scores there.
+    np.testing.assert_array_equal(after[d], ev.tokens[d])  # Per document, too.
