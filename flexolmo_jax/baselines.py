@@ -132,7 +132,8 @@ def _soup_dense(parts: Parts, options: Options, weighted: bool) -> scoring.Batch
   weights = None
   if weighted:
     tokens = load_manifest(parts.data)["domains"]
-    weights = [tokens[n]["train"]["tokens"] for n in (corpus.PUBLIC, *(d for d, _, _ in parts.dense))]
+    owners = (corpus.PUBLIC, *(d for d, _, _ in parts.dense))
+    weights = [tokens[n]["train"]["tokens"] for n in owners]
   return scoring.model_scorer(members[0][0], dense_soup([p for _, p in members], weights))
 
 
@@ -317,14 +318,9 @@ def train_prompt_router(data_root: str, proxies: Mapping[str, Mapping], *,
   "public". It reads the public split and nothing else: never a closed domain's documents or
   labels (the paper's router is a zero-shot classifier, which saw none either)."""
   rows = corpus.read_text_split(data_root, corpus.PUBLIC, "train")
-  texts, taken = {}, set()
-  for domain, proxy in proxies.items():
-    for i, h in zip(proxy["indices"], proxy["hashes"]):
-      if i >= len(rows) or rows[i]["hash"] != h:
-        raise ValueError(f"proxy set {domain!r} names public document {i} ({h[:12]}...) that "
-                         f"this corpus does not hold; select proxies on the same corpus ({data_root})")
-    texts[domain] = [rows[i]["text"] for i in proxy["indices"][:docs_per_class]]
-    taken.update(proxy["indices"])
+  router_tuning.check_proxies(data_root, rows, proxies)
+  texts = {d: [rows[i]["text"] for i in p["indices"][:docs_per_class]] for d, p in proxies.items()}
+  taken = {i for p in proxies.values() for i in p["indices"]}
   order = np.random.default_rng(seed).permutation(len(rows))
   # Tiny corpora can have every public document in some proxy set: then "public" draws from all.
   rest = [i for i in order if i not in taken] or list(order)

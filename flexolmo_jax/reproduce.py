@@ -140,7 +140,7 @@ def train_everything(opts: Options) -> None:
          f"--config.data.path={root / 'data'}", f"--config.steps={opts.public_steps}")
   for domain in opts.domains:
     _train_expert(opts, root, domain, root / "experts" / domain)
-  for domain in opts.domains:  # Every parameter trained, as long as the expert: the paper's members.
+  for domain in opts.domains:  # The paper's BTM/soup members: every parameter, expert-long.
     _train_for_expert_steps(opts, root, root / "dense" / domain, f"configs/dense_base.py:{domain}",
                             f"--config.init_from={root / 'public'}")
   emb = root / "ablations" / "random_rows.npz"
@@ -286,7 +286,8 @@ def evaluate_everything(opts: Options) -> dict:
                            for seed, v in by_seed.items()} for label, by_seed in per_seed.items()}
   report = {"settings": settings, "domains": domains, "experts": names,
             "document_tokens": {d: ev.tokens[d].tolist() for d in domains},
-            "document_nll": {m: {d: v.tolist() for d, v in by_d.items()} for m, by_d in docs.items()},
+            "document_nll": {m: {d: v.tolist() for d, v in by_d.items()}
+                             for m, by_d in docs.items()},
             "per_seed_loss": per_seed_loss, "routing": plot}
   return {**report, **losses(report)}
 
@@ -304,10 +305,12 @@ def losses(report: dict) -> dict:
   for m, by_d in loss.items():
     groups = {"all": [d for d in report["domains"] if d in by_d],
               "closed": [d for d in report["domains"][1:] if d in by_d]}
-    average[m] = {g: _mean_with_interval(by_d, boot[m], ds, level) for g, ds in groups.items() if ds}
+    average[m] = {g: _mean_with_interval(by_d, boot[m], ds, level)
+                  for g, ds in groups.items() if ds}
   models = {m: v for m, v in loss.items() if not m.startswith("without_")}
   return {"loss": models,
-          "perplexity": {m: {d: math.exp(v) for d, v in by_d.items()} for m, by_d in models.items()},
+          "perplexity": {m: {d: math.exp(v) for d, v in by_d.items()}
+                         for m, by_d in models.items()},
           "loss_interval": {m: {d: list(stats.interval(boot[m][d], level)) for d in by_d}
                             for m, by_d in models.items()},
           "average": average,
@@ -355,7 +358,8 @@ def findings(report: dict) -> list[dict]:
     out.append({"finding": f"{name} beats the public model on every closed domain",
                 "verdict": stats.every(stats.verdict(lo, hi) for _, lo, hi in per.values()),
                 "intervals": {d: list(v) for d, v in per.items()},
-                "numbers": "loss difference " + ", ".join(_diff(f"{d} ", *v) for d, v in per.items())})
+                "numbers": "loss difference " + ", ".join(_diff(f"{d} ", *v)
+                                                          for d, v in per.items())})
     for base in (b for b in BASELINES if b in loss):
       est, lo, hi = diff(label, base, everything)
       geo = lambda m: math.exp(stats.mean_loss(loss[m], everything))
@@ -375,10 +379,11 @@ def findings(report: dict) -> list[dict]:
     own[d] = (rise(loss, d), margin(loss, max), *stats.interval(samples, level))
   if own:
     out.append({"finding": "removing an expert hurts mainly its own domain",
-                "verdict": stats.every(stats.verdict(lo, hi, side=1) for _, _, lo, hi in own.values()),
+                "verdict": stats.every(stats.verdict(lo, hi, side=1)
+                                       for _, _, lo, hi in own.values()),
                 "intervals": {d: list(v[1:]) for d, v in own.items()},
-                "numbers": ", ".join(_diff(f"-{d}: own loss {r:+.3f}, margin over the largest other "
-                                           "change ", est, lo, hi)
+                "numbers": ", ".join(_diff(f"-{d}: own loss {r:+.3f}, margin over the largest "
+                                           "other change ", est, lo, hi)
                                      for d, (r, est, lo, hi) in own.items())})
   subset = ["public"] + report["settings"]["ablation_domains"]
   for label in ("solo", "random_init", "no_bias"):
