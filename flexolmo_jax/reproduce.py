@@ -91,6 +91,8 @@ def options_from_flags() -> Options:
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
+# Below this many test documents a domain's bootstrap has too few distinct resamples to be read.
+FEW_DOCUMENTS = 10
 _START = time.perf_counter()
 
 
@@ -181,6 +183,9 @@ class Evaluator:
                                    self.keep[d], self.num_docs[d])
       self.docs[d] = counts > 0  # Documents with a scored token (not all inside a prefix).
       self.tokens[d] = counts[self.docs[d]]
+      if len(self.tokens[d]) < FEW_DOCUMENTS:
+        log(f"{d}: only {len(self.tokens[d])} test documents in {eval_batches} batches; its "
+            "bootstrap intervals understate the uncertainty (raise --eval_batches)")
 
   def __call__(self, name, score: scoring.BatchScorer) -> dict[str, np.ndarray]:
     """Scores every domain; logs the losses; returns each domain's per-document NLL sums (in the
