@@ -10,7 +10,12 @@ as FlexOlmo and scored like any model, by per-domain held-out perplexity:
   btx              the merged MoE with its router rows re-initialised at random (no bias), then
                    trained on public data only (router_tuning.train_router)
   prompt_routing   a hashed bag-of-words classifier (one-vs-rest, router_tuning's) sends each
-                   sequence, from its first tokens, to one expert; the model runs {public, chosen}
+                   sequence, from its first PROMPT_TOKENS tokens, to one expert; the model runs
+                   {public, chosen}. It learns only from the owners' proxy sets (public documents
+                   labelled by owner), never from closed-domain documents
+  soup_dense_uniform, soup_dense_weighted, btm_dense   the paper's members: the soups and BTM over
+                   the public model and DENSE fine-tunes of it on each domain (Parts.dense), every
+                   parameter averaged / every model a member
 
 Every baseline is a `Baseline`: `get(name, options).build(parts)` returns a
 `scoring.BatchScorer`, which evaluate, launch/sweep and reproduce score exactly as they score a
@@ -41,6 +46,10 @@ class Parts:
   public: tuple[ModelConfig, Mapping]
   merged: tuple[ModelConfig, Mapping, tuple[str, ...]]
   data: str
+  # Dense fine-tunes of the public model, one per closed domain ((domain, config, params), every
+  # parameter trained: configs/dense_base.py), the paper's members for BTM and the soups; only the
+  # *_dense baselines read them.
+  dense: tuple[tuple[str, ModelConfig, Mapping], ...] = ()
 
   @classmethod
   def from_merged(cls, config: ModelConfig, params, names: Sequence[str], data: str) -> "Parts":
@@ -55,6 +64,9 @@ class Options:
   btm_top_k: int = 2  # ensemble members mixed per token
   tune_steps: int = 100  # BTX router training steps
   seed: int = 0  # BTX router init and data order, prompt-router documents
+  # The owners' proxy sets ({domain: router_tuning.select_proxies(...)}) prompt routing learns
+  # from; None: each owner's set is selected here with `seed`, as the owner would on its machine.
+  proxies: Mapping[str, Mapping] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +109,37 @@ def _btx(parts: Parts, options: Options) -> scoring.BatchScorer:
 
 def _prompt_routing(parts: Parts, options: Options) -> scoring.BatchScorer:
   config, params, names = parts.merged
-  router = train_prompt_router(parts.data, names, seed=options.seed)
+  proxies = options.proxies
+  if proxies is None:  # The owners' step (each reads only its own domain), simulated here.
+    proxies = {n: router_tuning.select_proxies(parts.data, n, 200, seed=options.seed)
+               for n in names[1:]}
+  router = train_prompt_router(parts.data, proxies, seed=options.seed)
   return functools.partial(prompt_routing_perplexity, config.replace(top_k=2), params,
                            list(names), router, load_tokenizer(parts.data))
+
+
+def _dense_members(parts: Parts) -> list[tuple[ModelConfig, Mapping]]:
+  if not parts.dense:
+    raise ValueError("the *_dense baselines need dense fine-tunes of the public model on each "
+                     "domain (Parts.dense); train them with --config=configs/dense_base.py:DOMAIN "
+                     "(python -m flexolmo_jax.reproduce does)")
+  return [parts.public] + [(c, p) for _, c, p in parts.dense]
+
+
+def _soup_dense(parts: Parts, options: Options, weighted: bool) -> scoring.BatchScorer:
+  del options
+  members = _dense_members(parts)
+  weights = None
+  if weighted:
+    tokens = load_manifest(parts.data)["domains"]
+    owners = (corpus.PUBLIC, *(d for d, _, _ in parts.dense))
+    weights = [tokens[n]["train"]["tokens"] for n in owners]
+  return scoring.model_scorer(members[0][0], dense_soup([p for _, p in members], weights))
+
+
+def _btm_dense(parts: Parts, options: Options) -> scoring.BatchScorer:
+  members = [(c, p, None) for c, p in _dense_members(parts)]
+  return functools.partial(btm_perplexity, members, top_k=options.btm_top_k)
 
 
 # A new baseline is one entry here: name -> builder(parts, options) -> scoring.BatchScorer.
@@ -109,6 +149,9 @@ BUILDERS: dict[str, Callable[[Parts, Options], scoring.BatchScorer]] = {
     "btm": _btm,
     "btx": _btx,
     "prompt_routing": _prompt_routing,
+    "soup_dense_uniform": functools.partial(_soup_dense, weighted=False),
+    "soup_dense_weighted": functools.partial(_soup_dense, weighted=True),
+    "btm_dense": _btm_dense,
 }
 NAMES = tuple(BUILDERS)
 
@@ -126,18 +169,32 @@ dense_config = experts.dense_config  # The name tests and callers of this module
 # ----------------------------------------------------------------------------- model soup
 
 
+def _soup_weights(n: int, weights: Sequence[float] | None) -> np.ndarray:
+  """`n` weights summing to 1: uniform by default, else `weights` normalised."""
+  w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, np.float64)
+  if len(w) != n or np.any(w < 0) or w.sum() <= 0:
+    raise ValueError(f"soup weights {list(w)} must be {n} non-negative numbers, not all 0")
+  return w / w.sum()
+
+
 def soup_params(public_params, expert_trees: Sequence[Mapping],
                 weights: Sequence[float] | None = None):
   """Dense parameters whose FFN is sum_j w_j FFN_j over [public] + experts (w: uniform by default,
   else normalised to sum 1); every other tensor is the public model's."""
   ffns = [public_params["layers"]["mlp"]] + list(expert_trees)
-  w = np.full(len(ffns), 1.0 / len(ffns)) if weights is None else np.asarray(weights, np.float64)
-  if len(w) != len(ffns) or np.any(w < 0) or w.sum() <= 0:
-    raise ValueError(f"soup weights {list(w)} must be {len(ffns)} non-negative numbers, not all 0")
-  w = w / w.sum()
+  w = _soup_weights(len(ffns), weights)
   mlp = {k: sum(float(wj) * np.asarray(f[k], np.float64) for wj, f in zip(w, ffns)).astype(
       np.asarray(ffns[0][k]).dtype) for k in experts.FFN_KEYS}
   return {**public_params, "layers": {**public_params["layers"], "mlp": mlp}}
+
+
+def dense_soup(trees: Sequence[Mapping], weights: Sequence[float] | None = None):
+  """The parameter average sum_j w_j theta_j of whole dense models of one architecture (w:
+  uniform by default, else normalised to sum 1): the paper's soup of dense fine-tunes."""
+  w = _soup_weights(len(trees), weights)
+  return jax.tree.map(lambda *xs: sum(float(wj) * np.asarray(x, np.float64)
+                                      for wj, x in zip(w, xs)).astype(np.asarray(xs[0]).dtype),
+                      *trees)
 
 
 def soup_from_merged(config: ModelConfig, params, weights: Sequence[float] | None = None):
@@ -186,16 +243,18 @@ def _target_logprobs(config: ModelConfig, params, batch, expert_mask_E):
 
 
 def btm_perplexity(members: Sequence[tuple[ModelConfig, Mapping, np.ndarray | None]],
-                   batches: Iterable[Mapping[str, np.ndarray]], *, top_k: int) -> dict[str, float]:
-  """Perplexity of the Branch-Train-Merge ensemble of `members` ((config, params, expert_mask))."""
-  total, count = 0.0, 0.0
+                   batches: Iterable[Mapping[str, np.ndarray]], *, top_k: int,
+                   per_token: bool = False) -> dict:
+  """Perplexity of the Branch-Train-Merge ensemble of `members` ((config, params, expert_mask));
+  `per_token` as scoring.perplexity's."""
+  totals = scoring.TokenTotals(per_token)
   for batch in batches:
     logp = np.stack([np.asarray(_target_logprobs(c, p, batch, m)) for c, p, m in members])
     mask = batch["loss_mask"].astype(np.float64)
     log_w = btm_log_weights(prefix_loglik(logp, batch["positions"], mask), top_k)
     mixed = mixture_logprobs(log_w, logp.astype(np.float64))
-    total, count = total - float(np.sum(mixed * mask)), count + float(mask.sum())
-  return scoring.nll_result(total, count)
+    totals.add(-mixed * mask, mask)
+  return totals.result()
 
 
 # ----------------------------------------------------------------------------- BTX
@@ -251,24 +310,40 @@ class PromptRouter:
     return [self.classes[i] for i in np.argmax(self.scores(texts), axis=1)]
 
 
-def train_prompt_router(data_root: str, classes: Sequence[str], *, docs_per_class: int = 200,
-                        seed: int = 0) -> PromptRouter:
-  """A PromptRouter on up to `docs_per_class` training documents of each class's domain."""
-  rng = np.random.default_rng(seed)
-  texts = {}
-  for c in classes:
-    rows = corpus.read_text_split(data_root, c, "train")
-    texts[c] = [rows[i]["text"] for i in rng.permutation(len(rows))[:docs_per_class]]
-  return PromptRouter.fit(texts)
+def train_prompt_router(data_root: str, proxies: Mapping[str, Mapping], *,
+                        docs_per_class: int = 200, seed: int = 0) -> PromptRouter:
+  """A PromptRouter trained only on what the owners may share (docs/method.md, section 5): each
+  owner's proxy set (router_tuning.select_proxies: indices and hashes of PUBLIC training
+  documents), labelled by its domain, against `docs_per_class` other public documents as
+  "public". It reads the public split and nothing else: never a closed domain's documents or
+  labels (the paper's router is a zero-shot classifier, which saw none either)."""
+  rows = corpus.read_text_split(data_root, corpus.PUBLIC, "train")
+  router_tuning.check_proxies(data_root, rows, proxies)
+  texts = {d: [rows[i]["text"] for i in p["indices"][:docs_per_class]] for d, p in proxies.items()}
+  taken = {i for p in proxies.values() for i in p["indices"]}
+  order = np.random.default_rng(seed).permutation(len(rows))
+  # Tiny corpora can have every public document in some proxy set: then "public" draws from all.
+  rest = [i for i in order if i not in taken] or list(order)
+  return PromptRouter.fit({corpus.PUBLIC: [rows[i]["text"] for i in rest[:docs_per_class]],
+                           **texts})
+
+
+# Prompt routing chooses a row's expert from the row's first PROMPT_TOKENS tokens. Those tokens
+# are not scored, for prompt routing or for any other model (reproduce's Evaluator drops them
+# from every model's losses): a choice made after reading them would score them with look-ahead,
+# and every model must be compared on the same tokens.
+PROMPT_TOKENS = 32
 
 
 def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
                               router: PromptRouter, tokenizer,
                               batches: Iterable[Mapping[str, np.ndarray]], *,
-                              prompt_tokens: int = 32) -> dict:
+                              prompt_tokens: int = PROMPT_TOKENS, per_token: bool = False) -> dict:
   """Perplexity when each row runs on {public, the expert its first `prompt_tokens` tokens are
-  routed to}; also the share of rows sent to each expert."""
-  total, count, chosen = 0.0, 0.0, []
+  routed to}; also the share of rows sent to each expert. Every loss-masked token counts here (as
+  in every scorer); reproduce drops the first `prompt_tokens` of each row for every model."""
+  totals, chosen = scoring.TokenTotals(per_token), []
+  fn = scoring.jitted_token_nll(config)
   for batch in batches:
     rows = batch["tokens"].shape[0]
     texts = [tokenizer.decode([int(t) for t, s in zip(row[:prompt_tokens], seg[:prompt_tokens])
@@ -279,9 +354,8 @@ def prompt_routing_perplexity(config: ModelConfig, params, names: Sequence[str],
     mask[:, names.index("public")] = True
     for r, pick in enumerate(picks):
       mask[r, names.index(pick)] = True
-    nll, n = jax.device_get(scoring.jitted_nll_sum(config)(params, batch, mask))
+    totals.add(jax.device_get(fn(params, batch, mask)), batch["loss_mask"])
     real = batch["segment_ids"][:, 0] != 0  # Padding rows of a short final batch route nowhere.
     chosen += [p for p, ok in zip(picks, real) if ok]
-    total, count = total + float(nll), count + float(n)
   shares = {c: chosen.count(c) / max(len(chosen), 1) for c in router.classes}
-  return {**scoring.nll_result(total, count), "routed_to": shares}
+  return {**totals.result(), "routed_to": shares}

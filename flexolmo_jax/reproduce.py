@@ -1,12 +1,21 @@
 r"""The small end-to-end reproduction (launch/small_demo.sh runs it): FlexMix-mini -> public model
--> one expert per closed domain, each trained in its own process on its own domain only ->
-ablation experts -> merge -> router tuning -> FlexOlmo, baselines, ablations and opt-out scored
-by per-domain held-out perplexity -> the routing plot -> results.json / results.md with the
-paper's findings checked against the numbers.
+-> one expert and one dense fine-tune (the BTM and soup members) per closed domain, each trained
+in its own process on its own domain only -> ablation experts -> merge -> router tuning ->
+FlexOlmo, baselines, ablations and opt-out scored by per-document held-out loss on the same
+tokens -> the routing plot -> results.json / results.md with the paper's findings judged from
+bootstrap intervals (flexolmo_jax.stats: holds / does not hold / cannot tell).
+
+results.json: "loss" and "perplexity" {model: {domain: value}}, "loss_interval" {model: {domain:
+[lo, hi]}}, "average" {model: {"all"/"closed": {"loss", "perplexity" (geometric mean),
+"interval"}}}, "opt_out" {removed domain: {domain: perplexity}}, "per_seed_loss", the raw
+"document_tokens" {domain: [...]} and "document_nll" {model or "without_<domain>": {domain:
+[...]}} the intervals are computed from, "findings" and "settings".
 
   python -m flexolmo_jax.reproduce --workdir=runs [--public_steps=300 --expert_steps=40 --seeds=0,1,2 ...]
 
-The defaults take about 20 minutes on a quiet 2-core CPU; every stage prints progress.
+The defaults took about 20 minutes on a quiet 2-core CPU before the dense fine-tunes were added;
+they add one 40-step run per closed domain, about as long as the experts (about 5.5 minutes for
+six). Every stage prints progress.
 
 Every stage reuses finished work (a trained run, a merged artifact), so re-running continues.
 """
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -26,8 +36,8 @@ import numpy as np
 from absl import flags
 
 from flexolmo_jax import atomic, baselines, cli, merge, router_init, router_tuning, routing_analysis, runs
-from flexolmo_jax import scoring
-from flexolmo_jax.data import corpus
+from flexolmo_jax import scoring, stats
+from flexolmo_jax.data import corpus, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +91,8 @@ def options_from_flags() -> Options:
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
+# Below this many test documents a domain's bootstrap has too few distinct resamples to be read.
+FEW_DOCUMENTS = 10
 _START = time.perf_counter()
 
 
@@ -99,18 +111,26 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
   return path.exists() and json.loads(path.read_text()).get("step", 0) >= steps
 
 
-def _train_expert(opts: Options, root, domain, workdir, *overrides, module="flexolmo_jax.train"):
+def _train_for_expert_steps(opts: Options, root, workdir, config, *overrides,
+                            module="flexolmo_jax.train"):
+  """One run of `config` for the experts' step count (experts, ablations, dense fine-tunes)."""
   if _finished(workdir, opts.expert_steps):
     log(f"reusing {workdir}")
     return
-  _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}",
-       f"--config.data.path={root / 'data'}", f"--config.expert.public={root / 'public'}",
-       f"--config.steps={opts.expert_steps}", f"--config.eval_every={opts.expert_steps}",
+  _run(module, f"--config={config}", f"--workdir={workdir}",
+       f"--config.data.path={root / 'data'}", f"--config.steps={opts.expert_steps}",
+       f"--config.eval_every={opts.expert_steps}",
        f"--config.checkpoint_every={opts.expert_steps}", *overrides)
 
 
+def _train_expert(opts: Options, root, domain, workdir, *overrides, module="flexolmo_jax.train"):
+  _train_for_expert_steps(opts, root, workdir, f"configs/{domain}_expert.py",
+                          f"--config.expert.public={root / 'public'}", *overrides, module=module)
+
+
 def train_everything(opts: Options) -> None:
-  """Data, public model, experts and ablation experts, each in its own process."""
+  """Data, public model, experts, dense fine-tunes (the BTM and soup members) and ablation
+  experts, each in its own process."""
   root = pathlib.Path(opts.workdir)
   corpus_flags = [f"--{k}={getattr(opts, k)}" for k in ("max_docs_per_domain", "vocab_size")
                   if getattr(opts, k) is not None]
@@ -122,6 +142,9 @@ def train_everything(opts: Options) -> None:
          f"--config.data.path={root / 'data'}", f"--config.steps={opts.public_steps}")
   for domain in opts.domains:
     _train_expert(opts, root, domain, root / "experts" / domain)
+  for domain in opts.domains:  # The paper's BTM/soup members: every parameter, expert-long.
+    _train_for_expert_steps(opts, root, root / "dense" / domain, f"configs/dense_base.py:{domain}",
+                            f"--config.init_from={root / 'public'}")
   emb = root / "ablations" / "random_rows.npz"
   if not emb.exists():
     config, _, _ = runs.load_params(root / "public")
@@ -140,30 +163,61 @@ def train_everything(opts: Options) -> None:
 
 
 class Evaluator:
-  """Per-domain test perplexity of any model or baseline, on batches read once."""
+  """Per-document test losses of any model or baseline, on batches read once, on the same scored
+  tokens for every model: each row's first baselines.PROMPT_TOKENS tokens are dropped from every
+  model's losses, because prompt routing reads them to choose its expert (see baselines)."""
 
   def __init__(self, data: str, domains, eval_batches: int):
     self.batches = {d: list(scoring.domain_batches(data, d, "test", batch_size=EVAL_BATCH,
                                                    seq_len=EVAL_SEQ, max_batches=eval_batches))
                     for d in domains}
+    eos = load_tokenizer(data).eos_id
+    self.ids = {d: stats.document_ids(b, eos) for d, b in self.batches.items()}
+    after_prompt = np.arange(EVAL_SEQ) >= baselines.PROMPT_TOKENS
+    self.keep = {d: [(x["loss_mask"] > 0) & after_prompt for x in b]
+                 for d, b in self.batches.items()}
+    self.num_docs, self.docs, self.tokens = {}, {}, {}
+    for d in self.batches:
+      self.num_docs[d] = 1 + max(int(i.max()) for i in self.ids[d])
+      counts = stats.document_sums([k.astype(np.float64) for k in self.keep[d]], self.ids[d],
+                                   self.keep[d], self.num_docs[d])
+      self.docs[d] = counts > 0  # Documents with a scored token (not all inside a prefix).
+      self.tokens[d] = counts[self.docs[d]]
+      if len(self.tokens[d]) < FEW_DOCUMENTS:
+        log(f"{d}: only {len(self.tokens[d])} test documents in {eval_batches} batches; its "
+            "bootstrap intervals understate the uncertainty (raise --eval_batches)")
 
-  def __call__(self, name, score: scoring.BatchScorer) -> dict[str, float]:
-    """Scores every domain; logs and returns the perplexities."""
+  def __call__(self, name, score: scoring.BatchScorer) -> dict[str, np.ndarray]:
+    """Scores every domain; logs the losses; returns each domain's per-document NLL sums (in the
+    order of self.tokens)."""
     t = time.perf_counter()
-    scores = scoring.score_domains(score, self.batches)
-    out = {d: scores[d]["perplexity"] for d in self.batches}
-    log(f"{name}: " + " ".join(f"{d} {v:.2f}" for d, v in out.items())
-        + f" ({time.perf_counter() - t:.0f}s)")
-    return out
+    sums = {}
+    for d, b in self.batches.items():
+      rows = score(b, per_token=True)["token_nll"]
+      sums[d] = stats.document_sums(rows, self.ids[d], self.keep[d], self.num_docs[d])[self.docs[d]]
+    log(f"{name}: " + " ".join(f"{d} {_loss(v, self.tokens[d]):.3f}" for d, v in sums.items())
+        + f" nats ({time.perf_counter() - t:.0f}s)")
+    return sums
+
+
+def _loss(sums, tokens) -> float:
+  """A domain's mean token loss from its documents' NLL sums and token counts."""
+  return float(np.sum(sums) / np.sum(tokens))
 
 
 # The models whose training or routing depends on the seed; each is evaluated once per seed.
 SEEDED = ("flexolmo_router_tuned", "btx", "prompt_routing")
+# Baselines scored beside FlexOlmo; the *_dense ones average or ensemble dense fine-tunes.
+UNSEEDED_BASELINES = ("soup_uniform", "soup_weighted", "btm", "soup_dense_uniform",
+                      "soup_dense_weighted", "btm_dense")
+BASELINES = UNSEEDED_BASELINES + SEEDED[1:]
+BOOTSTRAP = {"resamples": 2000, "seed": 0, "level": 0.95}
 
 
 def seeded_models(opts: Options, ev: Evaluator, parts: baselines.Parts,
-                  seed: int) -> dict[str, dict[str, float]]:
-  """Router tuning (fresh proxy sets), BTX and prompt routing with one seed."""
+                  seed: int) -> dict[str, dict[str, np.ndarray]]:
+  """Router tuning (fresh proxy sets), BTX and prompt routing (on the same proxy sets) with one
+  seed: each one's per-document NLL sums."""
   config, params, _ = parts.merged
   tune_cfg = baselines.tune_config(parts.data, opts.tune_steps, seed)
   log(f"seed {seed}: proxy sets, then router tuning on them + a public slice")
@@ -172,52 +226,54 @@ def seeded_models(opts: Options, ev: Evaluator, parts: baselines.Parts,
   tuned, _ = router_tuning.train_router(config, params, records, tune_cfg)
   out = {"flexolmo_router_tuned": ev(f"flexolmo + router tuning (seed {seed})",
                                      scoring.model_scorer(config, tuned))}
-  options = baselines.Options(btm_top_k=opts.btm_top_k, tune_steps=opts.tune_steps, seed=seed)
-  log(f"seed {seed}: BTX, random router rows trained on public data")
+  options = baselines.Options(btm_top_k=opts.btm_top_k, tune_steps=opts.tune_steps, seed=seed,
+                              proxies=proxies)
+  log(f"seed {seed}: BTX, random router rows trained on public data; prompt routing trained on "
+      "the proxy sets")
   for name in ("btx", "prompt_routing"):
     out[name] = ev(f"{name} (seed {seed})", baselines.get(name, options).build(parts))
   return out
 
 
 def evaluate_everything(opts: Options) -> dict:
-  """Every model's per-domain perplexity, the routing report, and the run settings."""
+  """Every model's per-document, per-domain losses, the routing report, and the run settings."""
   root = pathlib.Path(opts.workdir)
   data = str(root / "data")
   domains = ["public", *opts.domains]
   ev = Evaluator(data, domains, opts.eval_batches)
   experts = {d: str(root / "experts" / d) for d in opts.domains}
   config, params, names = merge.assemble(root / "public", experts, top_k=opts.top_k)
-  ppl = {}
+  docs = {}  # {model: {domain: per-document NLL sums}}
   pub_config, pub_params, _ = runs.load_params(root / "public")
-  parts = baselines.Parts((pub_config, pub_params), (config, params, tuple(names)), data)
-  ppl["public"] = ev("public", scoring.model_scorer(pub_config, pub_params))
-  ppl["flexolmo"] = ev("flexolmo", scoring.model_scorer(config, params))
+  dense = tuple((d, *runs.load_params(root / "dense" / d)[:2]) for d in opts.domains)
+  parts = baselines.Parts((pub_config, pub_params), (config, params, tuple(names)), data, dense)
+  docs["public"] = ev("public", scoring.model_scorer(pub_config, pub_params))
+  docs["flexolmo"] = ev("flexolmo", scoring.model_scorer(config, params))
   options = baselines.Options(btm_top_k=opts.btm_top_k, tune_steps=opts.tune_steps)
-  for name in ("soup_uniform", "soup_weighted", "btm"):
-    label = f"btm (top-{opts.btm_top_k})" if name == "btm" else name
-    ppl[name] = ev(label, baselines.get(name, options).build(parts))
+  for name in UNSEEDED_BASELINES:
+    label = f"{name} (top-{opts.btm_top_k})" if name.startswith("btm") else name
+    docs[name] = ev(label, baselines.get(name, options).build(parts))
 
   per_seed = {label: {} for label in SEEDED}
   for seed in opts.seeds:
-    for label, values in seeded_models(opts, ev, parts, seed).items():
-      per_seed[label][str(seed)] = values
-  for label, by_seed in per_seed.items():
-    ppl[label] = {d: float(np.mean([v[d] for v in by_seed.values()])) for d in domains}
+    for label, sums in seeded_models(opts, ev, parts, seed).items():
+      per_seed[label][str(seed)] = sums
+  for label, by_seed in per_seed.items():  # The seeds' mean loss: the mean of their sums.
+    docs[label] = {d: np.mean([v[d] for v in by_seed.values()], axis=0) for d in domains}
 
   ablated = {d: experts[d] for d in opts.ablation_domains}
-  ppl["flexolmo_ablation_subset"] = ev(
+  docs["flexolmo_ablation_subset"] = ev(
       "flexolmo on the ablation domains",
       scoring.model_scorer(*merge.assemble(root / "public", ablated, top_k=opts.top_k)[:2]))
   for label in ("solo", "random_init", "no_bias"):
     paths = {d: str(root / "ablations" / label / d) for d in opts.ablation_domains}
     c, p, _ = merge.assemble(root / "public", paths, top_k=opts.top_k,
                              keep_bias=label != "no_bias")
-    ppl[f"ablation_{label}"] = ev(f"ablation {label}", scoring.model_scorer(c, p))
+    docs[f"ablation_{label}"] = ev(f"ablation {label}", scoring.model_scorer(c, p))
 
-  opt_out = {}
   for d in opts.domains:
     c, p, _ = merge.opt_out(config, params, names, [d])
-    opt_out[d] = ev(f"opt out {d}", scoring.model_scorer(c, p))
+    docs[f"without_{d}"] = ev(f"opt out {d}", scoring.model_scorer(c, p))
 
   log("routing analysis")
   shares = routing_analysis.domain_shares(config, params, data, domains, batch_size=EVAL_BATCH,
@@ -228,82 +284,175 @@ def evaluate_everything(opts: Options) -> dict:
   settings["ablation_domains"] = list(opts.ablation_domains)
   settings["seeds"] = list(opts.seeds)
   settings["top_k"] = config.top_k  # As clamped to the experts present.
-  settings["eval_tokens_per_domain"] = EVAL_BATCH * EVAL_SEQ * opts.eval_batches
-  return {"settings": settings, "domains": domains, "experts": names, "perplexity": ppl,
-          "per_seed": per_seed, "opt_out": opt_out, "routing": plot}
+  settings["unscored_prefix_tokens"] = baselines.PROMPT_TOKENS
+  settings["scored_tokens"] = {d: int(ev.tokens[d].sum()) for d in domains}
+  settings["bootstrap"] = dict(BOOTSTRAP)
+  per_seed_loss = {label: {seed: {d: _loss(v[d], ev.tokens[d]) for d in domains}
+                           for seed, v in by_seed.items()} for label, by_seed in per_seed.items()}
+  report = {"settings": settings, "domains": domains, "experts": names,
+            "document_tokens": {d: ev.tokens[d].tolist() for d in domains},
+            "document_nll": {m: {d: v.tolist() for d, v in by_d.items()}
+                             for m, by_d in docs.items()},
+            "per_seed_loss": per_seed_loss, "routing": plot}
+  return {**report, **losses(report)}
 
 
-def _avg(values: dict, domains) -> float:
-  return float(np.mean([values[d] for d in domains]))
+def losses(report: dict) -> dict:
+  """From the report's per-document sums: "loss" and "perplexity" {model: {domain: value}},
+  "loss_interval" {model: {domain: [lo, hi]}}, "average" {model: {"all"/"closed": {"loss",
+  "perplexity", "interval"}}} (averages over domains in loss: the perplexity is the geometric
+  mean), and "opt_out" {domain removed: {domain: perplexity}}."""
+  tokens, nll = report["document_tokens"], report["document_nll"]
+  boot = _bootstrap(report)
+  level = report["settings"]["bootstrap"]["level"]
+  loss = {m: {d: _loss(v, tokens[d]) for d, v in by_d.items()} for m, by_d in nll.items()}
+  average = {}
+  for m, by_d in loss.items():
+    groups = {"all": [d for d in report["domains"] if d in by_d],
+              "closed": [d for d in report["domains"][1:] if d in by_d]}
+    average[m] = {g: _mean_with_interval(by_d, boot[m], ds, level)
+                  for g, ds in groups.items() if ds}
+  models = {m: v for m, v in loss.items() if not m.startswith("without_")}
+  return {"loss": models,
+          "perplexity": {m: {d: math.exp(v) for d, v in by_d.items()}
+                         for m, by_d in models.items()},
+          "loss_interval": {m: {d: list(stats.interval(boot[m][d], level)) for d in by_d}
+                            for m, by_d in models.items()},
+          "average": average,
+          "opt_out": {m[len("without_"):]: {d: math.exp(v) for d, v in by_d.items()}
+                      for m, by_d in loss.items() if m.startswith("without_")}}
+
+
+def _mean_with_interval(loss, boot, domains, level) -> dict:
+  mean = stats.mean_loss(loss, domains)
+  return {"loss": mean, "perplexity": math.exp(mean),
+          "interval": list(stats.interval(stats.mean_loss(boot, domains), level))}
+
+
+def _bootstrap(report: dict) -> dict[str, dict[str, np.ndarray]]:
+  b = report["settings"]["bootstrap"]
+  return stats.bootstrap_losses(report["document_tokens"], report["document_nll"],
+                                resamples=b["resamples"], seed=b["seed"])
+
+
+def _diff(text: str, est: float, lo: float, hi: float) -> str:
+  return f"{text}{est:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def findings(report: dict) -> list[dict]:
-  """Each of the paper's findings, whether it holds here, and the numbers that decide it."""
-  ppl, closed = report["perplexity"], report["domains"][1:]
-  everything = report["domains"]
-  pub = ppl["public"]
+  """Each of the paper's findings, its verdict from the 95% bootstrap interval of the loss
+  difference that decides it (stats.verdict: holds / does not hold / cannot tell), and the
+  numbers. Differences are in mean token loss (nats), paired over the same documents."""
+  closed, everything = report["domains"][1:], report["domains"]
+  tokens = report["document_tokens"]
+  loss = {m: {d: _loss(v, tokens[d]) for d, v in by_d.items()}
+          for m, by_d in report["document_nll"].items()}
+  boot, level = _bootstrap(report), report["settings"]["bootstrap"]["level"]
+
+  def diff(a, b, domains):
+    """(estimate, lo, hi) of mean_loss(a) - mean_loss(b) over `domains`."""
+    est = stats.mean_loss(loss[a], domains) - stats.mean_loss(loss[b], domains)
+    samples = stats.mean_loss(boot[a], domains) - stats.mean_loss(boot[b], domains)
+    return (est, *stats.interval(samples, level))
+
   out = []
   for label, name in (("flexolmo", "FlexOlmo"), ("flexolmo_router_tuned", "FlexOlmo + router tuning")):
-    if label not in ppl:
+    if label not in loss:
       continue
-    flex = ppl[label]
+    per = {d: diff(label, "public", [d]) for d in closed}
     out.append({"finding": f"{name} beats the public model on every closed domain",
-                "holds": all(flex[d] < pub[d] for d in closed),
-                "numbers": ", ".join(f"{d} {flex[d]:.2f} vs {pub[d]:.2f}" for d in closed)})
-    for base in ("soup_uniform", "soup_weighted", "btm", "btx", "prompt_routing"):
+                "verdict": stats.every(stats.verdict(lo, hi) for _, lo, hi in per.values()),
+                "intervals": {d: list(v) for d, v in per.items()},
+                "numbers": "loss difference " + ", ".join(_diff(f"{d} ", *v)
+                                                          for d, v in per.items())})
+    for base in (b for b in BASELINES if b in loss):
+      est, lo, hi = diff(label, base, everything)
+      geo = lambda m: math.exp(stats.mean_loss(loss[m], everything))
       out.append({"finding": f"{name} beats {base} on average (all domains)",
-                  "holds": _avg(flex, everything) < _avg(ppl[base], everything),
-                  "numbers": f"{_avg(flex, everything):.2f} vs {_avg(ppl[base], everything):.2f}"})
-  flex = ppl["flexolmo"]
-  own = []
-  for d, values in report["opt_out"].items():
-    rise = {e: values[e] / flex[e] - 1 for e in everything}
-    own.append((d, rise[d], max(abs(v) for e, v in rise.items() if e != d)))
-  out.append({"finding": "removing an expert hurts mainly its own domain",
-              "holds": all(r > o for _, r, o in own),
-              "numbers": ", ".join(f"-{d}: own +{100 * r:.1f}%, others at most {100 * o:.1f}%"
-                                   for d, r, o in own)})
+                  "verdict": stats.verdict(lo, hi), "difference": est, "interval": [lo, hi],
+                  "numbers": f"perplexity {geo(label):.2f} vs {geo(base):.2f} (geometric mean); "
+                             + _diff("loss difference ", est, lo, hi)})
+  own = {}
+  for d in closed:
+    if f"without_{d}" not in loss:
+      continue
+    # The claim: the loss rise on d itself exceeds the largest change on any other domain.
+    rise = lambda source, e: source[f"without_{d}"][e] - source["flexolmo"][e]
+    margin = lambda source, largest: rise(source, d) - largest(
+        [abs(rise(source, e)) for e in everything if e != d])
+    samples = margin(boot, lambda xs: np.max(np.stack(xs), axis=0))
+    own[d] = (rise(loss, d), margin(loss, max), *stats.interval(samples, level))
+  if own:
+    out.append({"finding": "removing an expert hurts mainly its own domain",
+                "verdict": stats.every(stats.verdict(lo, hi, side=1)
+                                       for _, _, lo, hi in own.values()),
+                "intervals": {d: list(v[1:]) for d, v in own.items()},
+                "numbers": ", ".join(_diff(f"-{d}: own loss {r:+.3f}, margin over the largest "
+                                           "other change ", est, lo, hi)
+                                     for d, (r, est, lo, hi) in own.items())})
   subset = ["public"] + report["settings"]["ablation_domains"]
-  base = _avg(ppl["flexolmo_ablation_subset"], subset)
   for label in ("solo", "random_init", "no_bias"):
-    value = _avg(ppl[f"ablation_{label}"], subset)
+    if f"ablation_{label}" not in loss:
+      continue
+    est, lo, hi = diff(f"ablation_{label}", "flexolmo_ablation_subset", subset)
     out.append({"finding": f"ablation '{label}' hurts (average over {', '.join(subset)})",
-                "holds": value > base, "numbers": f"{value:.2f} vs FlexOlmo {base:.2f}"})
+                "verdict": stats.verdict(lo, hi, side=1), "difference": est, "interval": [lo, hi],
+                "numbers": _diff("loss difference vs FlexOlmo ", est, lo, hi)})
   return out
 
 
 def markdown(report: dict) -> str:
-  """The results table, opt-out table and findings as markdown."""
-  domains, ppl = report["domains"], report["perplexity"]
-  head = "| model | " + " | ".join(domains) + " | avg closed | avg all |"
-  rule = "|---" * (len(domains) + 3) + "|"
+  """The loss and perplexity tables, opt-out table and findings as markdown."""
+  domains, loss, avg = report["domains"], report["loss"], report["average"]
 
-  def row(name, values):
-    cells = [f"{values[d]:.2f}" if d in values else "" for d in domains]
-    closed = [d for d in domains[1:] if d in values]
-    return (f"| {name} | " + " | ".join(cells) + f" | {_avg(values, closed):.2f} | "
-            f"{_avg(values, [d for d in domains if d in values]):.2f} |")
+  def head(last):
+    return ["| model | " + " | ".join(domains) + f" | {last} closed | {last} all |",
+            "|---" * (len(domains) + 3) + "|"]
+
+  def avg_cell(m, group, key):
+    a = avg[m].get(group)
+    if a is None:
+      return ""
+    lo, hi = a["interval"]
+    return (f"{a['loss']:.3f} [{lo:.3f}, {hi:.3f}]" if key == "loss"
+            else f"{a['perplexity']:.2f} [{math.exp(lo):.2f}, {math.exp(hi):.2f}]")
+
+  def row(name, m, values, fmt, key):
+    cells = [fmt.format(values[d]) if d in values else "" for d in domains]
+    return (f"| {name} | " + " | ".join(cells)
+            + f" | {avg_cell(m, 'closed', key)} | {avg_cell(m, 'all', key)} |")
 
   s = report["settings"]
+  tokens = ", ".join(f"{d} {n} ({len(report['document_tokens'][d])} documents)"
+                     for d, n in s["scored_tokens"].items())
   lines = ["# FlexOlmo small reproduction", "",
-           f"Test perplexity per domain ({s['eval_tokens_per_domain']} tokens each); public model "
-           f"{s['public_steps']} steps, experts {s['expert_steps']} steps, top-{s['top_k']} of "
-           f"{len(report['experts'])} experts, seeds {s['seeds']} (seeded rows: mean); wall time "
-           f"{report['wall_seconds'] / 60:.1f} min.", "", head, rule]
-  lines += [row(name, values) for name, values in ppl.items()]
+           f"Public model {s['public_steps']} steps, experts and dense fine-tunes "
+           f"{s['expert_steps']} steps, top-{s['top_k']} of {len(report['experts'])} experts, "
+           f"seeds {s['seeds']} (seeded rows: mean of the seeds' losses); wall time "
+           f"{report['wall_seconds'] / 60:.1f} min. Every model is scored on the same test tokens "
+           f"(each row's first {s['unscored_prefix_tokens']} tokens, prompt routing's prefix, are "
+           f"not scored): {tokens}. Averages over domains are taken in loss (their perplexity is "
+           f"the geometric mean); brackets: {100 * s['bootstrap']['level']:.0f}% bootstrap "
+           f"interval over documents ({s['bootstrap']['resamples']} resamples; a domain with few "
+           f"documents gets a narrow interval that understates its uncertainty).", "",
+           "Mean test token loss (nats):", "", *head("avg")]
+  lines += [row(m, m, v, "{:.3f}", "loss") for m, v in loss.items()]
+  lines += ["", "Test perplexity:", "", *head("geo-mean")]
+  lines += [row(m, m, v, "{:.2f}", "perplexity") for m, v in report["perplexity"].items()]
   if len(s["seeds"]) > 1:
-    lines += ["", "Seed spread of the seeded models (average over all domains):", "",
+    lines += ["", "Seed spread of the seeded models (loss averaged over all domains):", "",
               "| model | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean | std |",
               "|---" * (len(s["seeds"]) + 3) + "|"]
-    for label, by_seed in report["per_seed"].items():
-      avgs = [_avg(v, domains) for v in by_seed.values()]
-      lines.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in avgs)
-                   + f" | {np.mean(avgs):.2f} | {np.std(avgs):.2f} |")
-  lines += ["", "Opt-out (FlexOlmo with one expert removed):", "", head, rule]
-  lines += [row(f"without {d}", v) for d, v in report["opt_out"].items()]
-  lines += ["", "## Findings", "", "| finding | holds here | numbers |", "|---|---|---|"]
-  lines += [f"| {f['finding']} | {'yes' if f['holds'] else 'NO'} | {f['numbers']} |"
-            for f in report["findings"]]
+    for label, by_seed in report["per_seed_loss"].items():
+      avgs = [stats.mean_loss(v, domains) for v in by_seed.values()]
+      lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in avgs)
+                   + f" | {np.mean(avgs):.3f} | {np.std(avgs):.3f} |")
+  lines += ["", "Opt-out (FlexOlmo with one expert removed), perplexity:", "", *head("geo-mean")]
+  lines += [row(f"without {d}", f"without_{d}", v, "{:.2f}", "perplexity")
+            for d, v in report["opt_out"].items()]
+  lines += ["", "## Findings", "", "| finding | verdict | numbers (nats, 95% interval) |",
+            "|---|---|---|"]
+  lines += [f"| {f['finding']} | {f['verdict']} | {f['numbers']} |" for f in report["findings"]]
   lines += ["", f"Routing: {report['routing']['png']}", ""]
   return "\n".join(lines)
 

@@ -145,17 +145,21 @@ def tuning_config(raw: Mapping) -> RouterTuningConfig:
   return RouterTuningConfig(**raw)
 
 
-def tuning_documents(data: str, proxies: Mapping[str, Mapping], public_slice: int,
-                     seed: int = 0) -> list[bytes]:
-  """Token records of the union of proxy sets plus `public_slice` other public documents."""
-  rows = corpus.read_text_split(data, corpus.PUBLIC, "train")
-  chosen = set()
+def check_proxies(data: str, rows: Sequence[Mapping], proxies: Mapping[str, Mapping]) -> None:
+  """Refuses a proxy set naming a document that `rows` (data's public training split) lacks."""
   for domain, proxy in proxies.items():
     for i, h in zip(proxy["indices"], proxy["hashes"]):
       if i >= len(rows) or rows[i]["hash"] != h:
         raise ValueError(f"proxy set {domain!r} names public document {i} ({h[:12]}...) that "
                          f"this corpus does not hold; select proxies on the same corpus ({data})")
-      chosen.add(i)
+
+
+def tuning_documents(data: str, proxies: Mapping[str, Mapping], public_slice: int,
+                     seed: int = 0) -> list[bytes]:
+  """Token records of the union of proxy sets plus `public_slice` other public documents."""
+  rows = corpus.read_text_split(data, corpus.PUBLIC, "train")
+  check_proxies(data, rows, proxies)
+  chosen = {i for proxy in proxies.values() for i in proxy["indices"]}
   rest = [i for i in np.random.default_rng(seed).permutation(len(rows)) if i not in chosen]
   indices = sorted(chosen) + sorted(int(i) for i in rest[:public_slice])
   (path,) = corpus.token_paths(data, [corpus.PUBLIC], "train")

@@ -2,8 +2,9 @@
 
 The evaluation side's one place for held-out domain batches (`domain_batches`) and per-domain loss
 (`perplexity`, `score_domains`): evaluate, the baselines, the sweep and the reproduction all
-score through it. A `BatchScorer` maps pipeline batches to {"nll", "perplexity", "tokens"}; a
-model is one (`model_scorer`), and so is every baseline (flexolmo_jax.baselines).
+score through it. A `BatchScorer` maps pipeline batches to {"nll", "perplexity", "tokens"} (and
+with per_token=True each token's NLL, from which reproduce builds per-document losses); a model
+is one (`model_scorer`), and so is every baseline (flexolmo_jax.baselines).
 
 Scoring follows lm-evaluation-harness: trailing whitespace of the context moves to the start of
 the continuation, the pair is tokenized as one string, and the continuation tokens are those after
@@ -138,19 +139,18 @@ class Scorer:
     return out
 
 
-def nll_sum(config: ModelConfig, params, batch, expert_mask=None):
-  """(summed next-token NLL, scored tokens) of one pipeline batch, with an [E] or per-row [B, E]
-  expert mask: the evaluation step every per-domain loss is built from."""
+def token_nll(config: ModelConfig, params, batch, expert_mask=None):
+  """[B, L] next-token NLL of one pipeline batch, 0 where loss_mask is 0, with an [E] or per-row
+  [B, E] expert mask: the evaluation step every per-domain loss is built from."""
   logp, _ = target_logprobs(config, params, batch["tokens"], batch["targets"], expert_mask,
                             batch["positions"], batch["segment_ids"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return -jnp.sum(logp * mask), jnp.sum(mask)
+  return -logp * batch["loss_mask"].astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=8)
-def jitted_nll_sum(config: ModelConfig):
-  """nll_sum of `config`, jitted once per config."""
-  return jax.jit(functools.partial(nll_sum, config), compiler_options=xla_options.large_gemms())
+def jitted_token_nll(config: ModelConfig):
+  """token_nll of `config`, jitted once per config."""
+  return jax.jit(functools.partial(token_nll, config), compiler_options=xla_options.large_gemms())
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -180,21 +180,44 @@ def nll_result(total: float, count: float) -> dict[str, float]:
   return {"nll": mean, "perplexity": math.exp(mean), "tokens": int(count)}
 
 
+class TokenTotals:
+  """Accumulates per-token NLLs ([B, L] per batch, 0 off the loss mask) in float64 into a
+  nll_result; with `per_token`, the result also holds "token_nll": the arrays themselves, one per
+  batch (reproduce builds per-document losses from them)."""
+
+  def __init__(self, per_token: bool):
+    self.total, self.count, self.rows = 0.0, 0.0, [] if per_token else None
+
+  def add(self, token_nll_BxL, loss_mask_BxL) -> None:
+    nll = np.asarray(token_nll_BxL, np.float64)
+    self.total += float(np.sum(nll))
+    self.count += float(np.sum(loss_mask_BxL))
+    if self.rows is not None:
+      self.rows.append(nll)
+
+  def result(self) -> dict:
+    out = nll_result(self.total, self.count)
+    return out if self.rows is None else {**out, "token_nll": self.rows}
+
+
 def perplexity(config: ModelConfig, params, batches: Iterable[Mapping[str, np.ndarray]], *,
-               expert_mask=None) -> dict[str, float]:
+               expert_mask=None, per_token: bool = False) -> dict:
   """Mean next-token NLL over every loss-masked token of `batches` (pipeline batches, see
-  flexolmo_jax.data.pipeline), its perplexity exp(NLL), and the token count."""
-  fn = jitted_nll_sum(config)
+  flexolmo_jax.data.pipeline), its perplexity exp(NLL), and the token count (and with
+  `per_token`, each token's NLL: TokenTotals)."""
+  fn = jitted_token_nll(config)
   mask = None if expert_mask is None else np.asarray(expert_mask, bool)
-  total, count, rows = 0.0, 0.0, None
+  totals, rows = TokenTotals(per_token), None
   for batch in batches:
     rows = rows or batch["tokens"].shape[0]
-    nll, n = jax.device_get(fn(params, pad_rows(batch, rows), mask))
-    total, count = total + float(nll), count + float(n)
-  return nll_result(total, count)
+    have = batch["tokens"].shape[0]
+    totals.add(jax.device_get(fn(params, pad_rows(batch, rows), mask))[:have], batch["loss_mask"])
+  return totals.result()
 
 
-BatchScorer = Callable[[Iterable[Mapping[str, np.ndarray]]], dict]
+# score(batches) -> {"nll", "perplexity", "tokens", ...}; score(batches, per_token=True) adds
+# "token_nll" (TokenTotals).
+BatchScorer = Callable[..., dict]
 
 
 def model_scorer(config: ModelConfig, params, expert_mask=None) -> BatchScorer:

@@ -1,6 +1,7 @@
 """Baselines on tiny models against hand-computed values: soup averages exactly, BTM weights are
 the softmax of prefix log-likelihoods over the top-k and its mixture is the hand-mixed one,
-prompt routing picks the argmax class and runs {public, chosen}, BTX trains only the router."""
+prompt routing picks the argmax class, runs {public, chosen} and learns only from public proxy
+documents, BTX trains only the router, the dense soups and BTM use the dense fine-tunes."""
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from flexolmo_jax import baselines as B
 from flexolmo_jax import evaluate, experts, router_tuning, scoring
-from flexolmo_jax.data import load_tokenizer
+from flexolmo_jax.data import corpus, load_manifest, load_tokenizer
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, init_params
 
@@ -175,3 +176,85 @@ def test_btx_starts_from_random_rows_and_trains_only_the_router(moe, corpus_dir)
   assert not np.array_equal(trained["layers"]["mlp"]["router"], rparams["layers"]["mlp"]["router"])
   for key in ("gate_proj", "up_proj", "down_proj"):
     np.testing.assert_array_equal(trained["layers"]["mlp"][key], params["layers"]["mlp"][key])
+
+
+def _public_proxies(corpus_dir):
+  """Hand-made proxy sets: public training documents 0-4 for math, 5-9 for code."""
+  rows = corpus.read_text_split(corpus_dir, corpus.PUBLIC, "train")
+  return rows, {d: {"indices": list(ids), "hashes": [rows[i]["hash"] for i in ids]}
+                for d, ids in (("math", range(5)), ("code", range(5, 10)))}
+
+
+def test_prompt_router_learns_only_from_public_proxy_documents(moe, corpus_dir, batches,
+                                                               monkeypatch):
+  rows, proxies = _public_proxies(corpus_dir)
+  reads, fitted = [], []
+  real_read, real_fit = corpus.read_text_split, B.PromptRouter.fit.__func__
+
+  def spy_read(data, domain, split):
+    reads.append((domain, split))
+    return real_read(data, domain, split)
+
+  def spy_fit(cls, texts_by_class, **options):
+    fitted.append(texts_by_class)
+    return real_fit(cls, texts_by_class, **options)
+
+  monkeypatch.setattr(corpus, "read_text_split", spy_read)
+  monkeypatch.setattr(B.PromptRouter, "fit", classmethod(spy_fit))
+  config, params = moe
+  parts = B.Parts.from_merged(config, params, NAMES, corpus_dir)
+  score = B.get("prompt_routing", B.Options(proxies=proxies)).build(parts)
+  assert set(reads) == {(corpus.PUBLIC, "train")}  # Never a closed domain's documents.
+  (texts,) = fitted
+  assert list(texts) == ["public", "math", "code"]
+  assert texts["math"] == [rows[i]["text"] for i in range(5)]  # Labels: the proxy sets' owners.
+  assert texts["code"] == [rows[i]["text"] for i in range(5, 10)]
+  assert not set(texts["public"]) & set(texts["math"] + texts["code"])
+  public_texts = {r["text"] for r in rows}
+  assert all(t in public_texts for group in texts.values() for t in group)
+  assert set(score(batches)["routed_to"]) == set(NAMES)
+  assert set(reads) == {(corpus.PUBLIC, "train")}
+  bad = {"math": {"indices": [0], "hashes": ["0" * 64]}}
+  with pytest.raises(ValueError, match="proxy set 'math' names public document 0"):
+    B.train_prompt_router(corpus_dir, bad)
+
+
+def test_per_token_scores_sum_to_the_loss(moe, batches):
+  config, params = moe
+  members = [_dense(1) + (None,), (config, params, np.array([True, True, False]))]
+  for got in (scoring.perplexity(config, params, batches, per_token=True),
+              B.btm_perplexity(members, batches, top_k=2, per_token=True)):
+    rows = got["token_nll"]
+    assert [r.shape for r in rows] == [b["tokens"].shape for b in batches]
+    assert all(np.all(r[b["loss_mask"] == 0] == 0) for r, b in zip(rows, batches))
+    assert sum(r.sum() for r in rows) / got["tokens"] == pytest.approx(got["nll"], rel=1e-12)
+  assert "token_nll" not in scoring.perplexity(config, params, batches)
+
+
+def test_dense_baselines_average_and_ensemble_the_dense_fine_tunes(moe, corpus_dir, batches):
+  config, params = moe
+  public, math_ft, code_ft = _dense(0), _dense(1), _dense(2)
+  parts = B.Parts(public, (config, params, tuple(NAMES)), corpus_dir,
+                  (("math",) + math_ft, ("code",) + code_ft))
+  want = B.btm_perplexity([m + (None,) for m in (public, math_ft, code_ft)], batches, top_k=2)
+  assert B.get("btm_dense", B.Options(btm_top_k=2)).build(parts)(batches) == want
+  tree = B.dense_soup([public[1], math_ft[1], code_ft[1]])
+  for get in (lambda p: p["embed"], lambda p: p["layers"]["attn"]["q_proj"],
+              lambda p: p["layers"]["mlp"]["up_proj"]):  # Every tensor is averaged.
+    np.testing.assert_allclose(get(tree), (get(public[1]) + get(math_ft[1]) + get(code_ft[1])) / 3,
+                               rtol=1e-6, atol=1e-7)
+  got = B.get("soup_dense_uniform").build(parts)(batches)
+  assert got == scoring.perplexity(public[0], tree, batches)
+  tokens = load_manifest(corpus_dir)["domains"]
+  weights = [tokens[d]["train"]["tokens"] for d in NAMES]
+  assert B.get("soup_dense_weighted").build(parts)(batches) == scoring.perplexity(
+      public[0], B.dense_soup([public[1], math_ft[1], code_ft[1]], weights), batches)
+  with pytest.raises(ValueError, match="need dense fine-tunes of the public model"):
+    B.get("btm_dense").build(B.Parts.from_merged(config, params, NAMES, corpus_dir))
+
+
+def test_prompt_router_public_class_falls_back_when_proxies_cover_every_public_document(corpus_dir):
+  rows = corpus.read_text_split(corpus_dir, corpus.PUBLIC, "train")
+  every = {"indices": list(range(len(rows))), "hashes": [r["hash"] for r in rows]}
+  router = B.train_prompt_router(corpus_dir, {"math": every}, docs_per_class=4)
+  assert router.classes == ["public", "math"]

@@ -1,62 +1,146 @@
-"""The reproduction's findings and tables from hand-made numbers (no training)."""
+"""The reproduction's findings and tables from hand-made per-document losses (no training)."""
 
-from flexolmo_jax import reproduce
+import math
+
+import numpy as np
+import pytest
+
+from flexolmo_jax import reproduce, stats
 
 DOMAINS = ["public", "math", "code"]
+TOKENS = [10, 20, 30, 40]
+# Each model's document NLLs are loss * tokens * SHAPE, so every model's domain loss is exactly the
+# given loss (sum(SHAPE * TOKENS) == sum(TOKENS)) and each resample scales a domain's loss (and a
+# difference on it) by the same factor, between 0.9 and 1.2: a nonzero difference keeps its sign.
+SHAPE = [1.2, 0.9, 1.0, 1.0]
+LOSSES = {
+    "public": {"public": 2.0, "math": 3.0, "code": 3.4},
+    "flexolmo": {"public": 2.1, "math": 1.5, "code": 1.8},  # Average 1.8 nats.
+    "soup_uniform": {"public": 2.5, "math": 2.1, "code": 2.2},
+    "soup_weighted": {"public": 2.5, "math": 2.1, "code": 2.2},
+    "btm": {"public": 2.0, "math": 1.4, "code": 1.6},  # Average 1.67 < FlexOlmo's.
+    "prompt_routing": {"public": 2.1, "math": 1.6, "code": 1.9},
+    "flexolmo_ablation_subset": {"public": 2.1, "math": 1.6, "code": 3.0},
+    "ablation_solo": {"public": 2.1, "math": 1.9, "code": 3.0},
+    "ablation_random_init": {"public": 2.1, "math": 1.6, "code": 3.0},  # Identical: no change.
+    "ablation_no_bias": {"public": 2.0, "math": 1.5, "code": 3.0},
+    "without_math": {"public": 2.1, "math": 2.9, "code": 1.85},  # Own +1.4, code +0.05.
+    "without_code": {"public": 2.1, "math": 2.2, "code": 1.9},  # Own +0.1, math +0.7.
+}
 
 
-def _report():
-  flex = {"public": 10.0, "math": 4.0, "code": 6.0}
-  ppl = {"public": {"public": 9.0, "math": 20.0, "code": 30.0}, "flexolmo": flex,
-         "soup_uniform": {"public": 12.0, "math": 8.0, "code": 9.0},
-         "soup_weighted": {"public": 12.0, "math": 8.0, "code": 9.0},
-         "btm": {"public": 9.0, "math": 4.0, "code": 5.0},  # Average 6.0 < FlexOlmo's 6.67.
-         "btx": {"public": 11.0, "math": 7.0, "code": 8.0},
-         "prompt_routing": {"public": 10.0, "math": 5.0, "code": 7.0},
-         "flexolmo_ablation_subset": {"public": 10.0, "math": 4.0},
-         "ablation_solo": {"public": 10.0, "math": 6.0},
-         "ablation_random_init": {"public": 10.0, "math": 5.0},
-         "ablation_no_bias": {"public": 9.0, "math": 4.0}}
-  opt_out = {"math": {"public": 10.0, "math": 20.0, "code": 6.6},  # own +400%, code +10%.
-             "code": {"public": 10.0, "math": 8.0, "code": 6.6}}  # own +10%, math +100%.
-  return {"settings": {"public_steps": 3, "expert_steps": 2, "top_k": 3, "btm_top_k": 2,
-                       "tune_steps": 1, "eval_batches": 1, "ablation_domains": ["math"], "seeds": [0, 1],
-                       "eval_tokens_per_domain": 1024},
-          "domains": DOMAINS, "experts": DOMAINS, "perplexity": ppl, "opt_out": opt_out,
-          "per_seed": {"btx": {"0": {"public": 10.0, "math": 6.0, "code": 8.0},
-                               "1": {"public": 12.0, "math": 8.0, "code": 8.0}}},
-          "routing": {"png": "routing.png"}, "wall_seconds": 60.0}
+def _docs(losses):
+  return {d: [v * t * s for t, s in zip(TOKENS, SHAPE)] for d, v in losses.items()}
 
 
-def test_findings_decide_each_claim_from_the_numbers():
-  got = {f["finding"]: (f["holds"], f["numbers"]) for f in reproduce.findings(_report())}
-  assert got["FlexOlmo beats the public model on every closed domain"] == (
-      True, "math 4.00 vs 20.00, code 6.00 vs 30.00")
-  assert got["FlexOlmo beats soup_uniform on average (all domains)"] == (True, "6.67 vs 9.67")
-  assert got["FlexOlmo beats btm on average (all domains)"] == (False, "6.67 vs 6.00")
-  holds, numbers = got["removing an expert hurts mainly its own domain"]
-  assert not holds and "-math: own +400.0%, others at most 10.0%" in numbers
-  assert "-code: own +10.0%, others at most 100.0%" in numbers
-  assert got["ablation 'solo' hurts (average over public, math)"] == (True, "8.00 vs FlexOlmo 7.00")
-  assert got["ablation 'no_bias' hurts (average over public, math)"] == (
-      False, "6.50 vs FlexOlmo 7.00")
+def _report(**extra_losses):
+  nll = {m: _docs(v) for m, v in {**LOSSES, **extra_losses}.items()}
+  # BTX: FlexOlmo's total on every domain, but better on some documents and worse on others.
+  nll["btx"] = {d: [v + s for v, s in zip(nll["flexolmo"][d], [6.0, -6.0, 6.0, -6.0])]
+                for d in DOMAINS}
+  report = {"settings": {"public_steps": 3, "expert_steps": 2, "top_k": 3, "btm_top_k": 2,
+                         "tune_steps": 1, "eval_batches": 1, "ablation_domains": ["math"],
+                         "seeds": [0, 1], "unscored_prefix_tokens": 32,
+                         "scored_tokens": {d: sum(TOKENS) for d in DOMAINS},
+                         "bootstrap": dict(reproduce.BOOTSTRAP)},
+            "domains": DOMAINS, "experts": DOMAINS,
+            "document_tokens": {d: TOKENS for d in DOMAINS}, "document_nll": nll,
+            "per_seed_loss": {"btx": {"0": {"public": 2.0, "math": 1.0, "code": 3.0},
+                                      "1": {"public": 2.0, "math": 2.0, "code": 5.0}}},
+            "routing": {"png": "routing.png"}, "wall_seconds": 60.0}
+  return {**report, **reproduce.losses(report)}
+
+
+def _findings(report):
+  return {f["finding"]: f for f in reproduce.findings(report)}
+
+
+def test_losses_perplexities_and_geometric_averages():
+  report = _report()
+  assert report["loss"]["flexolmo"] == pytest.approx(LOSSES["flexolmo"], rel=1e-12)
+  assert report["perplexity"]["flexolmo"]["math"] == pytest.approx(math.exp(1.5), rel=1e-12)
+  avg = report["average"]["flexolmo"]
+  assert avg["all"]["loss"] == pytest.approx(1.8, rel=1e-12)
+  # The average's perplexity is the geometric mean, exp(1.8) = 6.05, not the arithmetic mean of
+  # the perplexities (8.17 + 4.48 + 6.05) / 3 = 6.23.
+  assert avg["all"]["perplexity"] == pytest.approx(
+      (math.exp(2.1) * math.exp(1.5) * math.exp(1.8)) ** (1 / 3), rel=1e-12)
+  lo, hi = avg["closed"]["interval"]
+  assert 0.9 * 1.65 <= lo < 1.65 < hi <= 1.2 * 1.65
+  assert report["opt_out"]["math"]["math"] == pytest.approx(math.exp(2.9), rel=1e-12)
+  assert "without_math" not in report["loss"]
+
+
+def test_findings_decide_each_claim_from_the_intervals():
+  got = _findings(_report())
+  every = got["FlexOlmo beats the public model on every closed domain"]
+  assert every["verdict"] == stats.HOLDS
+  assert every["intervals"]["math"][0] == pytest.approx(-1.5, rel=1e-12)
+  assert every["numbers"].startswith("loss difference math -1.500 [")
+  soup = got["FlexOlmo beats soup_uniform on average (all domains)"]
+  assert soup["verdict"] == stats.HOLDS
+  assert soup["difference"] == pytest.approx(1.8 - 6.8 / 3, rel=1e-12)
+  assert soup["interval"][0] < soup["difference"] < soup["interval"][1] < 0
+  assert soup["numbers"].startswith("perplexity 6.05 vs 9.65 (geometric mean); loss difference "
+                                    "-0.467 [")
+  assert got["FlexOlmo beats btm on average (all domains)"]["verdict"] == stats.DOES_NOT_HOLD
+  assert got["FlexOlmo beats prompt_routing on average (all domains)"]["verdict"] == stats.HOLDS
+  btx = got["FlexOlmo beats btx on average (all domains)"]
+  assert btx["verdict"] == stats.CANNOT_TELL and btx["interval"][0] < 0 < btx["interval"][1]
+  opt = got["removing an expert hurts mainly its own domain"]
+  assert opt["verdict"] == stats.DOES_NOT_HOLD  # -code moves math more than code.
+  assert opt["intervals"]["math"][1] > 0 > opt["intervals"]["code"][2]
+  assert "-math: own loss +1.400, margin over the largest other change +1.350 [" in opt["numbers"]
+  assert "-code: own loss +0.100, margin over the largest other change -0.600 [" in opt["numbers"]
+  assert got["ablation 'solo' hurts (average over public, math)"]["verdict"] == stats.HOLDS
+  assert got["ablation 'no_bias' hurts (average over public, math)"]["verdict"] == \
+      stats.DOES_NOT_HOLD
+  assert got["ablation 'random_init' hurts (average over public, math)"]["verdict"] == \
+      stats.CANNOT_TELL
   assert not any("router tuning" in f for f in got)  # No tuned row, no tuned findings.
+  assert not any("dense" in f for f in got)  # Rows absent from the report are not judged.
 
 
 def test_router_tuned_flexolmo_gets_its_own_findings():
-  report = _report()
-  report["perplexity"]["flexolmo_router_tuned"] = {"public": 9.5, "math": 4.0, "code": 5.0}
-  got = {f["finding"]: (f["holds"], f["numbers"]) for f in reproduce.findings(report)}
-  assert got["FlexOlmo + router tuning beats btm on average (all domains)"] == (False, "6.17 vs 6.00")
-  assert got["FlexOlmo + router tuning beats the public model on every closed domain"][0]
+  got = _findings(_report(flexolmo_router_tuned={"public": 2.0, "math": 1.5, "code": 3.5},
+                          btm_dense={"public": 2.0, "math": 1.7, "code": 2.0}))
+  assert got["FlexOlmo + router tuning beats the public model on every closed domain"][
+      "verdict"] == stats.DOES_NOT_HOLD  # code 3.5 vs 3.4.
+  assert got["FlexOlmo + router tuning beats btm on average (all domains)"]["verdict"] == \
+      stats.DOES_NOT_HOLD
+  assert got["FlexOlmo beats btm_dense on average (all domains)"]["verdict"] == stats.HOLDS
 
 
 def test_markdown_has_every_model_opt_out_row_and_finding():
   report = _report()
   report["findings"] = reproduce.findings(report)
   text = reproduce.markdown(report)
-  assert "| flexolmo | 10.00 | 4.00 | 6.00 | 5.00 | 6.67 |" in text
-  assert "| flexolmo_ablation_subset | 10.00 | 4.00 |  | 4.00 | 7.00 |" in text
-  assert "| without math | 10.00 | 20.00 | 6.60 | 13.30 | 12.20 |" in text
-  assert text.count("| yes |") + text.count("| NO |") == len(report["findings"])
-  assert "| btx | 8.00 | 9.33 | 8.67 | 0.67 |" in text  # Per-seed averages, mean, std.
+  assert "| flexolmo | 2.100 | 1.500 | 1.800 | 1.650 [" in text
+  assert "| flexolmo | 8.17 | 4.48 | 6.05 | 5.21 [" in text  # Geometric means: exp(1.65), exp(1.8).
+  assert "| 6.05 [" in text.split("| flexolmo | 8.17")[1].split("\n")[0]
+  assert "| without math | 8.17 | 18.17 | 6.36 | 10.75 [" in text
+  verdicts = (stats.HOLDS, stats.DOES_NOT_HOLD, stats.CANNOT_TELL)
+  assert sum(text.count(f"| {v} |") for v in verdicts) == len(report["findings"])
+  assert "| btx | 2.000 | 3.000 | 2.500 | 0.500 |" in text  # Per-seed averages, mean, std.
+  assert "each row's first 32 tokens" in text and "math 100 (4 documents)" in text
+
+
+def test_evaluator_scores_every_model_on_the_tokens_after_the_routing_prefix(corpus_dir):
+  ev = reproduce.Evaluator(corpus_dir, ["math", "code"], eval_batches=1)
+
+  def scorer(nll_at):  # A stand-in model: NLL 1 wherever nll_at(position) holds.
+    def score(batches, per_token=False):
+      assert per_token
+      cols = nll_at(np.arange(reproduce.EVAL_SEQ))
+      return {"token_nll": [b["loss_mask"] * cols for b in batches]}
+    return score
+
+  prefix = reproduce.baselines.PROMPT_TOKENS
+  after = ev("after", scorer(lambda p: p >= prefix))
+  inside = ev("inside", scorer(lambda p: p < prefix))
+  for d in ("math", "code"):
+    batches = ev.batches[d]
+    want = sum(float(b["loss_mask"][:, prefix:].sum()) for b in batches)
+    assert after[d].sum() == ev.tokens[d].sum() == want  # Every token after the prefix counts...
+    assert not inside[d].any()  # ...and none inside it, whatever a model scores there.
+    np.testing.assert_array_equal(after[d], ev.tokens[d])  # Per document, too.
