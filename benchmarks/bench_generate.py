@@ -54,8 +54,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "flexolmo_jax serving dtype (weights, activations and KV cache); "
                            "transformers always runs float32.")
 _TORCH_THREADS = flags.DEFINE_integer(
-    "torch_threads", 1, "torch intra-op threads for transformers (0: torch's default). On this "
-    "shared 2-core machine 2 threads ran transformers' generate 10x slower than 1.")
+    "torch_threads", 0, "torch intra-op threads for transformers (0: torch's default, one per "
+    "core). On a machine shared with other jobs, 1 thread ran transformers' generate up to 10x "
+    "faster than 2 (docs/performance.md); measure on a quiet machine with the default.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls per decoder (best is kept).")
 _JSON = flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
 

@@ -1,7 +1,7 @@
 """flexolmo_jax vs transformers' FlexOlmoForCausalLM: the same model, weights and batch.
 
   python -m benchmarks.bench_vs_torch --sizes=d256,100m --shapes=8x256 [--passes=forward,train
-      --impls=jax,torch_eager,torch_sdpa,torch_compile --steps=3 --nomemory]
+      --impls=torch_eager,torch_sdpa,torch_compile,jax_ynnpack --steps=3 --nomemory]
 
 The grid is every size (tiny 1.2M, d256 7M, 25m, 100m) at every batch x seq shape (2x128, 8x256,
 4x1024), both passes, against torch eager, sdpa and sdpa + torch.compile; the flags select a
@@ -22,6 +22,9 @@ Rows, per case (size @ batch x seq):
             and the router weight are trained and gradient hooks zero expert 0's slices and
             router row 0 (AdamW with zero gradient and no decay leaves them unchanged). torch
             therefore also computes expert 0's weight gradients; we do not.
+  jax ynnpack (--impls=...,jax_ynnpack): ours compiled without flexolmo_jax.xla_options (XLA's
+            default YNNPACK GEMMs on CPU), to show what that option gives; the speed-up over
+            the best PyTorch row counts torch rows only.
 torch.compile's warm-up runs under a SIGALRM timeout (--compile_timeout); the alarm only acts
 when control returns to Python, so a compile can overrun it; the note gives the real time
 (inductor's on-disk cache makes repeat runs compile faster).
@@ -68,7 +71,8 @@ _SIZES = flags.DEFINE_list("sizes", ["tiny", "d256", "25m", "100m"], "Model size
 _SHAPES = flags.DEFINE_list("shapes", ["2x128", "8x256", "4x1024"], "batch x seq shapes.")
 _PASSES = flags.DEFINE_list("passes", ["forward", "train"], "forward and/or train.")
 _IMPLS = flags.DEFINE_list("impls", ["torch_eager", "torch_sdpa", "torch_compile"],
-                           "PyTorch rows: torch_eager, torch_sdpa, torch_compile (sdpa).")
+                           "Rows besides flexolmo_jax's: torch_eager, torch_sdpa, torch_compile "
+                           "(sdpa), jax_ynnpack (ours without xla_options' oneDNN GEMMs).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps per runner (0: the size's default).")
 _ATTENTION = flags.DEFINE_string("attention_impl", "chunked",
                                  "flexolmo_jax attention_impl (chunked: what the rows in "
@@ -94,9 +98,11 @@ SIZES = {
     "100m": (dict(vocab_size=8192, d_model=768, n_layers=8, n_heads=12, n_kv_heads=12,
                   ffn_hidden=2048), 3),
 }
-IMPLS = ("jax", "torch eager", "torch sdpa", "torch sdpa+compile")
-_IMPL_FLAGS = {"torch eager": "torch_eager", "torch sdpa": "torch_sdpa",
-               "torch sdpa+compile": "torch_compile"}
+IMPLS = ("jax", "jax ynnpack", "torch eager", "torch sdpa", "torch sdpa+compile")
+# "jax ynnpack": flexolmo_jax compiled without xla_options (FLEXOLMO_CPU_GEMMS=xla), to measure
+# what the oneDNN GEMM option gives; not a PyTorch row.
+_IMPL_FLAGS = {"jax ynnpack": "jax_ynnpack", "torch eager": "torch_eager",
+               "torch sdpa": "torch_sdpa", "torch sdpa+compile": "torch_compile"}
 
 
 def _shape(case):
@@ -187,6 +193,19 @@ def _jax_runners(size, kinds):
       jax.block_until_ready(metrics)
     out["train"] = (run, _jax_mem(compiled))
   return out, (moe_cfg, full, tokens)
+
+
+def _ynnpack_runners(size, kinds):
+  """_jax_runners compiled without xla_options' oneDNN GEMMs."""
+  before = os.environ.get(xla_options.ENV)
+  os.environ[xla_options.ENV] = "xla"
+  try:
+    return _jax_runners(size, kinds)
+  finally:
+    if before is None:
+      del os.environ[xla_options.ENV]
+    else:
+      os.environ[xla_options.ENV] = before
 
 
 def _jax_mem(compiled):
@@ -311,8 +330,9 @@ def _mem_worker(spec):
   public_cfg, moe_cfg, _ = _configs(size)
   tokens, targets = _batch(moe_cfg.vocab_size, batch, seq)
   on_gpu = jax.devices()[0].platform != "cpu"
-  if impl == "jax":
-    runners, _ = _jax_runners(size, (kind,))
+  if impl.startswith("jax"):
+    runners, _ = _ynnpack_runners(size, (kind,)) if impl == "jax ynnpack" else _jax_runners(
+        size, (kind,))
     fn = runners[kind][0]
   else:
     import torch  # pylint: disable=g-import-not-at-top
@@ -398,6 +418,10 @@ def _bench_case(case, peak_flops):
     convert.save_hf(moe_cfg, full, hf_dir)
     err = _check_logits(moe_cfg, full, tokens, hf_dir)
     for impl in impls[1:]:
+      if impl == "jax ynnpack":
+        for k, (fn, _) in _ynnpack_runners(case, kinds)[0].items():
+          runners[(impl, k)], notes[(impl, k)] = fn, f"{xla_options.ENV}=xla"
+        continue
       try:
         built = _torch_runners(case, impl, kinds, hf_dir, tokens, targets)
       except Exception as e:  # pylint: disable=broad-except
@@ -451,10 +475,10 @@ def _best_torch(rows):
   """{(case, pass): (flexolmo_jax tokens/s) / (best PyTorch tokens/s)}."""
   out = {}
   for case, kind, impl, rate, *_ in rows:
-    if impl == "jax" or rate is None:
+    if not impl.startswith("torch") or rate is None:
       continue
     ours = next(r[3] for r in rows if r[:3] == (case, kind, "jax"))
-    best = max(r[3] for r in rows if r[:2] == (case, kind) and r[2] != "jax" and r[3])
+    best = max(r[3] for r in rows if r[:2] == (case, kind) and r[2].startswith("torch") and r[3])
     out[(case, kind)] = None if ours is None else ours / best
   return out
 
