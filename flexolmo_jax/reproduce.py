@@ -4,9 +4,12 @@ ablation experts -> merge -> router tuning -> FlexOlmo, baselines, ablations and
 by per-domain held-out perplexity -> the routing plot -> results.json / results.md with the
 paper's findings checked against the numbers.
 
-  python -m flexolmo_jax.reproduce --workdir=runs [--public_steps=300 --expert_steps=40 --seeds=0,1,2 ...]
+  python -m flexolmo_jax.reproduce --workdir=runs [--scale=medium] [--public_steps=300 ...]
 
-The defaults take about 20 minutes on a quiet 2-core CPU; every stage prints progress.
+The default (small) tier takes about 20 minutes on a quiet 2-core CPU; `--scale=medium` (SCALES)
+trains a larger public model longer and each expert for several epochs of its domain, three
+times with seeds 0, 1, 2 (about 2 hours; docs/reproduction.md). Flags given explicitly override
+the tier's values. Every stage prints progress.
 
 Every stage reuses finished work (a trained run, a merged artifact), so re-running continues.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -26,7 +30,7 @@ import numpy as np
 from absl import flags
 
 from flexolmo_jax import atomic, baselines, cli, merge, router_init, router_tuning, routing_analysis, runs
-from flexolmo_jax import scoring
+from flexolmo_jax import routing_diagnostics, scoring
 from flexolmo_jax.data import corpus
 
 
@@ -46,6 +50,36 @@ class Options:
   # A smaller corpus for quick checks (the notebook's CI run); None keeps data prepare's defaults.
   max_docs_per_domain: int | None = None
   vocab_size: int | None = None
+  max_chars_per_domain: int | None = None  # Corpus: None keeps data prepare's default.
+  scale: str = "small"  # The tier these settings came from (SCALES).
+  public_config: str = "configs/public.py"
+  # > 0: each expert (and ablation) trains for this many epochs of its domain's train split
+  # (expert_steps_for), in place of expert_steps.
+  expert_epochs: float = 0.0
+  # Non-empty: everything trained (public model, experts, ablations) is trained once per seed,
+  # under <workdir>/seed<s>/ (training_dirs); empty: once, with seed 0, directly in <workdir>.
+  train_seeds: tuple[int, ...] = ()
+
+
+# The reproduction's tiers: the Options fields each sets (docs/reproduction.md has the budget).
+SCALES = {
+    "small": {},
+    "medium": dict(public_config="configs/public_medium.py", public_steps=1200,
+                   expert_epochs=3.0, max_chars_per_domain=400_000, seeds=(0, 1, 2),
+                   train_seeds=(0, 1, 2)),
+}
+# The flags that set Options fields of the same name (workdir also answers to --runs).
+_FIELD_FLAGS = ("workdir", "domains", "public_steps", "expert_steps", "ablation_domains",
+                "tune_steps", "top_k", "btm_top_k", "eval_batches", "seeds",
+                "max_docs_per_domain", "vocab_size", "max_chars_per_domain", "public_config",
+                "expert_epochs", "train_seeds")
+
+
+def scaled(scale: str, **overrides) -> Options:
+  """The Options of tier `scale` (SCALES), with `overrides` on top."""
+  if scale not in SCALES:
+    raise ValueError(f"--scale={scale} is not a tier; choose one of {', '.join(SCALES)}")
+  return dataclasses.replace(Options(), scale=scale, **{**SCALES[scale], **overrides})
 
 
 def define_flags() -> None:
@@ -69,15 +103,30 @@ def define_flags() -> None:
                     "ablation rows.")
   flags.DEFINE_integer("max_docs_per_domain", None, "Corpus: cap on documents per domain.")
   flags.DEFINE_integer("vocab_size", None, "Corpus: tokenizer vocabulary size.")
+  flags.DEFINE_integer("max_chars_per_domain", None, "Corpus: cap on characters per domain.")
+  flags.DEFINE_enum("scale", d.scale, list(SCALES), "The reproduction's tier: its settings for "
+                    "every flag not given explicitly (docs/reproduction.md).")
+  flags.DEFINE_string("public_config", d.public_config, "Config file of the public model.")
+  flags.DEFINE_float("expert_epochs", d.expert_epochs, "If > 0: each expert trains this many "
+                     "epochs of its domain (steps from its token count) in place of expert_steps.")
+  flags.DEFINE_list("train_seeds", [], "Train the public model, experts and ablations once per "
+                    "seed, under WORKDIR/seed<s>/ (empty: once, seed 0, in WORKDIR).")
 
 
 def options_from_flags() -> Options:
+  """The --scale tier's Options with every flag given explicitly on top."""
   f = flags.FLAGS
-  return Options(workdir=f.workdir, domains=tuple(f.domains), public_steps=f.public_steps,
-                 expert_steps=f.expert_steps, ablation_domains=tuple(f.ablation_domains),
-                 tune_steps=f.tune_steps, top_k=f.top_k, btm_top_k=f.btm_top_k,
-                 eval_batches=f.eval_batches, seeds=tuple(int(x) for x in f.seeds),
-                 max_docs_per_domain=f.max_docs_per_domain, vocab_size=f.vocab_size)
+  given = {}
+  for name in _FIELD_FLAGS:
+    if f[name].present or (name == "workdir" and f["runs"].present):
+      value = f[name].value
+      if name in ("seeds", "train_seeds"):
+        value = tuple(int(x) for x in value)
+      elif isinstance(value, list):
+        value = tuple(value)
+      given[name] = value
+  given.setdefault("workdir", f.workdir)
+  return scaled(f.scale, **given)
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
@@ -99,44 +148,114 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
   return path.exists() and json.loads(path.read_text()).get("step", 0) >= steps
 
 
-def _train_expert(opts: Options, root, domain, workdir, *overrides, module="flexolmo_jax.train"):
-  if _finished(workdir, opts.expert_steps):
+# Expert training batches (configs/expert_base.py): tokens per step = batch x sequence length.
+EXPERT_BATCH, EXPERT_SEQ = 16, 128
+ABLATIONS = ("solo", "random_init", "no_bias")
+
+
+def training_dirs(opts: Options) -> dict[int, pathlib.Path]:
+  """seed -> the directory holding that seed's trained models: public/, experts/<domain>/,
+  ablations/<solo|random_init|no_bias>/<domain>/ (and ablations/random_rows.npz). Without
+  train_seeds: {0: workdir}, the small tier's layout; with them: {s: workdir/seed<s>}. The
+  corpus is workdir/data for every seed."""
+  root = pathlib.Path(opts.workdir)
+  if not opts.train_seeds:
+    return {0: root}
+  return {s: root / f"seed{s}" for s in opts.train_seeds}
+
+
+def expert_steps_for(opts: Options, data: pathlib.Path, domain: str) -> int:
+  """An expert's training steps: expert_steps, or with expert_epochs that many epochs of the
+  domain's train tokens (the corpus manifest's count) in EXPERT_BATCH x EXPERT_SEQ batches."""
+  if opts.expert_epochs <= 0:
+    return opts.expert_steps
+  tokens = corpus.load_manifest(str(data))["domains"][domain]["train"]["tokens"]
+  return max(1, math.ceil(opts.expert_epochs * tokens / (EXPERT_BATCH * EXPERT_SEQ)))
+
+
+# Validation batches per domain of an expert run's evaluations (loss and routing diagnostics).
+DIAGNOSTIC_BATCHES = 2
+
+
+def _train_expert(opts: Options, root, seed, domain, workdir, *overrides,
+                  module="flexolmo_jax.train"):
+  data = pathlib.Path(opts.workdir) / "data"
+  steps = expert_steps_for(opts, data, domain)
+  if _finished(workdir, steps):
     log(f"reusing {workdir}")
     return
+  extra = [f"--config.eval_every={steps}"]
+  if opts.expert_epochs > 0:
+    # Warmup a tenth of the run (the small tier's config: 30 of 40 steps); four evaluations,
+    # so that the routing diagnostics draw a curve.
+    extra = [f"--config.optim.warmup_steps={max(1, steps // 10)}",
+             f"--config.eval_every={max(1, steps // 4)}"]
+  if opts.train_seeds:
+    extra += [f"--config.seed={seed}", f"--config.data.seed={seed}"]
+  if module == "flexolmo_jax.train":
+    # Routing diagnostics on every domain's validation text (routing_diagnostics.py): the
+    # researcher's view; the run still trains on its own domain only.
+    extra += [f"--config.eval_domains={('public', *opts.domains)!r}",
+              f"--config.eval_batches={DIAGNOSTIC_BATCHES}"]
   _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}",
-       f"--config.data.path={root / 'data'}", f"--config.expert.public={root / 'public'}",
-       f"--config.steps={opts.expert_steps}", f"--config.eval_every={opts.expert_steps}",
-       f"--config.checkpoint_every={opts.expert_steps}", *overrides)
+       f"--config.data.path={data}", f"--config.expert.public={root / 'public'}",
+       f"--config.steps={steps}", f"--config.checkpoint_every={steps}", *extra, *overrides)
 
 
 def train_everything(opts: Options) -> None:
-  """Data, public model, experts and ablation experts, each in its own process."""
-  root = pathlib.Path(opts.workdir)
-  corpus_flags = [f"--{k}={getattr(opts, k)}" for k in ("max_docs_per_domain", "vocab_size")
+  """Data, then per training seed (training_dirs) the public model, experts and ablation
+  experts, each in its own process."""
+  data = pathlib.Path(opts.workdir) / "data"
+  corpus_flags = [f"--{k}={getattr(opts, k)}"
+                  for k in ("max_docs_per_domain", "vocab_size", "max_chars_per_domain")
                   if getattr(opts, k) is not None]
-  _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}", *corpus_flags)
-  if _finished(root / "public", opts.public_steps):
-    log("reusing the public model")
-  else:
-    _run("flexolmo_jax.train", "--config=configs/public.py", f"--workdir={root / 'public'}",
-         f"--config.data.path={root / 'data'}", f"--config.steps={opts.public_steps}")
-  for domain in opts.domains:
-    _train_expert(opts, root, domain, root / "experts" / domain)
-  emb = root / "ablations" / "random_rows.npz"
-  if not emb.exists():
-    config, _, _ = runs.load_params(root / "public")
-    rng = np.random.default_rng(opts.seeds[0])
-    rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
-            for d in ("public",) + opts.ablation_domains}
-    emb.parent.mkdir(parents=True, exist_ok=True)
-    router_init.save_embeddings(str(emb), rows)
-  for domain in opts.ablation_domains:
-    _train_expert(opts, root, domain, root / "ablations" / "solo" / domain,
-                  module="flexolmo_jax.solo_expert")
-    _train_expert(opts, root, domain, root / "ablations" / "random_init" / domain,
-                  f"--config.expert.router_embeddings={emb}")
-    _train_expert(opts, root, domain, root / "ablations" / "no_bias" / domain,
-                  "--config.expert.bias=false")
+  _run("flexolmo_jax.data", "prepare", f"--out={data}", *corpus_flags)
+  for seed, root in training_dirs(opts).items():
+    seed_flags = ([f"--config.seed={seed}", f"--config.data.seed={seed}"] if opts.train_seeds
+                  else [])
+    if _finished(root / "public", opts.public_steps):
+      log(f"reusing the public model in {root / 'public'}")
+    else:
+      _run("flexolmo_jax.train", f"--config={opts.public_config}",
+           f"--workdir={root / 'public'}", f"--config.data.path={data}",
+           f"--config.steps={opts.public_steps}", *seed_flags)
+    for domain in opts.domains:
+      _train_expert(opts, root, seed, domain, root / "experts" / domain)
+    emb = root / "ablations" / "random_rows.npz"
+    if not emb.exists():
+      config, _, _ = runs.load_params(root / "public")
+      rng = np.random.default_rng(seed if opts.train_seeds else opts.seeds[0])
+      rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
+              for d in ("public",) + opts.ablation_domains}
+      emb.parent.mkdir(parents=True, exist_ok=True)
+      router_init.save_embeddings(str(emb), rows)
+    for domain in opts.ablation_domains:
+      _train_expert(opts, root, seed, domain, root / "ablations" / "solo" / domain,
+                    module="flexolmo_jax.solo_expert")
+      _train_expert(opts, root, seed, domain, root / "ablations" / "random_init" / domain,
+                    f"--config.expert.router_embeddings={emb}")
+      _train_expert(opts, root, seed, domain, root / "ablations" / "no_bias" / domain,
+                    "--config.expert.bias=false")
+
+
+def plot_routing_diagnostics(opts: Options) -> dict[str, str]:
+  """One routing-diagnostics plot (routing_diagnostics.plot) per trained expert and ablation
+  expert with diagnostics, into <workdir>/results/routing_diagnostics/; returns
+  {"seed<s>/<experts|ablation>/<domain>": png path}."""
+  out_dir = pathlib.Path(opts.workdir) / "results" / "routing_diagnostics"
+  plots = {}
+  for seed, root in training_dirs(opts).items():
+    runs_with_diagnostics = [("experts", d, root / "experts" / d) for d in opts.domains]
+    runs_with_diagnostics += [(label, d, root / "ablations" / label / d)
+                              for label in ABLATIONS if label != "solo"
+                              for d in opts.ablation_domains]
+    for label, domain, workdir in runs_with_diagnostics:
+      name = f"seed{seed}/{label}/{domain}"
+      plots[name] = routing_diagnostics.plot(
+          workdir / runs.METRICS, out_dir / f"seed{seed}_{label}_{domain}.png",
+          title=f"Routing diagnostics: {domain} expert ({label}, seed {seed}), mean over layers")
+  log(f"routing diagnostics: {len(plots)} plots in {out_dir}")
+  return plots
 
 
 class Evaluator:
@@ -324,7 +443,9 @@ def reproduce(opts: Options) -> dict:
   root = pathlib.Path(opts.workdir)
   use_compilation_cache(root)
   train_everything(opts)
+  diagnostics = plot_routing_diagnostics(opts)
   report = evaluate_everything(opts)
+  report["routing_diagnostics"] = diagnostics
   report["wall_seconds"] = time.perf_counter() - _START
   report["findings"] = findings(report)
   out = root / "results"

@@ -1,5 +1,11 @@
-"""The reproduction's findings and tables from hand-made numbers (no training)."""
+"""The reproduction's findings and tables from hand-made numbers, and the stage commands of
+each tier (no training)."""
 
+import json
+
+import pytest
+
+from flexolmo_jax import config as C
 from flexolmo_jax import reproduce
 
 DOMAINS = ["public", "math", "code"]
@@ -60,3 +66,65 @@ def test_markdown_has_every_model_opt_out_row_and_finding():
   assert "| without math | 10.00 | 20.00 | 6.60 | 13.30 | 12.20 |" in text
   assert text.count("| yes |") + text.count("| NO |") == len(report["findings"])
   assert "| btx | 8.00 | 9.33 | 8.67 | 0.67 |" in text  # Per-seed averages, mean, std.
+
+
+def _recorded_training(tmp_path, monkeypatch, opts):
+  """The stage commands train_everything runs for `opts` (nothing is trained)."""
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "manifest.json").write_text(json.dumps({"domains": {
+      "math": {"train": {"tokens": 10_000}}, "code": {"train": {"tokens": 4_000}}}}))
+  commands = []
+  monkeypatch.setattr(reproduce, "_run", lambda *args: commands.append(args))
+  monkeypatch.setattr(reproduce.runs, "load_params", lambda path: (C.tiny(), None, None))
+  reproduce.train_everything(opts)
+  return commands
+
+
+def test_medium_tier_trains_everything_once_per_seed_in_its_own_directory(tmp_path, monkeypatch):
+  opts = reproduce.scaled("medium", workdir=str(tmp_path), domains=("math", "code"),
+                          ablation_domains=("math",))
+  assert opts.train_seeds == opts.seeds == (0, 1, 2) and opts.expert_epochs == 3.0
+  assert reproduce.training_dirs(opts) == {s: tmp_path / f"seed{s}" for s in (0, 1, 2)}
+  commands = _recorded_training(tmp_path, monkeypatch, opts)
+  assert commands[0] == ("flexolmo_jax.data", "prepare", f"--out={tmp_path / 'data'}",
+                         "--max_chars_per_domain=400000")
+  for seed in (0, 1, 2):
+    root = tmp_path / f"seed{seed}"
+    runs_of_seed = [c for c in commands if any(a.startswith(f"--workdir={root}/") for a in c)]
+    public, math_expert, code_expert, solo, random_init, no_bias = runs_of_seed
+    assert {"--config=configs/public_medium.py", f"--config.seed={seed}",
+            f"--config.data.seed={seed}", "--config.steps=1200"} <= set(public)
+    assert {f"--workdir={root / 'experts' / 'math'}", f"--config.expert.public={root / 'public'}",
+            "--config.steps=15",  # ceil(3 epochs x 10000 tokens / (16 x 128)).
+            "--config.optim.warmup_steps=1", "--config.eval_every=3",
+            f"--config.data.seed={seed}", "--config.eval_domains=('public', 'math', 'code')"
+            } <= set(math_expert)
+    assert "--config.steps=6" in code_expert  # ceil(3 x 4000 / 2048).
+    assert solo[0] == "flexolmo_jax.solo_expert"
+    assert not any(a.startswith("--config.eval_domains") for a in solo)  # Dense: no routing.
+    assert f"--config.expert.router_embeddings={root / 'ablations' / 'random_rows.npz'}" in random_init
+    assert "--config.expert.bias=false" in no_bias
+    assert (root / "ablations" / "random_rows.npz").exists()
+  assert len(commands) == 1 + 3 * 6
+
+
+def test_small_tier_keeps_its_layout_and_steps(tmp_path, monkeypatch):
+  opts = reproduce.scaled("small", workdir=str(tmp_path), domains=("math",),
+                          ablation_domains=("math",))
+  assert opts == reproduce.Options(workdir=str(tmp_path), domains=("math",),
+                                   ablation_domains=("math",))
+  assert reproduce.training_dirs(opts) == {0: tmp_path}
+  commands = _recorded_training(tmp_path, monkeypatch, opts)
+  public, expert = commands[1], commands[2]
+  assert public == ("flexolmo_jax.train", "--config=configs/public.py",
+                    f"--workdir={tmp_path / 'public'}", f"--config.data.path={tmp_path / 'data'}",
+                    "--config.steps=300")
+  assert {f"--workdir={tmp_path / 'experts' / 'math'}", "--config.steps=40",
+          "--config.eval_every=40", "--config.checkpoint_every=40"} <= set(expert)
+  assert not any("seed" in a or "warmup" in a for a in expert)
+
+
+def test_unknown_scale_is_refused_naming_the_tiers():
+  with pytest.raises(ValueError, match="choose one of small, medium"):
+    reproduce.scaled("large")
