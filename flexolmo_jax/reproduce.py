@@ -32,6 +32,8 @@ from absl import flags
 from flexolmo_jax import atomic, baselines, cli, merge, router_init, router_tuning, routing_analysis, runs
 from flexolmo_jax import routing_diagnostics, scoring
 from flexolmo_jax.data import corpus
+from flexolmo_jax.data import pipeline as data_pipeline
+from flexolmo_jax.data.config import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +55,12 @@ class Options:
   max_chars_per_domain: int | None = None  # Corpus: None keeps data prepare's default.
   scale: str = "small"  # The tier these settings came from (SCALES).
   public_config: str = "configs/public.py"
-  # > 0: each expert (and ablation) trains for this many epochs of its domain's train split
+  # > 0: each expert (and ablation) trains for this many epochs of its owner's data
   # (expert_steps_for), in place of expert_steps.
   expert_epochs: float = 0.0
+  # > 0: an owner's data is the first documents of its domain's train split holding this many
+  # tokens (owner_data; data.train_subset of its runs); 0: the whole split.
+  expert_tokens: int = 0
   # Non-empty: everything trained (public model, experts, ablations) is trained once per seed,
   # under <workdir>/seed<s>/ (training_dirs); empty: once, with seed 0, directly in <workdir>.
   train_seeds: tuple[int, ...] = ()
@@ -64,15 +69,15 @@ class Options:
 # The reproduction's tiers: the Options fields each sets (docs/reproduction.md has the budget).
 SCALES = {
     "small": {},
-    "medium": dict(public_config="configs/public_medium.py", public_steps=1200,
-                   expert_epochs=3.0, max_chars_per_domain=400_000, seeds=(0, 1, 2),
+    "medium": dict(public_config="configs/public_medium.py", public_steps=500,
+                   expert_epochs=3.0, expert_tokens=65_536, seeds=(0, 1, 2),
                    train_seeds=(0, 1, 2)),
 }
 # The flags that set Options fields of the same name (workdir also answers to --runs).
 _FIELD_FLAGS = ("workdir", "domains", "public_steps", "expert_steps", "ablation_domains",
                 "tune_steps", "top_k", "btm_top_k", "eval_batches", "seeds",
                 "max_docs_per_domain", "vocab_size", "max_chars_per_domain", "public_config",
-                "expert_epochs", "train_seeds")
+                "expert_epochs", "expert_tokens", "train_seeds")
 
 
 def scaled(scale: str, **overrides) -> Options:
@@ -109,6 +114,8 @@ def define_flags() -> None:
   flags.DEFINE_string("public_config", d.public_config, "Config file of the public model.")
   flags.DEFINE_float("expert_epochs", d.expert_epochs, "If > 0: each expert trains this many "
                      "epochs of its domain (steps from its token count) in place of expert_steps.")
+  flags.DEFINE_integer("expert_tokens", d.expert_tokens, "If > 0: each owner's data is the first "
+                       "documents of its domain's train split holding this many tokens.")
   flags.DEFINE_list("train_seeds", [], "Train the public model, experts and ablations once per "
                     "seed, under WORKDIR/seed<s>/ (empty: once, seed 0, in WORKDIR).")
 
@@ -164,13 +171,38 @@ def training_dirs(opts: Options) -> dict[int, pathlib.Path]:
   return {s: root / f"seed{s}" for s in opts.train_seeds}
 
 
-def expert_steps_for(opts: Options, data: pathlib.Path, domain: str) -> int:
-  """An expert's training steps: expert_steps, or with expert_epochs that many epochs of the
-  domain's train tokens (the corpus manifest's count) in EXPERT_BATCH x EXPERT_SEQ batches."""
+def owner_data(opts: Options, data: pathlib.Path, domain: str) -> tuple[int, int]:
+  """(documents, tokens) an expert of `domain` trains on: with expert_tokens, the first
+  documents of the domain's train split that hold at least that many tokens (its runs'
+  data.train_subset); otherwise, or when the split is smaller, all of it (documents 0)."""
+  if opts.expert_tokens > 0:
+    records = data_pipeline.documents(DataConfig(path=str(data), domains=(domain,)), "train")
+    tokens = 0
+    for i in range(len(records)):
+      tokens += len(records[i]) // 4  # int32 ids, EOS included.
+      if tokens >= opts.expert_tokens:
+        return i + 1, tokens
+  return 0, corpus.load_manifest(str(data))["domains"][domain]["train"]["tokens"]
+
+
+def expert_steps_for(opts: Options, tokens: int) -> int:
+  """An expert's training steps: expert_steps, or with expert_epochs that many epochs of its
+  owner's `tokens` in EXPERT_BATCH x EXPERT_SEQ batches."""
   if opts.expert_epochs <= 0:
     return opts.expert_steps
-  tokens = corpus.load_manifest(str(data))["domains"][domain]["train"]["tokens"]
   return max(1, math.ceil(opts.expert_epochs * tokens / (EXPERT_BATCH * EXPERT_SEQ)))
+
+
+def expert_data_flags(opts: Options, domain: str) -> tuple[list[str], int]:
+  """(the --config flags that give a run on `domain` its owner's data, the steps of one expert
+  run on it); every run trained on an owner's data (experts, ablations) uses both."""
+  data = pathlib.Path(opts.workdir) / "data"
+  documents, tokens = owner_data(opts, data, domain)
+  flags_ = [f"--config.data.path={data}"]
+  if documents:
+    subset = {domain: documents}
+    flags_.append(f"--config.data.train_subset={subset!r}")
+  return flags_, expert_steps_for(opts, tokens)
 
 
 # Validation batches per domain of an expert run's evaluations (loss and routing diagnostics).
@@ -179,8 +211,7 @@ DIAGNOSTIC_BATCHES = 2
 
 def _train_expert(opts: Options, root, seed, domain, workdir, *overrides,
                   module="flexolmo_jax.train"):
-  data = pathlib.Path(opts.workdir) / "data"
-  steps = expert_steps_for(opts, data, domain)
+  data_flags, steps = expert_data_flags(opts, domain)
   if _finished(workdir, steps):
     log(f"reusing {workdir}")
     return
@@ -197,8 +228,8 @@ def _train_expert(opts: Options, root, seed, domain, workdir, *overrides,
     # researcher's view; the run still trains on its own domain only.
     extra += [f"--config.eval_domains={('public', *opts.domains)!r}",
               f"--config.eval_batches={DIAGNOSTIC_BATCHES}"]
-  _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}",
-       f"--config.data.path={data}", f"--config.expert.public={root / 'public'}",
+  _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}", *data_flags,
+       f"--config.expert.public={root / 'public'}",
        f"--config.steps={steps}", f"--config.checkpoint_every={steps}", *extra, *overrides)
 
 
