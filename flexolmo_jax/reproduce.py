@@ -218,9 +218,10 @@ def _train_expert(opts: Options, root, seed, domain, workdir, *overrides,
   extra = [f"--config.eval_every={steps}"]
   if opts.expert_epochs > 0:
     # Warmup a tenth of the run (the small tier's config: 30 of 40 steps); four evaluations,
-    # so that the routing diagnostics draw a curve.
+    # so that the routing diagnostics draw a curve (fit evaluates only on logged steps).
+    every = max(1, steps // 4)
     extra = [f"--config.optim.warmup_steps={max(1, steps // 10)}",
-             f"--config.eval_every={max(1, steps // 4)}"]
+             f"--config.eval_every={every}", f"--config.log_every={every}"]
   if opts.train_seeds:
     extra += [f"--config.seed={seed}", f"--config.data.seed={seed}"]
   if module == "flexolmo_jax.train":

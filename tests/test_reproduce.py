@@ -104,7 +104,7 @@ def test_medium_tier_trains_everything_once_per_seed_in_its_own_directory(tmp_pa
             f"--config.data.seed={seed}", "--config.steps=500"} <= set(public)
     assert {f"--workdir={root / 'experts' / 'math'}", f"--config.expert.public={root / 'public'}",
             "--config.steps=15",  # ceil(3 epochs x 10000 tokens / (16 x 128)).
-            "--config.optim.warmup_steps=1", "--config.eval_every=3",
+            "--config.optim.warmup_steps=1", "--config.eval_every=3", "--config.log_every=3",
             f"--config.data.seed={seed}", "--config.eval_domains=('public', 'math', 'code')",
             "--config.data.train_subset={'math': 7}"} <= set(math_expert)
     assert "--config.steps=6" in code_expert  # ceil(3 x 4000 / 2048).
