@@ -25,7 +25,8 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from flexolmo_jax import distributed, objective, precision, runs, sharding, train_state, xla_options
+from flexolmo_jax import distributed, objective, precision, routing_diagnostics, runs, sharding
+from flexolmo_jax import train_state, xla_options
 from flexolmo_jax import data as data_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.manifest import Manifest
@@ -88,8 +89,10 @@ def _non_finite(what: str, step: int, manager, workdir) -> NonFiniteError:
 
 
 def evaluate_domains(data_cfg, eval_fn, trainable, frozen, domains: Sequence[str],
-                     eval_batches: int, batch_sharding) -> dict[str, float]:
-  """Validation loss per domain over up to eval_batches batches of its validation split.
+                     eval_batches: int, batch_sharding, row_change_LxD=None) -> dict[str, float]:
+  """Validation loss per domain over up to eval_batches batches of its validation split, and,
+  when eval_fn returns routing sums (objective.make_eval_step's diagnose_expert), the routing
+  diagnostics (routing_diagnostics.metrics, with the router row's change `row_change_LxD`).
 
   On several hosts every host must run the same number of steps with full batches (each step
   is one global computation), so the split repeats and exactly eval_batches batches are read.
@@ -98,18 +101,28 @@ def evaluate_domains(data_cfg, eval_fn, trainable, frozen, domains: Sequence[str
   out = {}
   for domain in domains:
     cfg = data_cfg.replace(domains=(domain,), shuffle=False)
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, None
     batches = iter(data_lib.make_pipeline(
         cfg, "validation", num_epochs=None if multi_host else 1,
         drop_remainder=multi_host, batch_size=distributed.host_batch_size(cfg.batch_size)))
     for _, batch in zip(range(eval_batches), batches):
       batch = (distributed.global_batch(batch, batch_sharding) if multi_host
                else {k: jnp.asarray(v) for k, v in batch.items()})
-      loss_sum, n = eval_fn(trainable, frozen, batch)
+      loss_sum, n, routing = eval_fn(trainable, frozen, batch)
       total, count = total + float(loss_sum), count + float(n)
+      sums = routing if sums is None else jax.tree.map(jnp.add, sums, routing)
     if count:
       out[f"val_loss/{domain}"] = total / count
+    if sums:
+      out.update(routing_diagnostics.metrics(domain, jax.device_get(sums), row_change_LxD))
   return out
+
+
+def _host_value(x) -> np.ndarray:
+  """A (possibly sharded over several hosts) array's whole value on this host."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def _dp_key(workdir: pathlib.Path, secrets_dir: str):
@@ -164,10 +177,18 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
       in_shardings=(state_shardings, None, batch_sharding),
       out_shardings=(state_shardings, None), donate_argnums=0,
       compiler_options=xla_options.large_gemms()))
-  eval_fn = on_mesh(mesh, jax.jit(objective.make_eval_step(model_config, part),
-                                  compiler_options=xla_options.large_gemms()))
-  evaluate = lambda params: evaluate_domains(config.data, eval_fn, params, frozen, eval_domains,
-                                             config.eval_batches, batch_sharding)
+  # Expert runs log the new expert's routing diagnostics (routing_diagnostics.py) with every
+  # evaluation; its router row's change is measured from the row it started from.
+  diagnose = part.name == "expert"
+  initial_row = _host_value(trainable["router"]) if diagnose else None
+  eval_fn = on_mesh(mesh, jax.jit(
+      objective.make_eval_step(model_config, part,
+                               model_config.num_experts - 1 if diagnose else None),
+      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+      compiler_options=xla_options.large_gemms()))
+  evaluate = lambda params: evaluate_domains(
+      config.data, eval_fn, params, frozen, eval_domains, config.eval_batches, batch_sharding,
+      _host_value(params["router"]) - initial_row if diagnose else None)
 
   manager = runs.checkpoint_manager(workdir, keep=config.keep_checkpoints,
                                     async_save=config.async_checkpoint)

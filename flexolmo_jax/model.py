@@ -4,9 +4,9 @@
 Parameters are a plain nested dict; layers are scanned, so every layer parameter carries a
 leading [n_layers] axis. Every parameter dimension has a logical axis name (see sharding.py).
 Routing statistics are sown into the "router_stats" collection when it is mutable, each token's
-routing decisions into "routing" (routing_counts). Attention runs through attention.py
-(`config.attention_impl`); KV-cached decoding is this same module with the "cache" collection
-(init_cache, Transformer's `cache_index`).
+routing decisions and router probabilities into "routing" (routing_counts, routing_probs).
+Attention runs through attention.py (`config.attention_impl`); KV-cached decoding is this same
+module with the "cache" collection (init_cache, Transformer's `cache_index`).
 
 Shape suffixes: B batch, L length, D d_model, H query heads, K kv heads, G = H // K, Dh head
 dim, F ffn hidden, E experts, V vocab.
@@ -171,6 +171,7 @@ class Mlp(nn.Module, _ParamMixin):
       if allowed_TxE is not None:
         routed_TxE &= allowed_TxE
       self.sow("routing", "routed", routed_TxE.reshape(batch, length, E))
+      self.sow("routing", "probs", routing.probs_TxE.reshape(batch, length, E))  # routing_probs.
     cast = lambda w: jax.tree.map(lambda a: a.astype(dtype), w)  # A list per expert, or stacked.
     weights = (cast(gate), cast(up), cast(down))
     if decode and self.has_variable(DECODE_WEIGHTS, "ffn"):
@@ -341,6 +342,13 @@ def routing_counts(state, valid_BxL):
   (routed_NxBxLxE,) = state["routing"]["layers"]["mlp"]["routed"]
   return jnp.einsum("nble,bl->nbe", routed_NxBxLxE.astype(jnp.float32),
                     jnp.asarray(valid_BxL, jnp.float32))
+
+
+def routing_probs(state, valid_BxL):
+  """[n_layers, B, E] float32: each expert's router probability (softmax over all experts,
+  before top-k) summed over the valid tokens, from the same state as routing_counts."""
+  (probs_NxBxLxE,) = state["routing"]["layers"]["mlp"]["probs"]
+  return jnp.einsum("nble,bl->nbe", probs_NxBxLxE, jnp.asarray(valid_BxL, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -28,6 +28,7 @@ class Routing(NamedTuple):
   z_loss: jax.Array  # mean over tokens of logsumexp(router logits)^2.
   load_E: jax.Array  # fraction of token-slots routed to each expert (sums to 1).
   mean_prob_E: jax.Array  # mean router probability of each expert.
+  probs_TxE: jax.Array  # float32 router probability of every expert for each token.
 
   @property
   def load_balancing_loss(self) -> jax.Array:
@@ -69,7 +70,7 @@ def route(
   z_loss = jnp.mean(jax.nn.logsumexp(logits_TxE, axis=-1) ** 2)
   slots_E = jnp.zeros((num_experts,), jnp.float32).at[top_experts_TxK.reshape(-1)].add(1.0)
   return Routing(top_weights_TxK, top_experts_TxK.astype(jnp.int32), z_loss,
-                 slots_E / top_experts_TxK.size, jnp.mean(probs_TxE, axis=0))
+                 slots_E / top_experts_TxK.size, jnp.mean(probs_TxE, axis=0), probs_TxE)
 
 
 def swiglu(x, w_gate, w_up, w_down):

@@ -11,11 +11,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flexolmo_jax import dp
+from flexolmo_jax import dp, routing_diagnostics
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer
 from flexolmo_jax.partition import Partition
 from flexolmo_jax.train_config import LossConfig, TrainConfig
+
+
+def _forward(model_config: ModelConfig, params, batch, mutable):
+  return Transformer(model_config).apply(
+      {"params": params}, batch["tokens"], positions=batch["positions"],
+      segment_ids=batch["segment_ids"], mutable=mutable)
+
+
+def _token_sums(logits, batch):
+  """(summed next-token cross-entropy, summed logsumexp(logits)^2) over the loss mask."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  return jnp.sum((log_z - target_logit) * mask), jnp.sum(log_z**2 * mask)
 
 
 def loss_terms(model_config: ModelConfig, params, batch, loss_cfg, num_tokens):
@@ -23,24 +37,24 @@ def loss_terms(model_config: ModelConfig, params, batch, loss_cfg, num_tokens):
 
   Returns the objective to differentiate and per-term metrics. Token terms are divided by the
   whole batch's token count, so gradient accumulation over microbatches is exact.
+
+  Router terms are SUMMED over layers, one loss per router, as in OLMo-core, the reference
+  trainer: each `MoERouter.forward` (olmo_core/nn/moe/router.py, ai2-olmo-core 3.0.0) scales its
+  own layer's `router_z_loss` (olmo_core/nn/moe/loss.py) by the weight and attaches it to its
+  layer's output (`attach_auxiliary_loss`), so the objective gets weight * z_l for every layer l.
+  The metrics `router_z_loss` and `load_balancing` are those sums (unweighted).
   """
-  logits, state = Transformer(model_config).apply(
-      {"params": params}, batch["tokens"], positions=batch["positions"],
-      segment_ids=batch["segment_ids"], mutable=["router_stats"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  ce = jnp.sum((log_z - target_logit) * mask) / num_tokens
-  z = jnp.sum(log_z**2 * mask) / num_tokens
+  logits, state = _forward(model_config, params, batch, ["router_stats"])
+  ce, z = (total / num_tokens for total in _token_sums(logits, batch))
   objective = ce + loss_cfg.z_loss * z
   metrics = {"ce": ce, "z_loss": z}
   if model_config.is_moe:
     stats = state["router_stats"]["layers"]["mlp"]
     (router_z,), (load,), (mean_prob,) = stats["z_loss"], stats["load"], stats["mean_prob"]
-    lb = model_config.num_experts * jnp.sum(load * mean_prob, axis=-1)
-    objective += loss_cfg.router_z_loss * jnp.mean(router_z) + loss_cfg.load_balancing * jnp.mean(lb)
-    metrics.update(router_z_loss=jnp.mean(router_z), load_balancing=jnp.mean(lb),
-                   expert_load=jnp.mean(load, axis=0))
+    router_z = jnp.sum(router_z)
+    lb = jnp.sum(model_config.num_experts * jnp.sum(load * mean_prob, axis=-1))
+    objective += loss_cfg.router_z_loss * router_z + loss_cfg.load_balancing * lb
+    metrics.update(router_z_loss=router_z, load_balancing=lb, expert_load=jnp.mean(load, axis=0))
   return objective, metrics
 
 
@@ -109,10 +123,21 @@ def make_train_step(config: TrainConfig, model_config: ModelConfig, part: Partit
   return step
 
 
-def make_eval_step(model_config: ModelConfig, part: Partition):
-  """(trainable, frozen, batch) -> (summed token loss, token count)."""
+def make_eval_step(model_config: ModelConfig, part: Partition, diagnose_expert: int | None = None):
+  """(trainable, frozen, batch) -> (summed token loss, token count, routing sums).
+
+  With `diagnose_expert` (an expert index of an MoE), the routing sums are that expert's
+  routing_diagnostics.batch_sums over the batch's real tokens, from the same forward pass;
+  otherwise they are {}.
+  """
   def eval_step(trainable, frozen, batch):
     params = part.join(trainable, frozen)
-    terms, _ = loss_terms(model_config, params, batch, LossConfig(0.0, 0.0, 0.0), 1.0)
-    return terms, jnp.sum(batch["loss_mask"])
+    count = jnp.sum(batch["loss_mask"])
+    if diagnose_expert is None:
+      terms, _ = loss_terms(model_config, params, batch, LossConfig(0.0, 0.0, 0.0), 1.0)
+      return terms, count, {}
+    logits, state = _forward(model_config, params, batch, ["routing", "intermediates"])
+    ce, _ = _token_sums(logits, batch)
+    return ce, count, routing_diagnostics.batch_sums(state, batch["segment_ids"] != 0,
+                                                     diagnose_expert)
   return eval_step

@@ -11,11 +11,13 @@ results.json: "loss" and "perplexity" {model: {domain: value}}, "loss_interval" 
 "document_tokens" {domain: [...]} and "document_nll" {model or "without_<domain>": {domain:
 [...]}} the intervals are computed from, "findings" and "settings".
 
-  python -m flexolmo_jax.reproduce --workdir=runs [--public_steps=300 --expert_steps=40 --seeds=0,1,2 ...]
+  python -m flexolmo_jax.reproduce --workdir=runs [--scale=medium] [--public_steps=300 ...]
 
-The defaults took about 20 minutes on a quiet 2-core CPU before the dense fine-tunes were added;
-they add one 40-step run per closed domain, about as long as the experts (about 5.5 minutes for
-six). Every stage prints progress.
+The small tier took about 20 minutes on a quiet 2-core CPU before the dense fine-tunes were
+added (one expert-long run per closed domain, about as long as the experts: about 5.5 minutes for
+six); `--scale=medium` (SCALES) trains a larger public model longer and each expert for several
+epochs of its domain, three times with seeds 0, 1, 2 (docs/reproduction.md). Flags given
+explicitly override the tier's values. Every stage prints progress.
 
 Every stage reuses finished work (a trained run, a merged artifact), so re-running continues.
 """
@@ -36,8 +38,10 @@ import numpy as np
 from absl import flags
 
 from flexolmo_jax import atomic, baselines, cli, merge, router_init, router_tuning, routing_analysis, runs
-from flexolmo_jax import scoring, stats
+from flexolmo_jax import routing_diagnostics, scoring, stats
 from flexolmo_jax.data import corpus, load_tokenizer
+from flexolmo_jax.data import pipeline as data_pipeline
+from flexolmo_jax.data.config import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,39 @@ class Options:
   # A smaller corpus for quick checks (the notebook's CI run); None keeps data prepare's defaults.
   max_docs_per_domain: int | None = None
   vocab_size: int | None = None
+  max_chars_per_domain: int | None = None  # Corpus: None keeps data prepare's default.
+  scale: str = "small"  # The tier these settings came from (SCALES).
+  public_config: str = "configs/public.py"
+  # > 0: each expert (and ablation) trains for this many epochs of its owner's data
+  # (expert_steps_for), in place of expert_steps.
+  expert_epochs: float = 0.0
+  # > 0: an owner's data is the first documents of its domain's train split holding this many
+  # tokens (owner_data; data.train_subset of its runs); 0: the whole split.
+  expert_tokens: int = 0
+  # Non-empty: everything trained (public model, experts, ablations) is trained once per seed,
+  # under <workdir>/seed<s>/ (training_dirs); empty: once, with seed 0, directly in <workdir>.
+  train_seeds: tuple[int, ...] = ()
+
+
+# The reproduction's tiers: the Options fields each sets (docs/reproduction.md has the budget).
+SCALES = {
+    "small": {},
+    "medium": dict(public_config="configs/public_medium.py", public_steps=500,
+                   expert_epochs=3.0, expert_tokens=65_536, seeds=(0, 1, 2),
+                   train_seeds=(0, 1, 2)),
+}
+# The flags that set Options fields of the same name (workdir also answers to --runs).
+_FIELD_FLAGS = ("workdir", "domains", "public_steps", "expert_steps", "ablation_domains",
+                "tune_steps", "top_k", "btm_top_k", "eval_batches", "seeds",
+                "max_docs_per_domain", "vocab_size", "max_chars_per_domain", "public_config",
+                "expert_epochs", "expert_tokens", "train_seeds")
+
+
+def scaled(scale: str, **overrides) -> Options:
+  """The Options of tier `scale` (SCALES), with `overrides` on top."""
+  if scale not in SCALES:
+    raise ValueError(f"--scale={scale} is not a tier; choose one of {', '.join(SCALES)}")
+  return dataclasses.replace(Options(), scale=scale, **{**SCALES[scale], **overrides})
 
 
 def define_flags() -> None:
@@ -79,15 +116,32 @@ def define_flags() -> None:
                     "ablation rows.")
   flags.DEFINE_integer("max_docs_per_domain", None, "Corpus: cap on documents per domain.")
   flags.DEFINE_integer("vocab_size", None, "Corpus: tokenizer vocabulary size.")
+  flags.DEFINE_integer("max_chars_per_domain", None, "Corpus: cap on characters per domain.")
+  flags.DEFINE_enum("scale", d.scale, list(SCALES), "The reproduction's tier: its settings for "
+                    "every flag not given explicitly (docs/reproduction.md).")
+  flags.DEFINE_string("public_config", d.public_config, "Config file of the public model.")
+  flags.DEFINE_float("expert_epochs", d.expert_epochs, "If > 0: each expert trains this many "
+                     "epochs of its domain (steps from its token count) in place of expert_steps.")
+  flags.DEFINE_integer("expert_tokens", d.expert_tokens, "If > 0: each owner's data is the first "
+                       "documents of its domain's train split holding this many tokens.")
+  flags.DEFINE_list("train_seeds", [], "Train the public model, experts and ablations once per "
+                    "seed, under WORKDIR/seed<s>/ (empty: once, seed 0, in WORKDIR).")
 
 
 def options_from_flags() -> Options:
+  """The --scale tier's Options with every flag given explicitly on top."""
   f = flags.FLAGS
-  return Options(workdir=f.workdir, domains=tuple(f.domains), public_steps=f.public_steps,
-                 expert_steps=f.expert_steps, ablation_domains=tuple(f.ablation_domains),
-                 tune_steps=f.tune_steps, top_k=f.top_k, btm_top_k=f.btm_top_k,
-                 eval_batches=f.eval_batches, seeds=tuple(int(x) for x in f.seeds),
-                 max_docs_per_domain=f.max_docs_per_domain, vocab_size=f.vocab_size)
+  given = {}
+  for name in _FIELD_FLAGS:
+    if f[name].present or (name == "workdir" and f["runs"].present):
+      value = f[name].value
+      if name in ("seeds", "train_seeds"):
+        value = tuple(int(x) for x in value)
+      elif isinstance(value, list):
+        value = tuple(value)
+      given[name] = value
+  given.setdefault("workdir", f.workdir)
+  return scaled(f.scale, **given)
 
 
 EVAL_BATCH, EVAL_SEQ = 8, 128
@@ -111,55 +165,155 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
   return path.exists() and json.loads(path.read_text()).get("step", 0) >= steps
 
 
-def _train_for_expert_steps(opts: Options, root, workdir, config, *overrides,
-                            module="flexolmo_jax.train"):
-  """One run of `config` for the experts' step count (experts, ablations, dense fine-tunes)."""
-  if _finished(workdir, opts.expert_steps):
+# Expert training batches (configs/expert_base.py): tokens per step = batch x sequence length.
+EXPERT_BATCH, EXPERT_SEQ = 16, 128
+ABLATIONS = ("solo", "random_init", "no_bias")
+
+
+def training_dirs(opts: Options) -> dict[int, pathlib.Path]:
+  """seed -> the directory holding that seed's trained models: public/, experts/<domain>/,
+  ablations/<solo|random_init|no_bias>/<domain>/ (and ablations/random_rows.npz). Without
+  train_seeds: {0: workdir}, the small tier's layout; with them: {s: workdir/seed<s>}. The
+  corpus is workdir/data for every seed."""
+  root = pathlib.Path(opts.workdir)
+  if not opts.train_seeds:
+    return {0: root}
+  return {s: root / f"seed{s}" for s in opts.train_seeds}
+
+
+def owner_data(opts: Options, data: pathlib.Path, domain: str) -> tuple[int, int]:
+  """(documents, tokens) an expert of `domain` trains on: with expert_tokens, the first
+  documents of the domain's train split that hold at least that many tokens (its runs'
+  data.train_subset); otherwise, or when the split is smaller, all of it (documents 0)."""
+  if opts.expert_tokens > 0:
+    records = data_pipeline.documents(DataConfig(path=str(data), domains=(domain,)), "train")
+    tokens = 0
+    for i in range(len(records)):
+      tokens += len(records[i]) // 4  # int32 ids, EOS included.
+      if tokens >= opts.expert_tokens:
+        return i + 1, tokens
+  return 0, corpus.load_manifest(str(data))["domains"][domain]["train"]["tokens"]
+
+
+def expert_steps_for(opts: Options, tokens: int) -> int:
+  """An expert's training steps: expert_steps, or with expert_epochs that many epochs of its
+  owner's `tokens` in EXPERT_BATCH x EXPERT_SEQ batches."""
+  if opts.expert_epochs <= 0:
+    return opts.expert_steps
+  return max(1, math.ceil(opts.expert_epochs * tokens / (EXPERT_BATCH * EXPERT_SEQ)))
+
+
+def expert_data_flags(opts: Options, domain: str) -> tuple[list[str], int]:
+  """(the --config flags that give a run on `domain` its owner's data, the steps of one expert
+  run on it); every run trained on an owner's data (experts, ablations) uses both."""
+  data = pathlib.Path(opts.workdir) / "data"
+  documents, tokens = owner_data(opts, data, domain)
+  flags_ = [f"--config.data.path={data}"]
+  if documents:
+    subset = {domain: documents}
+    flags_.append(f"--config.data.train_subset={subset!r}")
+  return flags_, expert_steps_for(opts, tokens)
+
+
+# Validation batches per domain of an expert run's evaluations (loss and routing diagnostics).
+DIAGNOSTIC_BATCHES = 2
+
+
+def _train_expert(opts: Options, root, seed, domain, workdir, *overrides,
+                  module="flexolmo_jax.train"):
+  data_flags, steps = expert_data_flags(opts, domain)
+  if _finished(workdir, steps):
     log(f"reusing {workdir}")
     return
-  _run(module, f"--config={config}", f"--workdir={workdir}",
-       f"--config.data.path={root / 'data'}", f"--config.steps={opts.expert_steps}",
-       f"--config.eval_every={opts.expert_steps}",
-       f"--config.checkpoint_every={opts.expert_steps}", *overrides)
+  extra = [f"--config.eval_every={steps}"]
+  if opts.expert_epochs > 0:
+    # Warmup a tenth of the run (the small tier's config: 30 of 40 steps); four evaluations,
+    # so that the routing diagnostics draw a curve (fit evaluates only on logged steps).
+    every = max(1, steps // 4)
+    extra = [f"--config.optim.warmup_steps={max(1, steps // 10)}",
+             f"--config.eval_every={every}", f"--config.log_every={every}"]
+  if opts.train_seeds:
+    extra += [f"--config.seed={seed}", f"--config.data.seed={seed}"]
+  if module == "flexolmo_jax.train":
+    # Routing diagnostics on every domain's validation text (routing_diagnostics.py): the
+    # researcher's view; the run still trains on its own domain only.
+    extra += [f"--config.eval_domains={('public', *opts.domains)!r}",
+              f"--config.eval_batches={DIAGNOSTIC_BATCHES}"]
+  _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}", *data_flags,
+       f"--config.expert.public={root / 'public'}",
+       f"--config.steps={steps}", f"--config.checkpoint_every={steps}", *extra, *overrides)
 
 
-def _train_expert(opts: Options, root, domain, workdir, *overrides, module="flexolmo_jax.train"):
-  _train_for_expert_steps(opts, root, workdir, f"configs/{domain}_expert.py",
-                          f"--config.expert.public={root / 'public'}", *overrides, module=module)
+def _train_dense(opts: Options, root, seed, domain):
+  """The paper's BTM and soup member for `domain`: every parameter of the public model fine-tuned
+  on the owner's data, for as many steps as its expert."""
+  data_flags, steps = expert_data_flags(opts, domain)
+  workdir = root / "dense" / domain
+  if _finished(workdir, steps):
+    log(f"reusing {workdir}")
+    return
+  seed_flags = [f"--config.seed={seed}", f"--config.data.seed={seed}"] if opts.train_seeds else []
+  _run("flexolmo_jax.train", f"--config=configs/dense_base.py:{domain}", f"--workdir={workdir}",
+       *data_flags, f"--config.init_from={root / 'public'}", f"--config.steps={steps}",
+       f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}", *seed_flags)
 
 
 def train_everything(opts: Options) -> None:
-  """Data, public model, experts, dense fine-tunes (the BTM and soup members) and ablation
-  experts, each in its own process."""
-  root = pathlib.Path(opts.workdir)
-  corpus_flags = [f"--{k}={getattr(opts, k)}" for k in ("max_docs_per_domain", "vocab_size")
+  """Data, then per training seed (training_dirs) the public model, experts, dense fine-tunes
+  (the BTM and soup members) and ablation experts, each in its own process."""
+  data = pathlib.Path(opts.workdir) / "data"
+  corpus_flags = [f"--{k}={getattr(opts, k)}"
+                  for k in ("max_docs_per_domain", "vocab_size", "max_chars_per_domain")
                   if getattr(opts, k) is not None]
-  _run("flexolmo_jax.data", "prepare", f"--out={root / 'data'}", *corpus_flags)
-  if _finished(root / "public", opts.public_steps):
-    log("reusing the public model")
-  else:
-    _run("flexolmo_jax.train", "--config=configs/public.py", f"--workdir={root / 'public'}",
-         f"--config.data.path={root / 'data'}", f"--config.steps={opts.public_steps}")
-  for domain in opts.domains:
-    _train_expert(opts, root, domain, root / "experts" / domain)
-  for domain in opts.domains:  # The paper's BTM/soup members: every parameter, expert-long.
-    _train_for_expert_steps(opts, root, root / "dense" / domain, f"configs/dense_base.py:{domain}",
-                            f"--config.init_from={root / 'public'}")
-  emb = root / "ablations" / "random_rows.npz"
-  if not emb.exists():
-    config, _, _ = runs.load_params(root / "public")
-    rng = np.random.default_rng(opts.seeds[0])
-    rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
-            for d in ("public",) + opts.ablation_domains}
-    emb.parent.mkdir(parents=True, exist_ok=True)
-    router_init.save_embeddings(str(emb), rows)
-  for domain in opts.ablation_domains:
-    _train_expert(opts, root, domain, root / "ablations" / "solo" / domain,
-                  module="flexolmo_jax.solo_expert")
-    _train_expert(opts, root, domain, root / "ablations" / "random_init" / domain,
-                  f"--config.expert.router_embeddings={emb}")
-    _train_expert(opts, root, domain, root / "ablations" / "no_bias" / domain,
-                  "--config.expert.bias=false")
+  _run("flexolmo_jax.data", "prepare", f"--out={data}", *corpus_flags)
+  for seed, root in training_dirs(opts).items():
+    seed_flags = ([f"--config.seed={seed}", f"--config.data.seed={seed}"] if opts.train_seeds
+                  else [])
+    if _finished(root / "public", opts.public_steps):
+      log(f"reusing the public model in {root / 'public'}")
+    else:
+      _run("flexolmo_jax.train", f"--config={opts.public_config}",
+           f"--workdir={root / 'public'}", f"--config.data.path={data}",
+           f"--config.steps={opts.public_steps}", *seed_flags)
+    for domain in opts.domains:
+      _train_expert(opts, root, seed, domain, root / "experts" / domain)
+    for domain in opts.domains:
+      _train_dense(opts, root, seed, domain)
+    emb = root / "ablations" / "random_rows.npz"
+    if not emb.exists():
+      config, _, _ = runs.load_params(root / "public")
+      rng = np.random.default_rng(seed if opts.train_seeds else opts.seeds[0])
+      rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
+              for d in ("public",) + opts.ablation_domains}
+      emb.parent.mkdir(parents=True, exist_ok=True)
+      router_init.save_embeddings(str(emb), rows)
+    for domain in opts.ablation_domains:
+      _train_expert(opts, root, seed, domain, root / "ablations" / "solo" / domain,
+                    module="flexolmo_jax.solo_expert")
+      _train_expert(opts, root, seed, domain, root / "ablations" / "random_init" / domain,
+                    f"--config.expert.router_embeddings={emb}")
+      _train_expert(opts, root, seed, domain, root / "ablations" / "no_bias" / domain,
+                    "--config.expert.bias=false")
+
+
+def plot_routing_diagnostics(opts: Options) -> dict[str, str]:
+  """One routing-diagnostics plot (routing_diagnostics.plot) per trained expert and ablation
+  expert with diagnostics, into <workdir>/results/routing_diagnostics/; returns
+  {"seed<s>/<experts|ablation>/<domain>": png path}."""
+  out_dir = pathlib.Path(opts.workdir) / "results" / "routing_diagnostics"
+  plots = {}
+  for seed, root in training_dirs(opts).items():
+    runs_with_diagnostics = [("experts", d, root / "experts" / d) for d in opts.domains]
+    runs_with_diagnostics += [(label, d, root / "ablations" / label / d)
+                              for label in ABLATIONS if label != "solo"
+                              for d in opts.ablation_domains]
+    for label, domain, workdir in runs_with_diagnostics:
+      name = f"seed{seed}/{label}/{domain}"
+      plots[name] = routing_diagnostics.plot(
+          workdir / runs.METRICS, out_dir / f"seed{seed}_{label}_{domain}.png",
+          title=f"Routing diagnostics: {domain} expert ({label}, seed {seed}), mean over layers")
+  log(f"routing diagnostics: {len(plots)} plots in {out_dir}")
+  return plots
 
 
 class Evaluator:
@@ -473,7 +627,9 @@ def reproduce(opts: Options) -> dict:
   root = pathlib.Path(opts.workdir)
   use_compilation_cache(root)
   train_everything(opts)
+  diagnostics = plot_routing_diagnostics(opts)
   report = evaluate_everything(opts)
+  report["routing_diagnostics"] = diagnostics
   report["wall_seconds"] = time.perf_counter() - _START
   report["findings"] = findings(report)
   out = root / "results"

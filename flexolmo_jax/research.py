@@ -167,8 +167,11 @@ class Context:
                     module: str = "flexolmo_jax.train") -> dict[str, str]:
     """Trains (or reuses) one expert per domain at path(domain), each in its own process, with
     the reproduction's settings and `overrides`."""
+    # The small tier's expert runs (one training seed, directly under the workdir).
+    tier = reproduce.Options(workdir=str(self.root), domains=tuple(self.opts.domains),
+                             expert_steps=self.opts.expert_steps)
     for d in domains or self.opts.domains:
-      reproduce._train_expert(self.opts, self.root, d, path(d), *overrides, module=module)  # pylint: disable=protected-access
+      reproduce._train_expert(tier, self.root, 0, d, path(d), *overrides, module=module)  # pylint: disable=protected-access
     return {d: str(path(d)) for d in domains or self.opts.domains}
 
 

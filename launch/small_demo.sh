@@ -7,6 +7,7 @@
 # Every step resumes or reuses finished work, so re-running after an interruption continues.
 # Extra arguments go to flexolmo_jax.reproduce, e.g.
 #   RUNS=runs bash launch/small_demo.sh --domains=math,code --expert_steps=100
+#   RUNS=runs_medium bash launch/small_demo.sh --scale=medium   # the larger tier, 3 seeds, ~2 h
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}

@@ -1,11 +1,18 @@
-"""The reproduction's findings and tables from hand-made per-document losses (no training)."""
+"""The reproduction's findings and tables from hand-made per-document losses, and the stage
+commands of each tier (no training)."""
 
+import dataclasses
+import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
 
+from flexolmo_jax import config as C
 from flexolmo_jax import reproduce, stats
+from flexolmo_jax.data import pipeline as data_pipeline
+from flexolmo_jax.data.config import DataConfig
 
 DOMAINS = ["public", "math", "code"]
 TOKENS = [10, 20, 30, 40]
@@ -144,3 +151,89 @@ def test_evaluator_scores_every_model_on_the_tokens_after_the_routing_prefix(cor
     assert after[d].sum() == ev.tokens[d].sum() == want  # Every token after the prefix counts...
     assert not inside[d].any()  # ...and none inside it, whatever a model scores there.
     np.testing.assert_array_equal(after[d], ev.tokens[d])  # Per document, too.
+
+
+def _recorded_training(tmp_path, monkeypatch, opts):
+  """The stage commands train_everything runs for `opts` (nothing is trained)."""
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "manifest.json").write_text(json.dumps({"domains": {
+      "math": {"train": {"tokens": 10_000}}, "code": {"train": {"tokens": 4_000}}}}))
+  if opts.expert_tokens:  # Read from the token records (test_owner_data_...); here: made up.
+    monkeypatch.setattr(reproduce, "owner_data", lambda o, d, domain: {
+        "math": (7, 10_000), "code": (0, 4_000)}[domain])
+  commands = []
+  monkeypatch.setattr(reproduce, "_run", lambda *args: commands.append(args))
+  monkeypatch.setattr(reproduce.runs, "load_params", lambda path: (C.tiny(), None, None))
+  reproduce.train_everything(opts)
+  return commands
+
+
+def test_medium_tier_trains_everything_once_per_seed_in_its_own_directory(tmp_path, monkeypatch):
+  opts = reproduce.scaled("medium", workdir=str(tmp_path), domains=("math", "code"),
+                          ablation_domains=("math",))
+  assert opts.train_seeds == opts.seeds == (0, 1, 2) and opts.expert_epochs == 3.0
+  assert opts.public_config == "configs/public_medium.py" and opts.expert_tokens > 0
+  assert reproduce.training_dirs(opts) == {s: tmp_path / f"seed{s}" for s in (0, 1, 2)}
+  commands = _recorded_training(tmp_path, monkeypatch, opts)
+  assert commands[0] == ("flexolmo_jax.data", "prepare", f"--out={tmp_path / 'data'}")
+  for seed in (0, 1, 2):
+    root = tmp_path / f"seed{seed}"
+    runs_of_seed = [c for c in commands if any(a.startswith(f"--workdir={root}/") for a in c)]
+    public, math_expert, code_expert, math_dense, code_dense, solo, random_init, no_bias = \
+        runs_of_seed
+    assert {"--config=configs/public_medium.py", f"--config.seed={seed}",
+            f"--config.data.seed={seed}", "--config.steps=500"} <= set(public)
+    assert {f"--workdir={root / 'experts' / 'math'}", f"--config.expert.public={root / 'public'}",
+            "--config.steps=15",  # ceil(3 epochs x 10000 tokens / (16 x 128)).
+            "--config.optim.warmup_steps=1", "--config.eval_every=3", "--config.log_every=3",
+            f"--config.data.seed={seed}", "--config.eval_domains=('public', 'math', 'code')",
+            "--config.data.train_subset={'math': 7}"} <= set(math_expert)
+    assert "--config.steps=6" in code_expert  # ceil(3 x 4000 / 2048).
+    assert not any("train_subset" in a for a in code_expert)  # Its whole split is smaller.
+    assert "--config.data.train_subset={'math': 7}" in solo + random_init + no_bias
+    assert solo[0] == "flexolmo_jax.solo_expert"
+    assert not any(a.startswith("--config.eval_domains") for a in solo)  # Dense: no routing.
+    assert f"--config.expert.router_embeddings={root / 'ablations' / 'random_rows.npz'}" in random_init
+    assert "--config.expert.bias=false" in no_bias
+    assert (root / "ablations" / "random_rows.npz").exists()
+    # The BTM and soup members: the public model fine-tuned on the owner's data, expert-long.
+    assert {"--config=configs/dense_base.py:math", f"--config.init_from={root / 'public'}",
+            "--config.steps=15", "--config.data.train_subset={'math': 7}",
+            f"--config.seed={seed}"} <= set(math_dense)
+    assert "--config=configs/dense_base.py:code" in code_dense
+  assert len(commands) == 1 + 3 * 8
+
+
+def test_small_tier_keeps_its_layout_and_steps(tmp_path, monkeypatch):
+  opts = reproduce.scaled("small", workdir=str(tmp_path), domains=("math",),
+                          ablation_domains=("math",))
+  assert opts == reproduce.Options(workdir=str(tmp_path), domains=("math",),
+                                   ablation_domains=("math",))
+  assert reproduce.training_dirs(opts) == {0: tmp_path}
+  commands = _recorded_training(tmp_path, monkeypatch, opts)
+  public, expert = commands[1], commands[2]
+  assert public == ("flexolmo_jax.train", "--config=configs/public.py",
+                    f"--workdir={tmp_path / 'public'}", f"--config.data.path={tmp_path / 'data'}",
+                    "--config.steps=300")
+  assert {f"--workdir={tmp_path / 'experts' / 'math'}", "--config.steps=40",
+          "--config.eval_every=40", "--config.checkpoint_every=40"} <= set(expert)
+  assert not any("seed" in a or "warmup" in a for a in expert)
+
+
+def test_unknown_scale_is_refused_naming_the_tiers():
+  with pytest.raises(ValueError, match="choose one of small, medium"):
+    reproduce.scaled("large")
+
+
+def test_owner_data_is_the_first_documents_holding_the_token_budget(corpus_dir):
+  opts = reproduce.Options(workdir="unused", expert_tokens=500)
+  data = pathlib.Path(corpus_dir)
+  documents, tokens = reproduce.owner_data(opts, data, "math")
+  records = data_pipeline.documents(DataConfig(path=corpus_dir, domains=("math",)), "train")
+  sizes = [len(records[i]) // 4 for i in range(len(records))]
+  assert sum(sizes[:documents]) == tokens >= 500 > sum(sizes[:documents - 1])
+  whole = json.loads((data / "manifest.json").read_text())["domains"]["math"]["train"]["tokens"]
+  assert reproduce.owner_data(reproduce.Options(), data, "math") == (0, whole)
+  assert reproduce.owner_data(dataclasses.replace(opts, expert_tokens=10 * whole), data,
+                              "math") == (0, whole)

@@ -105,6 +105,24 @@ def test_expert_training_beats_public_on_its_domain(corpus_dir, public_dir, tmp_
   assert manifest["public_fingerprint"] == checkpoint.fingerprint(public_params)
 
 
+def test_expert_run_logs_routing_diagnostics_on_every_eval_domain(corpus_dir, public_dir,
+                                                                  tmp_path):
+  domains = ("math", "public", "code")
+  T.train(_expert_config(corpus_dir, public_dir, steps=4, eval_every=2, checkpoint_every=4,
+                         eval_domains=domains), str(tmp_path / "math"))
+  metrics = _metrics(tmp_path / "math")
+  for step in (0, 2, 4):
+    for d in domains:
+      for name in ("new_expert_prob", "topk_share", "row_cos"):
+        per_layer = [metrics[step][f"diag/{d}/{name}/layer_{i}"] for i in range(2)]
+        assert metrics[step][f"diag/{d}/{name}"] == pytest.approx(np.mean(per_layer))
+      assert metrics[step][f"diag/{d}/topk_share"] == 1.0  # Top-2 of 2: always chosen.
+      assert 0.0 < metrics[step][f"diag/{d}/new_expert_prob"] < 1.0
+      # The row starts where it was initialised (cosine 0), then moves.
+      assert (metrics[step][f"diag/{d}/row_cos"] == 0.0) == (step == 0)
+  assert not any(k.startswith("diag/") for k in metrics[1])  # Only with evaluations.
+
+
 def test_upcycled_model_equals_public_model(corpus_dir, public_dir):
   config = _expert_config(corpus_dir, public_dir, expert=dict(
       name="math", public=str(public_dir), embed_batches=1, bias=False))
