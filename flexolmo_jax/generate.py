@@ -115,7 +115,7 @@ def _decode(params, prompt_BxP, prompt_mask_BxP, rng, allowed_BxE, *, config, ma
     def cached(tokens_BxT, positions_BxT, segments_BxT, cache, index):
       return model.apply({"params": params, "cache": cache}, tokens_BxT, positions=positions_BxT,
                          segment_ids=segments_BxT, expert_mask=allowed_BxE, cache_index=index,
-                         mutable=["cache"])
+                         last_only=True, mutable=["cache"])
 
     logits, state = cached(prompt_BxP, prompt_positions, prompt_mask_BxP.astype(jnp.int32),
                            init_cache(config, batch, slots), 0)

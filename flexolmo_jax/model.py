@@ -214,8 +214,9 @@ class Transformer(nn.Module, _ParamMixin):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions=None, segment_ids=None, expert_mask=None,
-               cache_index=None):
-    """Logits [B, L, V] in float32.
+               cache_index=None, last_only=False):
+    """Logits [B, L, V] in float32; last_only: of the last position only, [B, 1, V] (all a
+    prefill needs: the lm_head over every prompt position would cost B x L x V outputs).
 
     positions / segment_ids [B, L]: packed documents (positions restart at 0, attention never
     crosses a segment). expert_mask [B, E] bool: experts each sequence may use (opt-out per
@@ -262,7 +263,7 @@ class Transformer(nn.Module, _ParamMixin):
 
     final_norm = self.norm_weight("final_norm", c.d_model, "embed")
     lm_head = self.weight("lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
-    return _logits(x, final_norm, lm_head, c)
+    return _logits(x[:, -1:] if last_only else x, final_norm, lm_head, c)
 
 
 def _embed(embed_VxD, tokens_BxL, dtype):

@@ -158,3 +158,12 @@ def test_expert_training_layout_equals_the_assembled_moe(backend):
   assert got == want
   for k in expert:
     np.testing.assert_allclose(got_grad[k], want_grad[k], atol=1e-6, rtol=1e-5)
+
+
+def test_last_only_logits_are_the_last_position_of_the_full_logits():
+  params = M.init_params(MOE, jax.random.key(0))
+  tokens = _tokens()
+  full = M.Transformer(MOE).apply({"params": params}, tokens)
+  last = M.Transformer(MOE).apply({"params": params}, tokens, last_only=True)
+  assert last.shape == (2, 1, MOE.vocab_size)
+  np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6, rtol=1e-6)
