@@ -341,13 +341,13 @@ class Evaluator:
         log(f"{d}: only {len(self.tokens[d])} test documents in {eval_batches} batches; its "
             "bootstrap intervals understate the uncertainty (raise --eval_batches)")
 
-  def __call__(self, name, score: scoring.BatchScorer) -> dict[str, np.ndarray]:
-    """Scores every domain; logs the losses; returns each domain's per-document NLL sums (in the
-    order of self.tokens)."""
+  def __call__(self, name, score: scoring.BatchScorer, domains=None) -> dict[str, np.ndarray]:
+    """Scores `domains` (default: every domain); logs the losses; returns each domain's
+    per-document NLL sums (in the order of self.tokens)."""
     t = time.perf_counter()
     sums = {}
-    for d, b in self.batches.items():
-      rows = score(b, per_token=True)["token_nll"]
+    for d in domains or self.batches:
+      rows = score(self.batches[d], per_token=True)["token_nll"]
       sums[d] = stats.document_sums(rows, self.ids[d], self.keep[d], self.num_docs[d])[self.docs[d]]
     log(f"{name}: " + " ".join(f"{d} {_loss(v, self.tokens[d]):.3f}" for d, v in sums.items())
         + f" nats ({time.perf_counter() - t:.0f}s)")
@@ -457,7 +457,7 @@ def losses(report: dict) -> dict:
   "perplexity", "interval"}}} (averages over domains in loss: the perplexity is the geometric
   mean), and "opt_out" {domain removed: {domain: perplexity}}."""
   tokens, nll = report["document_tokens"], report["document_nll"]
-  boot = _bootstrap(report)
+  boot = bootstrap(report)
   level = report["settings"]["bootstrap"]["level"]
   loss = {m: {d: _loss(v, tokens[d]) for d, v in by_d.items()} for m, by_d in nll.items()}
   average = {}
@@ -483,7 +483,8 @@ def _mean_with_interval(loss, boot, domains, level) -> dict:
           "interval": list(stats.interval(stats.mean_loss(boot, domains), level))}
 
 
-def _bootstrap(report: dict) -> dict[str, dict[str, np.ndarray]]:
+def bootstrap(report: dict) -> dict[str, dict[str, np.ndarray]]:
+  """{model: {domain: [resamples] loss}} from a report's per-document sums and its settings."""
   b = report["settings"]["bootstrap"]
   return stats.bootstrap_losses(report["document_tokens"], report["document_nll"],
                                 resamples=b["resamples"], seed=b["seed"])
@@ -501,7 +502,7 @@ def findings(report: dict) -> list[dict]:
   tokens = report["document_tokens"]
   loss = {m: {d: _loss(v, tokens[d]) for d, v in by_d.items()}
           for m, by_d in report["document_nll"].items()}
-  boot, level = _bootstrap(report), report["settings"]["bootstrap"]["level"]
+  boot, level = bootstrap(report), report["settings"]["bootstrap"]["level"]
 
   def diff(a, b, domains):
     """(estimate, lo, hi) of mean_loss(a) - mean_loss(b) over `domains`."""

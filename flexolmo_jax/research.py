@@ -18,9 +18,11 @@ the same):
   public_mix      EXTENSION beyond the paper: every owner also trains on a share of public rows
                   (flexolmo_jax/data/mix.py), against plain FlexOlmo.
 
-Every model is scored by the reproduction's evaluator (same test batches, scoring.score_domains):
-mean token loss (nats) and perplexity per domain, and their average over domains in loss (the
-geometric mean of perplexity).
+Every model is scored by the reproduction's evaluator (reproduce.Evaluator: the same test tokens
+as the reproduction, each row's routing prefix unscored): mean token loss (nats) and perplexity per
+domain, their average over domains in loss (the geometric mean of perplexity), and each row's
+difference from the experiment's reference row with its 95% paired bootstrap interval over
+documents and a verdict (better / worse / cannot tell, flexolmo_jax.stats).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Callable
 import numpy as np
 from absl import flags
 
-from flexolmo_jax import atomic, cli, merge, reproduce, router_init, runs, scoring
+from flexolmo_jax import atomic, baselines, cli, merge, reproduce, router_init, runs, scoring, stats
 from flexolmo_jax.data import corpus
 
 TOP_KS = ("1", "2", "4", "all")
@@ -110,7 +112,7 @@ def options_from_flags() -> Options:
 
 
 class Context:
-  """The reproduction's workdir, its test batches, and scores by model name."""
+  """The reproduction's workdir, its evaluator, and each model's per-document NLL sums."""
 
   def __init__(self, opts: Options):
     self.opts = opts
@@ -122,7 +124,7 @@ class Context:
                               f"run python -m flexolmo_jax.reproduce --workdir={self.root} first")
     self.domains = ["public", *opts.domains]
     self.evaluator = reproduce.Evaluator(str(self.data), self.domains, opts.eval_batches)
-    self.rows: dict[str, dict] = {}
+    self.docs: dict[str, dict[str, np.ndarray]] = {}  # {model: {domain: per-document sums}}
 
   def dir(self, *parts: str) -> pathlib.Path:
     """A path under the experiment's own directory (created)."""
@@ -132,11 +134,7 @@ class Context:
 
   def score(self, name: str, config, params, over=None) -> None:
     """Scores a model on `over` (default: every domain) into the table's row `name`."""
-    t = time.perf_counter()
-    batches = {d: self.evaluator.batches[d] for d in (over or self.domains)}
-    self.rows[name] = scoring.score_domains(scoring.model_scorer(config, params), batches)
-    reproduce.log(f"{name}: avg loss {self.rows[name]['average']['nll']:.4f} "
-                  f"({time.perf_counter() - t:.0f}s)")
+    self.docs[name] = self.evaluator(name, scoring.model_scorer(config, params), over)
 
   def score_public(self) -> None:
     config, params, _ = runs.load_params(self.public)
@@ -350,40 +348,67 @@ def reduced_settings(opts: Options, public_steps: int | None) -> list[str]:
   return out
 
 
+# The verdict on "the row's average loss is below the reference row's" (stats.verdict, side -1).
+VERDICTS = {stats.HOLDS: "better", stats.DOES_NOT_HOLD: "worse", stats.CANNOT_TELL: "cannot tell"}
+
+
+def table(report: dict) -> dict:
+  """From the report's per-document sums (reproduce.losses): "loss", "perplexity" and
+  "loss_interval" {model: {domain: ...}}, "average" {model: {"all"/"closed": {"loss",
+  "perplexity", "interval"}}}, and "delta" {model: {"loss", "interval", "verdict"}}: the row's
+  average loss minus the reference row's over the row's domains, its paired bootstrap interval,
+  and whether the row is better, worse, or cannot be told apart ("reference" for the reference)."""
+  out = {k: v for k, v in reproduce.losses(report).items() if k != "opt_out"}
+  ref, loss = report["reference"], out["loss"]
+  boot, level = reproduce.bootstrap(report), report["settings"]["bootstrap"]["level"]
+  out["delta"] = {}
+  for m, by_d in loss.items():
+    ds = [d for d in report["domains"] if d in by_d]
+    lo, hi = stats.interval(stats.mean_loss(boot[m], ds) - stats.mean_loss(boot[ref], ds), level)
+    out["delta"][m] = {"loss": stats.mean_loss(by_d, ds) - stats.mean_loss(loss[ref], ds),
+                       "interval": [lo, hi],
+                       "verdict": "reference" if m == ref else VERDICTS[stats.verdict(lo, hi)]}
+  return out
+
+
 def markdown(report: dict) -> str:
-  """The experiment's table: loss (nats) and perplexity per domain, and the average in loss."""
-  domains, rows, ref = report["domains"], report["rows"], report["reference"]
+  """The experiment's table: loss (nats) and perplexity per domain, the average in loss, and the
+  difference from the reference row with its interval and verdict."""
+  domains, ref, s = report["domains"], report["reference"], report["settings"]
   lines = [f"# {report['title']}", ""]
   if report["reduced"]:
     lines += [f"**Reduced settings, not the reproduction's: {'; '.join(report['reduced'])}.** "
               "Numbers show that the command runs, not what the method does.", ""]
-  s = report["settings"]
+  docs = {d: len(report["document_tokens"][d]) for d in domains}
+  tokens = ", ".join(f"{d} {n} ({docs[d]} documents)" for d, n in s["scored_tokens"].items())
+  few = [d for d, n in docs.items() if n < reproduce.FEW_DOCUMENTS]
+  b = s["bootstrap"]
   lines += [report["about"], "",
             f"Command: `{report['command']}`. Public model "
             f"{'(not a training run)' if s['public_steps'] is None else s['public_steps']} steps, "
-            f"experts {s['expert_steps']} steps, {s['eval_tokens_per_domain']} test tokens per "
-            f"domain (the reproduction's evaluator), one seed; {report['wall_seconds'] / 60:.1f} "
-            f"min after start-up, on {report['machine']}.", "",
+            f"experts {s['expert_steps']} steps, one seed; {report['wall_seconds'] / 60:.1f} min "
+            f"after start-up, on {report['machine']}. Scored test tokens (the reproduction's "
+            f"evaluator; each row's first {s['unscored_prefix_tokens']} tokens, prompt routing's "
+            f"prefix, are not scored): {tokens}.", "",
             "Each cell: mean token loss in nats (perplexity). avg: the mean over the row's "
             "domains of the loss (the geometric mean of perplexity). "
-            f"Δ avg: avg loss minus the `{ref}` row's over the same domains.", ""]
-  # INTERVAL: once flexolmo_jax.stats lands (issue 19, item 1), a "95% interval of Δ avg" column
-  # (bootstrap over documents) goes here, beside Δ avg; score_domains must then also return the
-  # per-document losses it needs.
-  lines += ["| model | " + " | ".join(domains) + " | avg | Δ avg |",
-            "|---" * (len(domains) + 3) + "|"]
-  for name, row in rows.items():
-    cells = [f"{row[d]['nll']:.4f} ({row[d]['perplexity']:.2f})" if d in row else ""
+            f"Δ avg: avg loss minus the `{ref}` row's over the same domains (negative: better). "
+            f"{100 * b['level']:.0f}% interval: of Δ avg, by a paired bootstrap over documents "
+            f"({b['resamples']} resamples, the same documents for every row). Verdict: better "
+            "if the whole interval is below 0, worse if above, cannot tell if it reaches 0."
+            + (f" **{', '.join(few)}: fewer than {reproduce.FEW_DOCUMENTS} documents; the "
+               "intervals understate the uncertainty.**" if few else ""), "",
+            "| model | " + " | ".join(domains) + f" | avg | Δ avg | {100 * b['level']:.0f}% "
+            "interval | verdict |", "|---" * (len(domains) + 5) + "|"]
+  for name, row in report["loss"].items():
+    cells = [f"{row[d]:.4f} ({report['perplexity'][name][d]:.2f})" if d in row else ""
              for d in domains]
-    avg = row["average"]["nll"]
-    delta = avg - average_loss(rows[ref], [d for d in domains if d in row])
-    lines.append(f"| {name} | " + " | ".join(cells)
-                 + f" | {avg:.4f} ({math.exp(avg):.2f}) | {delta:+.4f} |")
+    avg, delta = report["average"][name]["all"]["loss"], report["delta"][name]
+    lo, hi = delta["interval"]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg:.4f} ({math.exp(avg):.2f}) | "
+                 f"{delta['loss']:+.4f} | {'' if name == ref else f'[{lo:+.4f}, {hi:+.4f}]'} | "
+                 f"{delta['verdict']} |")
   return "\n".join(lines) + "\n"
-
-
-def average_loss(row: dict, domains) -> float:
-  return float(np.mean([row[d]["nll"] for d in domains]))
 
 
 def command(opts: Options) -> str:
@@ -410,14 +435,19 @@ def run(opts: Options) -> dict:
   report = EXPERIMENTS[opts.experiment](ctx)
   public_steps = json.loads((ctx.public / runs.MANIFEST).read_text()).get("step") if (
       ctx.public / runs.MANIFEST).exists() else None
+  tokens = ctx.evaluator.tokens
   report.update(
-      experiment=opts.experiment, domains=ctx.domains, rows=ctx.rows,
-      command=command(opts),
+      experiment=opts.experiment, domains=ctx.domains, command=command(opts),
       reduced=reduced_settings(opts, public_steps), wall_seconds=time.perf_counter() - start,
       machine=machine,
       settings={**dataclasses.asdict(opts), "public_steps": public_steps,
-                "eval_tokens_per_domain": reproduce.EVAL_BATCH * reproduce.EVAL_SEQ
-                * opts.eval_batches})
+                "unscored_prefix_tokens": baselines.PROMPT_TOKENS,
+                "scored_tokens": {d: int(tokens[d].sum()) for d in ctx.domains},
+                "bootstrap": dict(reproduce.BOOTSTRAP)},
+      # The raw numbers every loss and interval is computed from (as in results.json).
+      document_tokens={d: tokens[d].tolist() for d in ctx.domains},
+      document_nll={m: {d: v.tolist() for d, v in by_d.items()} for m, by_d in ctx.docs.items()})
+  report.update(table(report))
   out = pathlib.Path(opts.out)
   out.mkdir(parents=True, exist_ok=True)
   atomic.write_text(out / f"{opts.experiment}.json", json.dumps(report, indent=1) + "\n")

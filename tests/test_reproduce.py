@@ -151,6 +151,9 @@ def test_evaluator_scores_every_model_on_the_tokens_after_the_routing_prefix(cor
     assert after[d].sum() == ev.tokens[d].sum() == want  # Every token after the prefix counts...
     assert not inside[d].any()  # ...and none inside it, whatever a model scores there.
     np.testing.assert_array_equal(after[d], ev.tokens[d])  # Per document, too.
+  only = ev("code only", scorer(lambda p: p >= prefix), ["code"])  # research scores subsets.
+  assert list(only) == ["code"]
+  np.testing.assert_array_equal(only["code"], after["code"])
 
 
 def _recorded_training(tmp_path, monkeypatch, opts):

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flexolmo_jax import checkpoint, research, router_init, runs, scoring
+from flexolmo_jax import baselines, checkpoint, research, router_init, runs, scoring, stats
 from flexolmo_jax import train as T
 from flexolmo_jax.data import DataConfig, make_pipeline, mix
 from flexolmo_jax.model import init_params
@@ -115,28 +115,50 @@ def test_topk_end_to_end_on_tiny_models(corpus_dir, tmp_path):
                           domains=("math", "code"), expert_steps=1, eval_batches=1)
   report = research.run(opts)
   # k = 4 is clamped to the 3 experts present, which is "all": one row, not two.
-  assert list(report["rows"]) == ["public", "flexolmo top-1", "flexolmo top-2",
-                                  "flexolmo top-3 (all)"]
-  # The public row is the reproduction's evaluator's number for the public model.
-  batches = scoring.domain_batches(corpus_dir, "code", "test", batch_size=8, seq_len=128,
-                                   max_batches=1)
-  want = scoring.perplexity(config, params, batches)["nll"]
-  assert report["rows"]["public"]["code"]["nll"] == pytest.approx(want, rel=1e-6)
-  rows = report["rows"]
-  assert rows["flexolmo top-1"]["math"]["nll"] != rows["flexolmo top-3 (all)"]["math"]["nll"]
-  for row in rows.values():
-    assert row["average"]["nll"] == pytest.approx(
-        np.mean([row[d]["nll"] for d in ("public", "math", "code")]))
+  rows = ["public", "flexolmo top-1", "flexolmo top-2", "flexolmo top-3 (all)"]
+  assert list(report["loss"]) == list(report["delta"]) == rows
+  # The public row's code loss: the public model's token NLL on the test batches, every token
+  # after the routing prefix (as the reproduction scores), not the prefix's.
+  batches = list(scoring.domain_batches(corpus_dir, "code", "test", batch_size=8, seq_len=128,
+                                        max_batches=1))
+  nll = scoring.model_scorer(config, params)(batches, per_token=True)["token_nll"]
+  keep = [(b["loss_mask"] > 0) & (np.arange(128) >= baselines.PROMPT_TOKENS) for b in batches]
+  want = sum(float(n[k].sum()) for n, k in zip(nll, keep)) / sum(int(k.sum()) for k in keep)
+  assert report["loss"]["public"]["code"] == pytest.approx(want, rel=1e-5)
+  assert report["settings"]["scored_tokens"]["code"] == sum(int(k.sum()) for k in keep)
+  loss = report["loss"]
+  assert loss["flexolmo top-1"]["math"] != loss["flexolmo top-3 (all)"]["math"]
+  domains = ["public", "math", "code"]
+  for m in rows:
+    assert report["average"][m]["all"]["loss"] == pytest.approx(
+        np.mean([loss[m][d] for d in domains]))
+    assert report["delta"][m]["loss"] == pytest.approx(
+        report["average"][m]["all"]["loss"] - report["average"]["public"]["all"]["loss"])
+  # The interval of a row's difference is stats' paired bootstrap on the same numbers, and the
+  # verdict is stats' verdict on it.
+  boot = stats.bootstrap_losses(report["document_tokens"], report["document_nll"],
+                                resamples=2000, seed=0)
+  lo, hi = stats.interval(stats.mean_loss(boot["flexolmo top-1"], domains)
+                          - stats.mean_loss(boot["public"], domains), 0.95)
+  delta = report["delta"]["flexolmo top-1"]
+  assert delta["interval"] == pytest.approx([lo, hi], abs=1e-12) and lo < delta["loss"] < hi
+  assert delta["verdict"] == {stats.HOLDS: "better", stats.DOES_NOT_HOLD: "worse",
+                              stats.CANNOT_TELL: "cannot tell"}[stats.verdict(lo, hi)]
+  assert report["delta"]["public"] == {"loss": 0.0, "interval": [0.0, 0.0], "verdict": "reference"}
   text = (tmp_path / "out" / "topk.md").read_text()
   assert text.startswith("# Top-k sweep\n\n**Reduced settings, not the reproduction's: "
                          "expert_steps 1 < 40; eval_batches 1 < 4; "
                          "domains math, code of ")
   assert "Public model (not a training run) steps" in text  # An artifact, as a converted model.
-  avg = rows["public"]["average"]["nll"]
-  assert f"| public | {rows['public']['public']['nll']:.4f} (" in text
-  assert f"| {avg:.4f} ({np.exp(avg):.2f}) | +0.0000 |" in text
-  assert json.loads((tmp_path / "out" / "topk.json").read_text())["rows"] == json.loads(
-      json.dumps(rows))
+  assert "each row's first 32 tokens" in text
+  avg = report["average"]["public"]["all"]["loss"]
+  assert f"| public | {loss['public']['public']:.4f} (" in text
+  assert f"| {avg:.4f} ({np.exp(avg):.2f}) | +0.0000 |  | reference |" in text
+  assert (f"| {delta['loss']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {delta['verdict']} |\n"
+          in text.split("| flexolmo top-1 |")[1])
+  saved = json.loads((tmp_path / "out" / "topk.json").read_text())
+  assert saved["delta"] == json.loads(json.dumps(report["delta"]))
+  assert saved["document_nll"] == report["document_nll"]
   assert report["command"] == ("python -m flexolmo_jax.research --experiment=topk --workdir="
                                f"{tmp_path} --out={tmp_path / 'out'} --domains=math,code "
                                "--expert_steps=1 --eval_batches=1")
