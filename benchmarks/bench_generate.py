@@ -121,11 +121,14 @@ def _hf_runner(hf_dir, attn, prompts, new):
   hf = transformers.FlexOlmoForCausalLM.from_pretrained(hf_dir, attn_implementation=attn,
                                                         dtype=torch.float32).eval()
   tokens = torch.as_tensor(prompts, dtype=torch.long)
+  # No end-of-sequence token, as ours runs (stop_at_eos=False): `new` tokens per row, and eos is
+  # an ordinary token. (min_new_tokens would instead forbid eos, a different greedy choice.)
+  hf.generation_config.eos_token_id = None
 
   def run():
     with torch.inference_mode():
-      out = hf.generate(tokens, do_sample=False, max_new_tokens=new, min_new_tokens=new,
-                        attention_mask=torch.ones_like(tokens), pad_token_id=1, eos_token_id=2)
+      out = hf.generate(tokens, do_sample=False, max_new_tokens=new,
+                        attention_mask=torch.ones_like(tokens), pad_token_id=1)
     return out[:, prompts.shape[1]:].numpy()
   return run
 
