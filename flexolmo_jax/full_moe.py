@@ -16,18 +16,16 @@ runs.load_params reads like any model.
 
 from __future__ import annotations
 
-import json
-import sys
 
 import jax
 import numpy as np
 
-from flexolmo_jax import checkpoint, cli, partition, runs
+from flexolmo_jax import checkpoint, partition, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import train as train_lib
-from flexolmo_jax.fit import NonFiniteError, fit
+from flexolmo_jax.fit import fit
 from flexolmo_jax.manifest import Manifest
-from flexolmo_jax.train_config import check_override_keys, to_dict, train_config
+from flexolmo_jax.train_config import to_dict, train_config
 
 
 def train_full_moe(raw: dict, workdir: str) -> dict[str, float]:
@@ -57,24 +55,5 @@ def train_full_moe(raw: dict, workdir: str) -> dict[str, float]:
   return last
 
 
-def main(argv, config_flag, workdir_flag, distributed_flag):
-  del argv
-  if distributed_flag.value:
-    cli.fail("the unrestricted-MoE reference runs in one process; drop --distributed")
-  cli.default_verbosity()
-  raw = config_flag.value.to_dict()
-  workdir = workdir_flag.value or raw.get("workdir")
-  raw.pop("workdir", None)
-  if not workdir:
-    cli.fail("--workdir is required (the config names no default workdir)")
-  last = train_full_moe(raw, workdir)
-  print(json.dumps({k: round(v, 4) for k, v in last.items()}, sort_keys=True))
-
-
 if __name__ == "__main__":
-  try:
-    check_override_keys(sys.argv[1:])
-  except KeyError as err:
-    cli.fail(err)
-  _FLAGS = train_lib.define_flags()  # The trainer's --config, --workdir and --distributed.
-  cli.run(lambda argv: main(argv, *_FLAGS), errors=(NonFiniteError,))
+  train_lib.run_single_process("the unrestricted-MoE reference", train_full_moe)

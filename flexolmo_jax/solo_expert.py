@@ -13,14 +13,12 @@ values, since a dense model has no router to train them. Resumes exactly, like a
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 
-from flexolmo_jax import cli, experts, partition, runs
+from flexolmo_jax import experts, partition, runs
 from flexolmo_jax import data as data_lib
 from flexolmo_jax import train as train_lib
-from flexolmo_jax.fit import NonFiniteError, fit
-from flexolmo_jax.train_config import check_override_keys, to_dict, train_config
+from flexolmo_jax.fit import fit
+from flexolmo_jax.train_config import to_dict, train_config
 
 
 def train_solo(config, workdir: str) -> dict[str, float]:
@@ -44,24 +42,6 @@ def train_solo(config, workdir: str) -> dict[str, float]:
   return last
 
 
-def main(argv, config_flag, workdir_flag, distributed_flag):
-  del argv
-  if distributed_flag.value:
-    cli.fail("the solo-expert ablation runs in one process; drop --distributed")
-  cli.default_verbosity()
-  raw = config_flag.value.to_dict()
-  workdir = workdir_flag.value or raw.get("workdir")
-  raw.pop("workdir", None)
-  if not workdir:
-    cli.fail("--workdir is required (the config names no default workdir)")
-  last = train_solo(train_config(raw), workdir)
-  print(json.dumps({k: round(v, 4) for k, v in last.items()}, sort_keys=True))
-
-
 if __name__ == "__main__":
-  try:
-    check_override_keys(sys.argv[1:])
-  except KeyError as err:
-    cli.fail(err)
-  _FLAGS = train_lib.define_flags()  # The trainer's --config, --workdir and --distributed.
-  cli.run(lambda argv: main(argv, *_FLAGS), errors=(NonFiniteError,))
+  train_lib.run_single_process(
+      "the solo-expert ablation", lambda raw, workdir: train_solo(train_config(raw), workdir))

@@ -214,6 +214,32 @@ def define_flags():
   return config, workdir, dist
 
 
+def run_single_process(what: str, run) -> None:
+  """The command line of a trainer that runs in one process (the solo ablation, the unrestricted
+  MoE): the trainer's flags and override-key check; `run(raw config dict, workdir)` returns the
+  final metrics, printed as one JSON line."""
+  try:
+    check_override_keys(sys.argv[1:])
+  except KeyError as err:
+    cli.fail(err)
+  config_flag, workdir_flag, distributed_flag = define_flags()
+
+  def main(argv):
+    del argv
+    if distributed_flag.value:
+      cli.fail(f"{what} runs in one process; drop --distributed")
+    cli.default_verbosity()
+    raw = config_flag.value.to_dict()
+    workdir = workdir_flag.value or raw.get("workdir")
+    raw.pop("workdir", None)
+    if not workdir:
+      cli.fail("--workdir is required (the config names no default workdir)")
+    last = run(raw, workdir)
+    print(json.dumps({k: round(v, 4) for k, v in last.items()}, sort_keys=True))
+
+  cli.run(main, errors=(NonFiniteError,))
+
+
 def main(argv, config_flag, workdir_flag, distributed_flag):
   del argv
   cli.default_verbosity()
