@@ -172,11 +172,12 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
   dp_key = _dp_key(workdir, config.secrets_dir) if config.dp.enabled else None
+  gemm_options = xla_options.for_gemms(model_config.d_model,
+                                       config.data.batch_size * config.data.seq_len)
   step_fn = on_mesh(mesh, jax.jit(
       objective.make_train_step(config, model_config, part, tx, schedule, dp_key),
       in_shardings=(state_shardings, None, batch_sharding),
-      out_shardings=(state_shardings, None), donate_argnums=0,
-      compiler_options=xla_options.large_gemms()))
+      out_shardings=(state_shardings, None), donate_argnums=0, compiler_options=gemm_options))
   # Expert runs log the new expert's routing diagnostics (routing_diagnostics.py) with every
   # evaluation; its router row's change is measured from the row it started from.
   diagnose = part.name == "expert"
@@ -185,7 +186,7 @@ def _fit(config: TrainConfig, workdir: pathlib.Path, model_config: ModelConfig, 
       objective.make_eval_step(model_config, part,
                                model_config.num_experts - 1 if diagnose else None),
       out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-      compiler_options=xla_options.large_gemms()))
+      compiler_options=gemm_options))
   evaluate = lambda params: evaluate_domains(
       config.data, eval_fn, params, frozen, eval_domains, config.eval_batches, batch_sharding,
       _host_value(params["router"]) - initial_row if diagnose else None)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax import paths, scoring, xla_options
+from flexolmo_jax import paths, scoring
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, routing_counts
 
@@ -34,8 +34,7 @@ def _slot_counts(config: ModelConfig, params, batch, expert_mask_E):
 
 @functools.lru_cache(maxsize=8)
 def _jitted_slot_counts(config: ModelConfig):
-  return jax.jit(functools.partial(_slot_counts, config),
-                 compiler_options=xla_options.large_gemms())
+  return jax.jit(functools.partial(_slot_counts, config))
 
 
 def routing_shares(config: ModelConfig, params, batches: Iterable[Mapping[str, np.ndarray]], *,

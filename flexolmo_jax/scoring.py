@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax import xla_options
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import DataConfig, make_pipeline
 from flexolmo_jax.model import Transformer
@@ -77,8 +76,7 @@ def target_logprobs(config: ModelConfig, params, tokens_BxL, targets_BxL, expert
 @functools.lru_cache(maxsize=8)
 def jitted_target_logprobs(config: ModelConfig):
   # Cached per config, so scorers of one model share compiled buckets.
-  return jax.jit(functools.partial(target_logprobs, config),
-                 compiler_options=xla_options.large_gemms())
+  return jax.jit(functools.partial(target_logprobs, config))
 
 
 class Scorer:
@@ -150,7 +148,7 @@ def token_nll(config: ModelConfig, params, batch, expert_mask=None):
 @functools.lru_cache(maxsize=8)
 def jitted_token_nll(config: ModelConfig):
   """token_nll of `config`, jitted once per config."""
-  return jax.jit(functools.partial(token_nll, config), compiler_options=xla_options.large_gemms())
+  return jax.jit(functools.partial(token_nll, config))
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

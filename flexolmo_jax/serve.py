@@ -70,7 +70,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from flexolmo_jax import api_keys, cli, policies as policies_lib, runs, scoring, xla_options
+from flexolmo_jax import api_keys, cli, policies as policies_lib, runs, scoring
 from flexolmo_jax import audit as audit_lib
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.data import tokenizer as tokenizer_lib
@@ -117,8 +117,7 @@ def _score_and_route(config: ModelConfig, params, tokens_BxL, targets_BxL, valid
 
 @functools.lru_cache(maxsize=4)
 def _jitted_score_and_route(config: ModelConfig):
-  return jax.jit(functools.partial(_score_and_route, config),
-                 compiler_options=xla_options.large_gemms())
+  return jax.jit(functools.partial(_score_and_route, config))
 
 
 @dataclasses.dataclass

@@ -10,10 +10,13 @@ from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import Transformer, init_params
 
 
-def test_cpu_gets_onednn_gemms_and_the_same_logits(monkeypatch):
+def test_large_cpu_gemms_get_onednn_and_the_same_logits(monkeypatch):
   monkeypatch.delenv(xla_options.ENV, raising=False)
-  options = xla_options.large_gemms()
+  options = xla_options.for_gemms(d_model=256, tokens=2048)
   assert options == xla_options.ONEDNN_GEMMS
+  # Below the measured threshold (tiny models, short batches) XLA's defaults stay.
+  assert xla_options.for_gemms(d_model=128, tokens=4096) is None
+  assert xla_options.for_gemms(d_model=512, tokens=256) is None
   config = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                        ffn_hidden=128, num_experts=2, top_k=2)
   params = init_params(config, jax.random.key(0))
@@ -29,7 +32,7 @@ def test_cpu_gets_onednn_gemms_and_the_same_logits(monkeypatch):
 
 def test_env_turns_it_off_and_rejects_unknown_values(monkeypatch):
   monkeypatch.setenv(xla_options.ENV, "xla")
-  assert xla_options.large_gemms() is None
+  assert xla_options.for_gemms(d_model=768, tokens=4096) is None
   monkeypatch.setenv(xla_options.ENV, "mkl")
   with pytest.raises(ValueError, match="FLEXOLMO_CPU_GEMMS='mkl'.*'onednn'.*'xla'"):
-    xla_options.large_gemms()
+    xla_options.for_gemms(d_model=768, tokens=4096)
