@@ -205,9 +205,11 @@ def _dry_run(monkeypatch, root, experiment, **options):
 
 
 def _runs(trained):
-  """{workdir: (trainer module, the run's own flags)} of recorded trainer runs."""
+  """{workdir: (trainer module, the run's own flags)} of recorded trainer runs (without the flags
+  every expert run of the reproduction gets, routing diagnostics on every domain included)."""
   common = ("--config=", "--workdir=", "--config.data.path=", "--config.expert.public=",
-            "--config.steps=1", "--config.eval_every=1", "--config.checkpoint_every=1")
+            "--config.steps=1", "--config.eval_every=1", "--config.checkpoint_every=1",
+            "--config.eval_domains=", "--config.eval_batches=")
   return {next(a for a in args if a.startswith("--workdir="))[10:]:
           (args[0], tuple(a for a in args[1:] if not a.startswith(common))) for args in trained}
 
