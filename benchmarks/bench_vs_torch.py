@@ -351,7 +351,7 @@ def _mem_worker(spec):
   if on_gpu:
     for _ in range(2):
       fn()
-    if impl == "jax":
+    if impl.startswith("jax"):
       peak = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
     else:
       import torch  # pylint: disable=g-import-not-at-top

@@ -8,17 +8,14 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from flexolmo_jax import baselines, checkpoint, research, router_init, runs, scoring, stats
+from flexolmo_jax import baselines, research, router_init, runs, scoring, stats
 from flexolmo_jax import train as T
 from flexolmo_jax.data import DataConfig, make_pipeline, mix
-from flexolmo_jax.model import init_params
 from flexolmo_jax.train_config import train_config
-
-TINY_MODEL = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
-                  rope_theta=10_000.0, pad_token_id=0, eos_token_id=1)
+# The merge tests' tiny public model and synthetic expert runs (the trainer's layout).
+from test_merge import TINY_MODEL, _public_artifact, _synthetic_expert
 
 
 def test_unknown_experiment_is_refused_naming_the_choices():
@@ -86,26 +83,14 @@ def test_share_zero_is_the_plain_pipeline_and_bad_shares_are_refused(corpus_dir)
 def _reproduction(root, corpus_dir):
   """A reproduction's layout: data, a tiny public artifact, math and code experts of 1 step."""
   os.symlink(corpus_dir, root / "data")
-  config = T.ModelConfig(**TINY_MODEL)
-  params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
-  checkpoint.save_params_artifact(root / "public", config, params, "public")
+  _public_artifact(root / "public", 0)
+  config, params, _ = runs.load_params(root / "public")
   rng = np.random.default_rng(0)
   router_init.save_embeddings(str(root / "emb.npz"), {
       d: rng.normal(size=(TINY_MODEL["d_model"],)) for d in ("public", "math", "code")})
   for seed, name in enumerate(("math", "code")):
-    _, trainable, frozen, manifest = T.setup(train_config(dict(
-        mode="expert", expert=dict(name=name, public=str(root / "public"),
-                                   router_embeddings=str(root / "emb.npz")),
-        data=dict(path=corpus_dir, seq_len=16, batch_size=4))))
-    trainable = {k: np.asarray(v) + 0.05 * np.random.default_rng(seed).normal(
-        size=v.shape).astype(np.float32) for k, v in trainable.items()}
-    workdir = root / "experts" / name
-    manager = runs.checkpoint_manager(workdir, async_save=False)
-    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(trainable)))
-    manager.wait_until_finished()
-    manager.close()
-    runs.write_public_router(workdir, frozen["public_router"])
-    runs.write_manifest(workdir, manifest.replace(step=1))
+    _synthetic_expert(corpus_dir, root / "public", name, root / "emb.npz", root / "experts" / name,
+                      seed)
   return config, params
 
 

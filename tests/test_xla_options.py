@@ -1,7 +1,6 @@
 """Per-function XLA options: oneDNN GEMMs for training/scoring on CPU, off by request."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
