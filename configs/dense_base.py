@@ -3,16 +3,22 @@ r"""A dense fine-tune of the public model on one domain: the paper's BTM and sou
 
 The public model with EVERY parameter trained on the domain, from a fresh optimizer; same steps,
 batch and schedule as that domain's expert (configs/expert_base.py), so dense and expert rows
-differ in what is trained, not in how long. The domain is the config argument:
+differ in what is trained, not in how long. The domain is the config argument, optionally
+followed by the public model's config module when it is not configs/public.py:
 
   python -m flexolmo_jax.train --config=configs/dense_base.py:code --config.init_from=runs/public
+  python -m flexolmo_jax.train --config=configs/dense_base.py:code,public_medium ...
 """
 
-from configs import expert_base, public
+import importlib
+
+from configs import expert_base
 
 
-def get_config(domain: str = "math"):
-  c = public.get_config()  # The public model's architecture: init_from must fit it.
+def get_config(arg: str = "math"):
+  domain, _, public_config = arg.partition(",")
+  # The public model's architecture: init_from must fit it.
+  c = importlib.import_module(f"configs.{public_config or 'public'}").get_config()
   expert = expert_base.get_config(domain)
   c.workdir = f"runs/dense/{domain}"
   c.init_from = "runs/public"

@@ -24,6 +24,7 @@ Every stage reuses finished work (a trained run, a merged artifact), so re-runni
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -72,20 +73,26 @@ class Options:
   # Non-empty: everything trained (public model, experts, ablations) is trained once per seed,
   # under <workdir>/seed<s>/ (training_dirs); empty: once, with seed 0, directly in <workdir>.
   train_seeds: tuple[int, ...] = ()
+  # Training processes run at once. Two on a 2-core CPU: a run's start-up (imports, tracing,
+  # compiling, restoring) is single-threaded and its small-batch steps use both cores poorly;
+  # measured: two 60-step expert runs one after the other 53.3 s, side by side 41.0 s.
+  workers: int = 2
 
 
 # The reproduction's tiers: the Options fields each sets (docs/reproduction.md has the budget).
 SCALES = {
     "small": {},
-    "medium": dict(public_config="configs/public_medium.py", public_steps=500,
-                   expert_epochs=3.0, expert_tokens=65_536, seeds=(0, 1, 2),
+    # Sized to the two-hour budget on a 2-core CPU (docs/reproduction.md). With train_seeds the
+    # seeded evaluation stages of seed s run once, with s, on seed s's models.
+    "medium": dict(public_config="configs/public_medium.py", public_steps=400,
+                   expert_epochs=3.0, expert_tokens=40_960, eval_batches=24,
                    train_seeds=(0, 1, 2)),
 }
 # The flags that set Options fields of the same name (workdir also answers to --runs).
 _FIELD_FLAGS = ("workdir", "domains", "public_steps", "expert_steps", "ablation_domains",
                 "tune_steps", "top_k", "btm_top_k", "eval_batches", "seeds",
                 "max_docs_per_domain", "vocab_size", "max_chars_per_domain", "public_config",
-                "expert_epochs", "expert_tokens", "train_seeds")
+                "expert_epochs", "expert_tokens", "train_seeds", "workers")
 
 
 def scaled(scale: str, **overrides) -> Options:
@@ -125,7 +132,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("expert_tokens", d.expert_tokens, "If > 0: each owner's data is the first "
                        "documents of its domain's train split holding this many tokens.")
   flags.DEFINE_list("train_seeds", [], "Train the public model, experts and ablations once per "
-                    "seed, under WORKDIR/seed<s>/ (empty: once, seed 0, in WORKDIR).")
+                    "seed, under WORKDIR/seed<s>/ (empty: once, seed 0, in WORKDIR); each "
+                    "seed's models are evaluated with that seed's seeded stages (--seeds unused).")
+  flags.DEFINE_integer("workers", d.workers, "Training processes run at once (each one's output "
+                       "then goes to WORKDIR/logs/); 1: one after the other, output streamed.")
 
 
 def options_from_flags() -> Options:
@@ -154,10 +164,22 @@ def log(message: str) -> None:
   print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
 
 
-def _run(*args: str) -> None:
-  """Runs one stage in its own process (output streams through)."""
-  log("$ " + " ".join(args))
-  subprocess.run([sys.executable, "-m", *args], check=True)
+def _run(*args: str, output: pathlib.Path | None = None) -> None:
+  """Runs one stage in its own process: its output streams through, or with `output` goes to
+  that file (runs side by side), whose tail is printed if the stage fails."""
+  log("$ " + " ".join(args) + (f"  > {output}" if output else ""))
+  if output is None:
+    subprocess.run([sys.executable, "-m", *args], check=True)
+    return
+  output.parent.mkdir(parents=True, exist_ok=True)
+  t = time.perf_counter()
+  with open(output, "w") as f:
+    done = subprocess.run([sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT)
+  if done.returncode:
+    tail = "\n".join(output.read_text().splitlines()[-30:])
+    log(f"FAILED (exit {done.returncode}): {output}, last lines:\n{tail}")
+    raise subprocess.CalledProcessError(done.returncode, args)
+  log(f"finished in {time.perf_counter() - t:.0f}s: {output}")
 
 
 def _finished(workdir: pathlib.Path, steps: int) -> bool:
@@ -219,6 +241,15 @@ def expert_data_flags(opts: Options, domain: str) -> tuple[list[str], int]:
 DIAGNOSTIC_BATCHES = 2
 
 
+def _output(opts: Options, root: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path | None:
+  """Where a training run's output goes: streamed (None) with one worker, else a file under
+  WORKDIR/logs named after the run's directory."""
+  if opts.workers <= 1:
+    return None
+  name = "_".join(workdir.relative_to(pathlib.Path(opts.workdir)).parts)
+  return pathlib.Path(opts.workdir) / "logs" / f"{name}.log"
+
+
 def _train_expert(opts: Options, root, seed, domain, workdir, *overrides,
                   module="flexolmo_jax.train"):
   data_flags, steps = expert_data_flags(opts, domain)
@@ -241,7 +272,8 @@ def _train_expert(opts: Options, root, seed, domain, workdir, *overrides,
               f"--config.eval_batches={DIAGNOSTIC_BATCHES}"]
   _run(module, f"--config=configs/{domain}_expert.py", f"--workdir={workdir}", *data_flags,
        f"--config.expert.public={root / 'public'}",
-       f"--config.steps={steps}", f"--config.checkpoint_every={steps}", *extra, *overrides)
+       f"--config.steps={steps}", f"--config.checkpoint_every={steps}", *extra, *overrides,
+       output=_output(opts, root, workdir))
 
 
 def _train_dense(opts: Options, root, seed, domain):
@@ -252,48 +284,87 @@ def _train_dense(opts: Options, root, seed, domain):
   if _finished(workdir, steps):
     log(f"reusing {workdir}")
     return
-  seed_flags = [f"--config.seed={seed}", f"--config.data.seed={seed}"] if opts.train_seeds else []
-  _run("flexolmo_jax.train", f"--config=configs/dense_base.py:{domain}", f"--workdir={workdir}",
+  # The public model's config gives the architecture (configs/dense_base.py).
+  public = pathlib.Path(opts.public_config).stem
+  arg = domain if public == "public" else f"{domain},{public}"
+  _run("flexolmo_jax.train", f"--config=configs/dense_base.py:{arg}", f"--workdir={workdir}",
        *data_flags, f"--config.init_from={root / 'public'}", f"--config.steps={steps}",
-       f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}", *seed_flags)
+       f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}",
+       *_seed_flags(opts, seed), output=_output(opts, root, workdir))
+
+
+def _seed_flags(opts: Options, seed: int) -> list[str]:
+  return [f"--config.seed={seed}", f"--config.data.seed={seed}"] if opts.train_seeds else []
+
+
+def _train_public(opts: Options, root: pathlib.Path, seed: int) -> None:
+  if _finished(root / "public", opts.public_steps):
+    log(f"reusing the public model in {root / 'public'}")
+    return
+  _run("flexolmo_jax.train", f"--config={opts.public_config}", f"--workdir={root / 'public'}",
+       f"--config.data.path={pathlib.Path(opts.workdir) / 'data'}",
+       f"--config.steps={opts.public_steps}", *_seed_flags(opts, seed),
+       output=_output(opts, root, root / "public"))
+
+
+def _random_rows(opts: Options, root: pathlib.Path, seed: int) -> pathlib.Path:
+  """The random-init ablation's router rows (drawn once per training seed, kept on disk)."""
+  emb = root / "ablations" / "random_rows.npz"
+  if not emb.exists():
+    config, _, _ = runs.load_params(root / "public")
+    rng = np.random.default_rng(seed if opts.train_seeds else opts.seeds[0])
+    rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
+            for d in ("public",) + opts.ablation_domains}
+    emb.parent.mkdir(parents=True, exist_ok=True)
+    router_init.save_embeddings(str(emb), rows)
+  return emb
+
+
+def _runs_on_public(opts: Options, root: pathlib.Path, seed: int) -> list:
+  """Every training run of one seed that starts from its public model, as callables: experts,
+  dense fine-tunes (the BTM and soup members), then the ablation experts."""
+  jobs = [lambda d=d: _train_expert(opts, root, seed, d, root / "experts" / d)
+          for d in opts.domains]
+  jobs += [lambda d=d: _train_dense(opts, root, seed, d) for d in opts.domains]
+  for d in opts.ablation_domains:
+    jobs += [
+        lambda d=d: _train_expert(opts, root, seed, d, root / "ablations" / "solo" / d,
+                                  module="flexolmo_jax.solo_expert"),
+        lambda d=d: _train_expert(opts, root, seed, d, root / "ablations" / "random_init" / d,
+                                  f"--config.expert.router_embeddings="
+                                  f"{_random_rows(opts, root, seed)}"),
+        lambda d=d: _train_expert(opts, root, seed, d, root / "ablations" / "no_bias" / d,
+                                  "--config.expert.bias=false")]
+  return jobs
 
 
 def train_everything(opts: Options) -> None:
-  """Data, then per training seed (training_dirs) the public model, experts, dense fine-tunes
-  (the BTM and soup members) and ablation experts, each in its own process."""
+  """Data, then per training seed (training_dirs) the public model and every run on it
+  (_runs_on_public), each in its own process, opts.workers at a time. A run waits only for its
+  own seed's public model; the first failure stops everything not yet started and is raised."""
   data = pathlib.Path(opts.workdir) / "data"
   corpus_flags = [f"--{k}={getattr(opts, k)}"
                   for k in ("max_docs_per_domain", "vocab_size", "max_chars_per_domain")
                   if getattr(opts, k) is not None]
   _run("flexolmo_jax.data", "prepare", f"--out={data}", *corpus_flags)
-  for seed, root in training_dirs(opts).items():
-    seed_flags = ([f"--config.seed={seed}", f"--config.data.seed={seed}"] if opts.train_seeds
-                  else [])
-    if _finished(root / "public", opts.public_steps):
-      log(f"reusing the public model in {root / 'public'}")
-    else:
-      _run("flexolmo_jax.train", f"--config={opts.public_config}",
-           f"--workdir={root / 'public'}", f"--config.data.path={data}",
-           f"--config.steps={opts.public_steps}", *seed_flags)
-    for domain in opts.domains:
-      _train_expert(opts, root, seed, domain, root / "experts" / domain)
-    for domain in opts.domains:
-      _train_dense(opts, root, seed, domain)
-    emb = root / "ablations" / "random_rows.npz"
-    if not emb.exists():
-      config, _, _ = runs.load_params(root / "public")
-      rng = np.random.default_rng(seed if opts.train_seeds else opts.seeds[0])
-      rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
-              for d in ("public",) + opts.ablation_domains}
-      emb.parent.mkdir(parents=True, exist_ok=True)
-      router_init.save_embeddings(str(emb), rows)
-    for domain in opts.ablation_domains:
-      _train_expert(opts, root, seed, domain, root / "ablations" / "solo" / domain,
-                    module="flexolmo_jax.solo_expert")
-      _train_expert(opts, root, seed, domain, root / "ablations" / "random_init" / domain,
-                    f"--config.expert.router_embeddings={emb}")
-      _train_expert(opts, root, seed, domain, root / "ablations" / "no_bias" / domain,
-                    "--config.expert.bias=false")
+  dirs = training_dirs(opts)
+
+  def after(public, job):
+    public.result()  # Submitted earlier, so finished or running in another worker.
+    job()
+
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, opts.workers))
+  try:
+    publics = {s: pool.submit(_train_public, opts, root, s) for s, root in dirs.items()}
+    futures = list(publics.values()) + [pool.submit(after, publics[s], job)
+                                        for s, root in dirs.items()
+                                        for job in _runs_on_public(opts, root, s)]
+    done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+    for f in futures:
+      if f in done and f.exception() is not None:
+        raise f.exception()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def plot_routing_diagnostics(opts: Options) -> dict[str, str]:
@@ -389,15 +460,15 @@ def seeded_models(opts: Options, ev: Evaluator, parts: baselines.Parts,
   return out
 
 
-def evaluate_everything(opts: Options) -> dict:
-  """Every model's per-document, per-domain losses, the routing report, and the run settings."""
-  root = pathlib.Path(opts.workdir)
-  data = str(root / "data")
-  domains = ["public", *opts.domains]
-  ev = Evaluator(data, domains, opts.eval_batches)
+def evaluate_models(opts: Options, ev: Evaluator, root: pathlib.Path, seeds) -> tuple:
+  """Every model trained under `root` (one training seed's directory) and every baseline built
+  from them, with the seeded stages run once per seed in `seeds`: ({model: {domain: per-document
+  NLL sums}} with the seeded models' sums averaged over `seeds`, {seeded model: {seed: sums}},
+  the merged FlexOlmo (config, params, names))."""
+  data, domains = str(pathlib.Path(opts.workdir) / "data"), list(ev.batches)
   experts = {d: str(root / "experts" / d) for d in opts.domains}
   config, params, names = merge.assemble(root / "public", experts, top_k=opts.top_k)
-  docs = {}  # {model: {domain: per-document NLL sums}}
+  docs = {}
   pub_config, pub_params, _ = runs.load_params(root / "public")
   dense = tuple((d, *runs.load_params(root / "dense" / d)[:2]) for d in opts.domains)
   parts = baselines.Parts((pub_config, pub_params), (config, params, tuple(names)), data, dense)
@@ -409,17 +480,17 @@ def evaluate_everything(opts: Options) -> dict:
     docs[name] = ev(label, baselines.get(name, options).build(parts))
 
   per_seed = {label: {} for label in SEEDED}
-  for seed in opts.seeds:
+  for seed in seeds:
     for label, sums in seeded_models(opts, ev, parts, seed).items():
       per_seed[label][str(seed)] = sums
   for label, by_seed in per_seed.items():  # The seeds' mean loss: the mean of their sums.
-    docs[label] = {d: np.mean([v[d] for v in by_seed.values()], axis=0) for d in domains}
+    docs[label] = _mean_over_seeds(by_seed, domains)
 
   ablated = {d: experts[d] for d in opts.ablation_domains}
   docs["flexolmo_ablation_subset"] = ev(
       "flexolmo on the ablation domains",
       scoring.model_scorer(*merge.assemble(root / "public", ablated, top_k=opts.top_k)[:2]))
-  for label in ("solo", "random_init", "no_bias"):
+  for label in ABLATIONS:
     paths = {d: str(root / "ablations" / label / d) for d in opts.ablation_domains}
     c, p, _ = merge.assemble(root / "public", paths, top_k=opts.top_k,
                              keep_bias=label != "no_bias")
@@ -428,15 +499,44 @@ def evaluate_everything(opts: Options) -> dict:
   for d in opts.domains:
     c, p, _ = merge.opt_out(config, params, names, [d])
     docs[f"without_{d}"] = ev(f"opt out {d}", scoring.model_scorer(c, p))
+  return docs, per_seed, (config, params, names)
+
+
+def _mean_over_seeds(by_seed: dict, domains) -> dict[str, np.ndarray]:
+  return {d: np.mean([v[d] for v in by_seed.values()], axis=0) for d in domains}
+
+
+def evaluate_everything(opts: Options) -> dict:
+  """Every model's per-document, per-domain losses, the routing report, and the run settings.
+  With training seeds every model is evaluated in each seed's directory (its seeded stages with
+  that seed); the report's sums are the seeds' mean and per_seed_loss holds each seed's losses."""
+  root = pathlib.Path(opts.workdir)
+  data = str(root / "data")
+  domains = ["public", *opts.domains]
+  ev = Evaluator(data, domains, opts.eval_batches)
+  if opts.train_seeds:
+    per_seed, merged = {}, None
+    for seed, path in training_dirs(opts).items():
+      log(f"evaluating the models of training seed {seed} ({path})")
+      docs_of_seed, _, merged_of_seed = evaluate_models(opts, ev, path, (seed,))
+      merged = merged or merged_of_seed  # Routing is analysed on the first seed's FlexOlmo.
+      for label, sums in docs_of_seed.items():
+        per_seed.setdefault(label, {})[str(seed)] = sums
+    docs = {label: _mean_over_seeds(by_seed, domains) for label, by_seed in per_seed.items()}
+  else:
+    docs, per_seed, merged = evaluate_models(opts, ev, root, opts.seeds)
+  config, params, names = merged
 
   log("routing analysis")
   shares = routing_analysis.domain_shares(config, params, data, domains, batch_size=EVAL_BATCH,
                                           seq_len=EVAL_SEQ, max_batches=opts.eval_batches)
   plot = routing_analysis.write_report(shares, names, str(root / "results"))
   settings = {k: getattr(opts, k) for k in (
-      "public_steps", "expert_steps", "btm_top_k", "tune_steps", "eval_batches")}
+      "scale", "public_steps", "btm_top_k", "tune_steps", "eval_batches")}
+  settings["expert_steps"] = {d: expert_data_flags(opts, d)[1] for d in opts.domains}
   settings["ablation_domains"] = list(opts.ablation_domains)
-  settings["seeds"] = list(opts.seeds)
+  settings["seeds"] = list(opts.train_seeds or opts.seeds)
+  settings["train_seeds"] = list(opts.train_seeds)
   settings["top_k"] = config.top_k  # As clamped to the experts present.
   settings["unscored_prefix_tokens"] = baselines.PROMPT_TOKENS
   settings["scored_tokens"] = {d: int(ev.tokens[d].sum()) for d in domains}
@@ -510,6 +610,16 @@ def findings(report: dict) -> list[dict]:
     samples = stats.mean_loss(boot[a], domains) - stats.mean_loss(boot[b], domains)
     return (est, *stats.interval(samples, level))
 
+  per_seed = report.get("per_seed_loss", {})
+
+  def seeds_text(a, b, domains):
+    """Each training seed's own difference, where both models were trained once per seed."""
+    if not report["settings"].get("train_seeds") or a not in per_seed or b not in per_seed:
+      return ""
+    each = [stats.mean_loss(per_seed[a][x], domains) - stats.mean_loss(per_seed[b][x], domains)
+            for x in per_seed[a]]
+    return "; per seed " + ", ".join(f"{e:+.3f}" for e in each)
+
   out = []
   for label, name in (("flexolmo", "FlexOlmo"), ("flexolmo_router_tuned", "FlexOlmo + router tuning")):
     if label not in loss:
@@ -519,14 +629,17 @@ def findings(report: dict) -> list[dict]:
                 "verdict": stats.every(stats.verdict(lo, hi) for _, lo, hi in per.values()),
                 "intervals": {d: list(v) for d, v in per.items()},
                 "numbers": "loss difference " + ", ".join(_diff(f"{d} ", *v)
-                                                          for d, v in per.items())})
+                                                          for d, v in per.items())
+                           + seeds_text(label, "public", closed).replace("per seed",
+                                                                         "closed average per seed")})
     for base in (b for b in BASELINES if b in loss):
       est, lo, hi = diff(label, base, everything)
       geo = lambda m: math.exp(stats.mean_loss(loss[m], everything))
       out.append({"finding": f"{name} beats {base} on average (all domains)",
                   "verdict": stats.verdict(lo, hi), "difference": est, "interval": [lo, hi],
                   "numbers": f"perplexity {geo(label):.2f} vs {geo(base):.2f} (geometric mean); "
-                             + _diff("loss difference ", est, lo, hi)})
+                             + _diff("loss difference ", est, lo, hi)
+                             + seeds_text(label, base, everything)})
   own = {}
   for d in closed:
     if f"without_{d}" not in loss:
@@ -552,7 +665,8 @@ def findings(report: dict) -> list[dict]:
     est, lo, hi = diff(f"ablation_{label}", "flexolmo_ablation_subset", subset)
     out.append({"finding": f"ablation '{label}' hurts (average over {', '.join(subset)})",
                 "verdict": stats.verdict(lo, hi, side=1), "difference": est, "interval": [lo, hi],
-                "numbers": _diff("loss difference vs FlexOlmo ", est, lo, hi)})
+                "numbers": _diff("loss difference vs FlexOlmo ", est, lo, hi)
+                           + seeds_text(f"ablation_{label}", "flexolmo_ablation_subset", subset)})
   return out
 
 
@@ -580,10 +694,14 @@ def markdown(report: dict) -> str:
   s = report["settings"]
   tokens = ", ".join(f"{d} {n} ({len(report['document_tokens'][d])} documents)"
                      for d, n in s["scored_tokens"].items())
-  lines = ["# FlexOlmo small reproduction", "",
+  steps = sorted(set(s["expert_steps"].values()))
+  steps = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+  seeded = ("every trained model trained and evaluated once per seed; rows: mean of the seeds' "
+            "losses" if s.get("train_seeds") else "seeded rows: mean of the seeds' losses")
+  lines = [f"# FlexOlmo {s.get('scale', 'small')} reproduction", "",
            f"Public model {s['public_steps']} steps, experts and dense fine-tunes "
-           f"{s['expert_steps']} steps, top-{s['top_k']} of {len(report['experts'])} experts, "
-           f"seeds {s['seeds']} (seeded rows: mean of the seeds' losses); wall time "
+           f"{steps} steps, top-{s['top_k']} of {len(report['experts'])} experts, "
+           f"seeds {s['seeds']} ({seeded}); wall time "
            f"{report['wall_seconds'] / 60:.1f} min. Every model is scored on the same test tokens "
            f"(each row's first {s['unscored_prefix_tokens']} tokens, prompt routing's prefix, are "
            f"not scored): {tokens}. Averages over domains are taken in loss (their perplexity is "
@@ -595,7 +713,8 @@ def markdown(report: dict) -> str:
   lines += ["", "Test perplexity:", "", *head("geo-mean")]
   lines += [row(m, m, v, "{:.2f}", "perplexity") for m, v in report["perplexity"].items()]
   if len(s["seeds"]) > 1:
-    lines += ["", "Seed spread of the seeded models (loss averaged over all domains):", "",
+    lines += ["", "Seed spread (each seed's loss averaged over all domains; the brackets above are "
+              "over documents only):", "",
               "| model | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean | std |",
               "|---" * (len(s["seeds"]) + 3) + "|"]
     for label, by_seed in report["per_seed_loss"].items():

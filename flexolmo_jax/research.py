@@ -167,7 +167,7 @@ class Context:
     the reproduction's settings and `overrides`."""
     # The small tier's expert runs (one training seed, directly under the workdir).
     tier = reproduce.Options(workdir=str(self.root), domains=tuple(self.opts.domains),
-                             expert_steps=self.opts.expert_steps)
+                             expert_steps=self.opts.expert_steps, workers=1)
     for d in domains or self.opts.domains:
       reproduce._train_expert(tier, self.root, 0, d, path(d), *overrides, module=module)  # pylint: disable=protected-access
     return {d: str(path(d)) for d in domains or self.opts.domains}

@@ -45,7 +45,8 @@ def _report(**extra_losses):
   # BTX: FlexOlmo's total on every domain, but better on some documents and worse on others.
   nll["btx"] = {d: [v + s for v, s in zip(nll["flexolmo"][d], [6.0, -6.0, 6.0, -6.0])]
                 for d in DOMAINS}
-  report = {"settings": {"public_steps": 3, "expert_steps": 2, "top_k": 3, "btm_top_k": 2,
+  report = {"settings": {"public_steps": 3, "expert_steps": {"math": 2, "code": 2}, "top_k": 3,
+                         "btm_top_k": 2,
                          "tune_steps": 1, "eval_batches": 1, "ablation_domains": ["math"],
                          "seeds": [0, 1], "unscored_prefix_tokens": 32,
                          "scored_tokens": {d: sum(TOKENS) for d in DOMAINS},
@@ -166,7 +167,7 @@ def _recorded_training(tmp_path, monkeypatch, opts):
     monkeypatch.setattr(reproduce, "owner_data", lambda o, d, domain: {
         "math": (7, 10_000), "code": (0, 4_000)}[domain])
   commands = []
-  monkeypatch.setattr(reproduce, "_run", lambda *args: commands.append(args))
+  monkeypatch.setattr(reproduce, "_run", lambda *args, output=None: commands.append(args))
   monkeypatch.setattr(reproduce.runs, "load_params", lambda path: (C.tiny(), None, None))
   reproduce.train_everything(opts)
   return commands
@@ -175,18 +176,23 @@ def _recorded_training(tmp_path, monkeypatch, opts):
 def test_medium_tier_trains_everything_once_per_seed_in_its_own_directory(tmp_path, monkeypatch):
   opts = reproduce.scaled("medium", workdir=str(tmp_path), domains=("math", "code"),
                           ablation_domains=("math",))
-  assert opts.train_seeds == opts.seeds == (0, 1, 2) and opts.expert_epochs == 3.0
+  assert opts.train_seeds == (0, 1, 2) and opts.expert_epochs == 3.0 and opts.workers == 2
   assert opts.public_config == "configs/public_medium.py" and opts.expert_tokens > 0
   assert reproduce.training_dirs(opts) == {s: tmp_path / f"seed{s}" for s in (0, 1, 2)}
-  commands = _recorded_training(tmp_path, monkeypatch, opts)
+  commands = _recorded_training(tmp_path, monkeypatch, opts)  # Two workers: any order...
   assert commands[0] == ("flexolmo_jax.data", "prepare", f"--out={tmp_path / 'data'}")
   for seed in (0, 1, 2):
     root = tmp_path / f"seed{seed}"
-    runs_of_seed = [c for c in commands if any(a.startswith(f"--workdir={root}/") for a in c)]
-    public, math_expert, code_expert, math_dense, code_dense, solo, random_init, no_bias = \
-        runs_of_seed
+    by_dir = {next(a for a in c if a.startswith("--workdir=")): c for c in commands[1:]}
+    public, math_expert, code_expert, math_dense, code_dense, solo, random_init, no_bias = (
+        by_dir[f"--workdir={root / sub}"] for sub in (
+            "public", "experts/math", "experts/code", "dense/math", "dense/code",
+            "ablations/solo/math", "ablations/random_init/math", "ablations/no_bias/math"))
+    # ...but a seed's public model before any run on it.
+    assert all(commands.index(public) < commands.index(c) for c in by_dir.values()
+               if c is not public and any(str(root) + "/" in a for a in c))
     assert {"--config=configs/public_medium.py", f"--config.seed={seed}",
-            f"--config.data.seed={seed}", "--config.steps=500"} <= set(public)
+            f"--config.data.seed={seed}", "--config.steps=400"} <= set(public)
     assert {f"--workdir={root / 'experts' / 'math'}", f"--config.expert.public={root / 'public'}",
             "--config.steps=15",  # ceil(3 epochs x 10000 tokens / (16 x 128)).
             "--config.optim.warmup_steps=1", "--config.eval_every=3", "--config.log_every=3",
@@ -201,10 +207,11 @@ def test_medium_tier_trains_everything_once_per_seed_in_its_own_directory(tmp_pa
     assert "--config.expert.bias=false" in no_bias
     assert (root / "ablations" / "random_rows.npz").exists()
     # The BTM and soup members: the public model fine-tuned on the owner's data, expert-long.
-    assert {"--config=configs/dense_base.py:math", f"--config.init_from={root / 'public'}",
+    assert {"--config=configs/dense_base.py:math,public_medium",
+            f"--config.init_from={root / 'public'}",
             "--config.steps=15", "--config.data.train_subset={'math': 7}",
             f"--config.seed={seed}"} <= set(math_dense)
-    assert "--config=configs/dense_base.py:code" in code_dense
+    assert "--config=configs/dense_base.py:code,public_medium" in code_dense
   assert len(commands) == 1 + 3 * 8
 
 
@@ -240,3 +247,42 @@ def test_owner_data_is_the_first_documents_holding_the_token_budget(corpus_dir):
   assert reproduce.owner_data(reproduce.Options(), data, "math") == (0, whole)
   assert reproduce.owner_data(dataclasses.replace(opts, expert_tokens=10 * whole), data,
                               "math") == (0, whole)
+
+
+def test_training_seeds_are_evaluated_in_their_own_directories_and_averaged(
+    corpus_dir, tmp_path, monkeypatch):
+  (tmp_path / "data").symlink_to(corpus_dir)
+  opts = reproduce.Options(workdir=str(tmp_path), domains=("math", "code"), eval_batches=1,
+                           train_seeds=(3, 5), seeds=(0,))
+  called = []
+
+  def evaluate_models(opts_, ev, root, seeds):
+    called.append((root, seeds))
+    shift = {3: 0.0, 5: 2.0}[seeds[0]]  # Seed 5's models lose 2 nats more per document.
+    docs = {m: {d: np.full(len(ev.tokens[d]), base + shift) for d in ev.batches}
+            for m, base in (("public", 10.0), ("flexolmo", 8.0), ("btx", 9.0))}
+    return docs, {"btx": {str(seeds[0]): docs["btx"]}}, (C.tiny(), None, ["public"])
+
+  monkeypatch.setattr(reproduce, "evaluate_models", evaluate_models)
+  monkeypatch.setattr(reproduce.routing_analysis, "domain_shares", lambda *a, **k: None)
+  monkeypatch.setattr(reproduce.routing_analysis, "write_report",
+                      lambda *a, **k: {"png": "routing.png"})
+  report = reproduce.evaluate_everything(opts)
+  # Each seed's models from its own directory, its seeded stages with that seed only.
+  assert called == [(tmp_path / "seed3", (3,)), (tmp_path / "seed5", (5,))]
+  assert report["settings"]["seeds"] == report["settings"]["train_seeds"] == [3, 5]
+  for d in ("public", "math", "code"):
+    assert report["document_nll"]["flexolmo"][d] == [9.0] * len(report["document_tokens"][d])
+    tokens = sum(report["document_tokens"][d])
+    n = len(report["document_tokens"][d])
+    for seed, shift in (("3", 0.0), ("5", 2.0)):
+      assert report["per_seed_loss"]["public"][seed][d] == pytest.approx(
+          n * (10.0 + shift) / tokens)
+  report["findings"] = reproduce.findings(report)
+  beats_btx = next(f for f in report["findings"]
+                   if f["finding"] == "FlexOlmo beats btx on average (all domains)")
+  # Each seed's own difference is printed beside the interval over documents.
+  each = [stats.mean_loss(report["per_seed_loss"]["flexolmo"][s], report["domains"])
+          - stats.mean_loss(report["per_seed_loss"]["btx"][s], report["domains"]) for s in "35"]
+  assert beats_btx["numbers"].endswith(f"; per seed {each[0]:+.3f}, {each[1]:+.3f}")
+  assert each[0] < 0 and each[1] < 0

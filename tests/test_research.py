@@ -178,7 +178,8 @@ def test_an_owner_trains_with_public_rows_and_the_full_moe_trains_everything(cor
 def _dry_run(monkeypatch, root, experiment, **options):
   """Runs an experiment with training and scoring recorded, not done: (runs, merged rows)."""
   trained, merged = [], {}
-  monkeypatch.setattr(research.reproduce, "_run", lambda *args: trained.append(args))
+  monkeypatch.setattr(research.reproduce, "_run",
+                      lambda *args, output=None: trained.append(args))
   monkeypatch.setattr(research.Context, "score_public", lambda self: None)
   monkeypatch.setattr(research.Context, "score_merged",
                       lambda self, name, experts, *, top_k=None, keep_bias=True, over=None:
