@@ -87,7 +87,6 @@ _MEMORY_COMPILE = flags.DEFINE_bool("memory_compile", False,
 _WORKER = flags.DEFINE_string("_mem_worker", "", "Internal: case,kind,impl to measure memory of.")
 
 SIZES = {
-    # name: (model dims, batch, seq, timed steps)
     # name: (model dims, default timed steps)
     "tiny": (dict(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=192),
              10),

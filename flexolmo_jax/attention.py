@@ -311,34 +311,30 @@ def _flash_bwd(scale, bq, bk, slots, residuals, d_out):
     ds = p * (dp - jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)[..., None])
     return p, ds
 
-  def dq_step(i):
-    q_blk = t.q_block(q, i)
-
-    def kv_step(j, dq):
-      k_blk = t.kv_block(k, j)
-      _, ds = probs(i, j, q_blk, k_blk)
-      return dq + jnp.einsum("bkgqc,bckd->bqkgd", ds, k_blk, preferred_element_type=jnp.float32)
-
-    return jax.lax.fori_loop(0, t.kv_end(i), kv_step, jnp.zeros(q_blk.shape, jnp.float32))
-
-  def dkv_step(j):
+  # One pass: key blocks outside, the query blocks that see them inside, so each probability
+  # block is recomputed once (not once for dQ and once for dK, dV). dQ is carried whole and each
+  # query block's slice is added to in place; both loops run in ascending block order, so every
+  # gradient sums its blocks in the same order as a dQ pass over key blocks would.
+  def kv_step(dq, j):
     k_blk = t.kv_block(k, j)
 
     def q_step(i, carry):
-      dk, dv = carry
-      q_blk = t.q_block(q, i)
+      dq, dk, dv = carry
+      q_blk, do_blk = t.q_block(q, i), t.q_block(d_out, i)
       p, ds = probs(i, j, q_blk, k_blk)
-      dv += jnp.einsum("bkgqc,bqkgd->bckd", p.astype(v.dtype), t.q_block(d_out, i),
+      dv += jnp.einsum("bkgqc,bqkgd->bckd", p.astype(v.dtype), do_blk,
                        preferred_element_type=jnp.float32)
       dk += jnp.einsum("bkgqc,bqkgd->bckd", ds, q_blk, preferred_element_type=jnp.float32)
-      return dk, dv
+      dq_blk = t.q_block(dq, i) + jnp.einsum("bkgqc,bckd->bqkgd", ds, k_blk,
+                                             preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * bq, axis=1), dk, dv
 
     zeros = jnp.zeros(k_blk.shape, jnp.float32)
-    return jax.lax.fori_loop(t.q_start(j), t.nq, q_step, (zeros, zeros))
+    dq, dk, dv = jax.lax.fori_loop(t.q_start(j), t.nq, q_step, (dq, zeros, zeros))
+    return dq, (dk, dv)
 
-  dq_N = jax.lax.map(dq_step, jnp.arange(t.nq))
-  dk_N, dv_N = jax.lax.map(dkv_step, jnp.arange(t.nk))
-  dq = jnp.moveaxis(dq_N, 0, 1).reshape(q.shape) * scale
+  dq, (dk_N, dv_N) = jax.lax.scan(kv_step, jnp.zeros(q.shape, jnp.float32), jnp.arange(t.nk))
+  dq = dq * scale
   dk = jnp.moveaxis(dk_N, 0, 1).reshape(k.shape) * scale
   dv = jnp.moveaxis(dv_N, 0, 1).reshape(v.shape)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
