@@ -210,13 +210,15 @@ def _chunked(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_BxT, kv_segment_BxS, 
   k, v = (jnp.pad(x, ((0, 0), (0, sp - slots), (0, 0), (0, 0))) for x in (k_BxSxKxDh, v_BxSxKxDh))
   q_seg = jnp.pad(q_segment_BxT, ((0, 0), (0, tp - length)))
   kv_seg = jnp.pad(kv_segment_BxS, ((0, 0), (0, sp - slots)))
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or tp == bq:
     out = _flash(q, k, v, q_seg, kv_seg, q_offset, scale, bq, bk, slots)
   else:
-    # On CPU one sequence at a time: a [K, G, bq, bk] tile of one row stays in the caches
-    # through the block's elementwise passes, where a [B, K, G, bq, bk] tile did not (forward +
-    # backward at B 4, T 1024, 8 heads of 64: 323 ms batched, 4 x 66 ms one by one; T 2048:
-    # 1,016 vs 4 x 186 ms; docs/performance.md). Accelerators keep the batched blocks.
+    # On CPU, rows of several query blocks go one sequence at a time: a [K, G, bq, bk] tile of
+    # one row stays in the caches through the block's elementwise passes, where a [B, K, G, bq,
+    # bk] tile did not (forward + backward at B 4, T 1024, 8 heads of 64: 323 ms batched, 4 x 66
+    # ms one by one; T 2048: 1,016 vs 4 x 186 ms). Rows of one block keep the batched tile: one
+    # by one, 8 x 256 forwards measured 9-15% slower (docs/performance.md). Accelerators keep
+    # the batched blocks.
     out = jax.lax.map(
         lambda row: _flash(*(x[None] for x in row), q_offset, scale, bq, bk, slots)[0],
         (q, k, v, q_seg, kv_seg))

@@ -338,33 +338,47 @@ def _runs_on_public(opts: Options, root: pathlib.Path, seed: int) -> list:
   return jobs
 
 
-def train_everything(opts: Options) -> None:
-  """Data, then per training seed (training_dirs) the public model and every run on it
-  (_runs_on_public), each in its own process, opts.workers at a time. A run waits only for its
-  own seed's public model; the first failure stops everything not yet started and is raised."""
-  data = pathlib.Path(opts.workdir) / "data"
-  corpus_flags = [f"--{k}={getattr(opts, k)}"
-                  for k in ("max_docs_per_domain", "vocab_size", "max_chars_per_domain")
-                  if getattr(opts, k) is not None]
-  _run("flexolmo_jax.data", "prepare", f"--out={data}", *corpus_flags)
-  dirs = training_dirs(opts)
+def run_parallel(jobs, workers: int, after: dict[int, int] | None = None) -> None:
+  """Runs the callables `jobs`, `workers` at a time, started in list order; job i first waits for
+  job after[i] (an earlier one: finished or running in another worker, so nothing deadlocks).
+  The first failure cancels every job not yet started and is raised."""
+  after = after or {}
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+  futures = []
 
-  def after(public, job):
-    public.result()  # Submitted earlier, so finished or running in another worker.
-    job()
+  def run(i):
+    if i in after:
+      futures[after[i]].result()
+    jobs[i]()
 
-  pool = concurrent.futures.ThreadPoolExecutor(max(1, opts.workers))
   try:
-    publics = {s: pool.submit(_train_public, opts, root, s) for s, root in dirs.items()}
-    futures = list(publics.values()) + [pool.submit(after, publics[s], job)
-                                        for s, root in dirs.items()
-                                        for job in _runs_on_public(opts, root, s)]
+    for i in range(len(jobs)):
+      futures.append(pool.submit(run, i))
     done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
     for f in futures:
       if f in done and f.exception() is not None:
         raise f.exception()
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+def train_everything(opts: Options) -> None:
+  """Data, then per training seed (training_dirs) the public model and every run on it
+  (_runs_on_public), each in its own process, opts.workers at a time; a run waits only for its
+  own seed's public model."""
+  data = pathlib.Path(opts.workdir) / "data"
+  corpus_flags = [f"--{k}={getattr(opts, k)}"
+                  for k in ("max_docs_per_domain", "vocab_size", "max_chars_per_domain")
+                  if getattr(opts, k) is not None]
+  _run("flexolmo_jax.data", "prepare", f"--out={data}", *corpus_flags)
+  dirs = training_dirs(opts)
+  jobs = [lambda s=s, root=root: _train_public(opts, root, s) for s, root in dirs.items()]
+  after = {}
+  for public, (s, root) in enumerate(dirs.items()):
+    for job in _runs_on_public(opts, root, s):
+      after[len(jobs)] = public
+      jobs.append(job)
+  run_parallel(jobs, opts.workers, after)
 
 
 def plot_routing_diagnostics(opts: Options) -> dict[str, str]:

@@ -165,12 +165,15 @@ class Context:
                     module: str = "flexolmo_jax.train") -> dict[str, str]:
     """Trains (or reuses) one expert per domain at path(domain), each in its own process, with
     the reproduction's settings and `overrides`."""
-    # The small tier's expert runs (one training seed, directly under the workdir).
+    # The small tier's expert runs (one training seed, directly under the workdir), run as the
+    # reproduction runs them (reproduce.Options.workers at a time).
     tier = reproduce.Options(workdir=str(self.root), domains=tuple(self.opts.domains),
-                             expert_steps=self.opts.expert_steps, workers=1)
-    for d in domains or self.opts.domains:
-      reproduce._train_expert(tier, self.root, 0, d, path(d), *overrides, module=module)  # pylint: disable=protected-access
-    return {d: str(path(d)) for d in domains or self.opts.domains}
+                             expert_steps=self.opts.expert_steps)
+    domains = domains or self.opts.domains
+    reproduce.run_parallel(
+        [lambda d=d: reproduce._train_expert(tier, self.root, 0, d, path(d), *overrides,  # pylint: disable=protected-access
+                                             module=module) for d in domains], tier.workers)
+    return {d: str(path(d)) for d in domains}
 
 
 # ----------------------------------------------------------------------------- experiments

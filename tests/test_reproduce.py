@@ -286,3 +286,27 @@ def test_training_seeds_are_evaluated_in_their_own_directories_and_averaged(
           - stats.mean_loss(report["per_seed_loss"]["btx"][s], report["domains"]) for s in "35"]
   assert beats_btx["numbers"].endswith(f"; per seed {each[0]:+.3f}, {each[1]:+.3f}")
   assert each[0] < 0 and each[1] < 0
+
+
+def test_run_parallel_waits_for_dependencies_and_stops_at_the_first_failure():
+  import threading
+  import time as time_
+  events, lock = [], threading.Lock()
+
+  def job(name, seconds=0.0, fail=False):
+    def run():
+      time_.sleep(seconds)
+      if fail:
+        raise RuntimeError(f"{name} failed")
+      with lock:
+        events.append(name)
+    return run
+
+  # Job 2 waits for the slow job 0 although a worker is free for it after job 1.
+  reproduce.run_parallel([job("public", 0.3), job("other"), job("on public")], 2, {2: 0})
+  assert events.index("on public") > events.index("public")
+  events.clear()
+  # One worker: the failure is raised and nothing after it starts.
+  with pytest.raises(RuntimeError, match="first failed"):
+    reproduce.run_parallel([job("first", fail=True), job("second"), job("third")], 1)
+  assert events == []
