@@ -32,6 +32,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -344,12 +345,18 @@ def run_parallel(jobs, workers: int, after: dict[int, int] | None = None) -> Non
   The first failure cancels every job not yet started and is raised."""
   after = after or {}
   pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
-  futures = []
+  futures, failed = [], threading.Event()
 
   def run(i):
-    if i in after:
-      futures[after[i]].result()
-    jobs[i]()
+    if failed.is_set():  # A worker may take the next job before the failure is seen below.
+      return
+    try:
+      if i in after:
+        futures[after[i]].result()
+      jobs[i]()
+    except BaseException:
+      failed.set()
+      raise
 
   try:
     for i in range(len(jobs)):
