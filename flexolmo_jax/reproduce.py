@@ -13,11 +13,10 @@ results.json: "loss" and "perplexity" {model: {domain: value}}, "loss_interval" 
 
   python -m flexolmo_jax.reproduce --workdir=runs [--scale=medium] [--public_steps=300 ...]
 
-The small tier took about 20 minutes on a quiet 2-core CPU before the dense fine-tunes were
-added (one expert-long run per closed domain, about as long as the experts: about 5.5 minutes for
-six); `--scale=medium` (SCALES) trains a larger public model longer and each expert for several
-epochs of its domain, three times with seeds 0, 1, 2 (docs/reproduction.md). Flags given
-explicitly override the tier's values. Every stage prints progress.
+`--scale=medium` (SCALES) trains a larger public model longer and each expert for several epochs
+of its domain, three times with seeds 0, 1, 2, and evaluates each seed's models
+(docs/reproduction.md). Flags given explicitly override the tier's values. Training runs are
+separate processes, --workers of them at a time (run_parallel). Every stage prints progress.
 
 Every stage reuses finished work (a trained run, a merged artifact), so re-running continues.
 """
