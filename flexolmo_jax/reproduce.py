@@ -85,7 +85,7 @@ SCALES = {
     # Sized to the two-hour budget on a 2-core CPU (docs/reproduction.md). With train_seeds the
     # seeded evaluation stages of seed s run once, with s, on seed s's models.
     "medium": dict(public_config="configs/public_medium.py", public_steps=400,
-                   expert_epochs=3.0, expert_tokens=40_960, eval_batches=24,
+                   expert_epochs=3.0, expert_tokens=40_960, eval_batches=12,
                    train_seeds=(0, 1, 2)),
 }
 # The flags that set Options fields of the same name (workdir also answers to --runs).
