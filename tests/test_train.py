@@ -162,10 +162,13 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run(corpus_dir, tmp_path)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  subprocess.run(_cli(tmp_path / "straight", corpus_dir, 12), cwd=REPO, env=env, check=True,
+  # 40 steps, killed from step 7 on: a tiny step takes milliseconds, and a run of 12 once
+  # finished between two polls on a loaded machine.
+  steps = 40
+  subprocess.run(_cli(tmp_path / "straight", corpus_dir, steps), cwd=REPO, env=env, check=True,
                  capture_output=True)
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, corpus_dir, 12), cwd=REPO, env=env,
+  proc = subprocess.Popen(_cli(killed, corpus_dir, steps), cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -173,13 +176,14 @@ def test_resume_after_sigkill_reproduces_uninterrupted_run(corpus_dir, tmp_path)
     if path.exists() and max((json.loads(l)["step"] for l in path.read_text().splitlines() if l),
                              default=0) >= 7:
       break
-    time.sleep(0.2)
+    time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert _metrics(killed) and max(_metrics(killed)) < 12, "the run finished before it was killed"
-  subprocess.run(_cli(killed, corpus_dir, 12), cwd=REPO, env=env, check=True, capture_output=True)
+  assert _metrics(killed) and max(_metrics(killed)) < steps, "the run finished before it was killed"
+  subprocess.run(_cli(killed, corpus_dir, steps), cwd=REPO, env=env, check=True,
+                 capture_output=True)
   want, got = _metrics(tmp_path / "straight"), _metrics(killed)
-  for step in range(1, 13):
+  for step in range(1, steps + 1):
     assert got[step]["loss"] == want[step]["loss"], f"step {step} differs after resume"
 
 
