@@ -307,17 +307,23 @@ def _train_public(opts: Options, root: pathlib.Path, seed: int) -> None:
        output=_output(opts, root, root / "public"))
 
 
-def _random_rows(opts: Options, root: pathlib.Path, seed: int) -> pathlib.Path:
-  """The random-init ablation's router rows (drawn once per training seed, kept on disk)."""
-  emb = root / "ablations" / "random_rows.npz"
-  if not emb.exists():
-    config, _, _ = runs.load_params(root / "public")
-    rng = np.random.default_rng(seed if opts.train_seeds else opts.seeds[0])
+def random_rows(path: pathlib.Path, public: pathlib.Path, domains, seed: int) -> pathlib.Path:
+  """Random router rows N(0, init_std^2) [n_layers, d_model] for `domains` (the random-init
+  ablation's), drawn with `seed` into `path` once (kept on disk: reruns reuse them)."""
+  if not path.exists():
+    config, _, _ = runs.load_params(public)
+    rng = np.random.default_rng(seed)
     rows = {d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
-            for d in ("public",) + opts.ablation_domains}
-    emb.parent.mkdir(parents=True, exist_ok=True)
-    router_init.save_embeddings(str(emb), rows)
-  return emb
+            for d in domains}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    router_init.save_embeddings(str(path), rows)
+  return path
+
+
+def _random_rows(opts: Options, root: pathlib.Path, seed: int) -> pathlib.Path:
+  return random_rows(root / "ablations" / "random_rows.npz", root / "public",
+                     ("public",) + opts.ablation_domains,
+                     seed if opts.train_seeds else opts.seeds[0])
 
 
 def _runs_on_public(opts: Options, root: pathlib.Path, seed: int) -> list:

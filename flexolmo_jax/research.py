@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 from absl import flags
 
-from flexolmo_jax import atomic, baselines, cli, merge, reproduce, router_init, runs, scoring, stats
+from flexolmo_jax import atomic, baselines, cli, merge, reproduce, runs, scoring, stats
 from flexolmo_jax.data import corpus
 
 TOP_KS = ("1", "2", "4", "all")
@@ -259,13 +259,7 @@ def ablations(ctx: Context) -> dict:
   """Every ablation for every expert, each merged over all domains, against FlexOlmo."""
   ctx.score_public()
   ctx.score_merged("flexolmo", ctx.experts())
-  emb = ctx.dir("random_rows.npz")
-  if not emb.exists():
-    config, _, _ = runs.load_params(ctx.public)
-    rng = np.random.default_rng(ctx.opts.seed)
-    router_init.save_embeddings(str(emb), {
-        d: config.init_std * rng.normal(size=(config.n_layers, config.d_model))
-        for d in ctx.domains})
+  emb = reproduce.random_rows(ctx.dir("random_rows.npz"), ctx.public, ctx.domains, ctx.opts.seed)
   setups = {  # label: (run directory of a domain, trainer flags, trainer module)
       # Solo and no-bias experts are the reproduction's ablations, trained the same way; reused.
       "solo": (lambda d: ctx.root / "ablations" / "solo" / d, (), "flexolmo_jax.solo_expert"),
